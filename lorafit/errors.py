@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+A `LorafitError` is a problem with the user's input or environment. The CLI prints its message
+(what was wrong, where, what to do) without a traceback and exits with code 2. Anything else is
+a bug in lorafit and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class LorafitError(Exception):
+    """An error the user can fix; its message says what, where, and what to do."""
+
+
+class ConfigError(LorafitError):
+    """One or more problems in a run configuration, all reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        noun = "problem" if len(self.problems) == 1 else "problems"
+        super().__init__(f"{len(self.problems)} {noun} in the configuration:\n{lines}")
+
+
+class DataError(LorafitError):
+    """Input data that cannot be read or used (missing file, bad record, absent field...)."""
