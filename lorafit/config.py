@@ -45,6 +45,7 @@ class SourceConfig:
     max_examples: int | None = None  # cap, taken by seeded sampling
     weight: float = 1.0  # sampling weight: examples kept = weight * available (after the cap)
     separator: str | None = None  # txt: split the file on this string instead of lines
+    drop_unterminated: bool = False  # txt + separator: drop a last piece with no separator after it
     csv_header: bool = True  # csv: False when the first row is data; fields are then indices
     records_path: str | None = None  # json: where the records are, e.g. "data[].paragraphs[]"
     min_chars: int = 1  # drop texts shorter than this (after stripping whitespace)

@@ -1,0 +1,1 @@
+"""Benchmarks: the original pipeline re-created faithfully, timed against lorafit's own trainer."""

@@ -1,0 +1,240 @@
+"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lorafit.errors import EXIT_USER_ERROR, LorafitError
+
+USAGE_EXAMPLES = """examples:
+  lorafit train quotes
+  lorafit train quotes lora.r=16 train.max_steps=100 output_dir=runs/r16
+  lorafit eval runs/quotes
+  lorafit generate runs/quotes "The secret to happiness is" --compare-base
+  lorafit merge runs/quotes models/gpt2-quotes
+  lorafit init-model --config gpt2 --tokenizer ../shared/assets/gpt2-tokenizer models/gpt2-random
+"""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    for name in ("transformers", "datasets", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars say nothing a user needs
+    except ImportError:
+        pass
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from lorafit.config import load_config
+    from lorafit.train import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lorafit.config import apply_overrides, build_config, read_recipe
+    from lorafit.evaluate import evaluate
+    from lorafit.generate import load_for_inference, resolve_adapter_dir
+    from lorafit.modeling import max_positions, resolve_precision
+    from lorafit.rundir import CONFIG_FILE
+    from lorafit.train import default_micro_tokens, prepare_data
+
+    import yaml
+
+    run = Path(args.run)
+    adapter_dir = resolve_adapter_dir(run)
+    config_path = run / CONFIG_FILE
+    if config_path.is_file():
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    elif args.recipe:
+        raw, name = read_recipe(args.recipe)
+        raw.setdefault("recipe", name)
+    else:
+        raise LorafitError(f"'{run}' has no {CONFIG_FILE}; pass --recipe NAME to say which data to evaluate on.")
+    problems: list[str] = []
+    raw = apply_overrides(raw, args.overrides, problems)
+    cfg = build_config(raw)
+    if problems:
+        from lorafit.errors import ConfigError
+
+        raise ConfigError(problems)
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision)
+    device = next(model.parameters()).device
+    data = prepare_data(cfg, tokenizer, max_positions(model))
+    result = evaluate(
+        model, data.val, data.source_names, device=device,
+        autocast_dtype=resolve_precision(cfg.model.precision, device).autocast,
+        row_len=data.row_len, batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
+        pad_id=tokenizer.pad_token_id,
+    )
+    result = {"run": str(run), "base_model": base_name, **result}
+    from lorafit.rundir import to_json
+
+    print(json.dumps(json.loads(to_json(result)), indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lorafit.generate import SamplingConfig, load_for_inference, sample, sample_base
+
+    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision)
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
+    for prompt in args.prompts:
+        tuned = sample(model, tokenizer, prompt, cfg)
+        base = sample_base(model, tokenizer, prompt, cfg) if args.compare_base else None
+        show(prompt, tuned, base, base_name)
+    return 0
+
+
+def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if base is None:
+        for i, text in enumerate(tuned):
+            console.print(f"[bold]{prompt}[/bold]{text}", highlight=False, markup=True)
+            if i + 1 < len(tuned):
+                console.rule(style="dim")
+        return
+    table = Table(title=f"prompt: {prompt!r}", show_lines=True, expand=True)
+    table.add_column(f"base ({Path(base_name).name})", ratio=1)
+    table.add_column("fine-tuned (base + adapter)", ratio=1)
+    for b, t in zip(base, tuned):
+        table.add_row(prompt + b, prompt + t)
+    console.print(table)
+
+
+def cmd_merge(args) -> int:
+    from lorafit.merge import merge
+
+    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype)
+    print(f"merged model written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    from lorafit.init_model import init_model
+
+    out = init_model(args.config, args.tokenizer, Path(args.out), seed=args.seed)
+    print(f"random {args.config} model written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from lorafit.config import list_recipes, read_recipe
+
+    for name in list_recipes():
+        raw, _ = read_recipe(name)
+        print(f"{name:20s} model={raw.get('model', {}).get('name', 'gpt2')} sources={', '.join(raw.get('data', {}).get('sources', {}))}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lorafit.bench.run import main as bench_main
+
+    return bench_main(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit", description="Fast, honest LoRA fine-tuning of small causal language models.",
+        epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a LoRA adapter from a recipe", epilog=USAGE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", help="a shipped recipe name (see `lorafit recipes`) or a YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. lora.r=16")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run on its validation data; prints JSON")
+    e.add_argument("run", help="run directory (or adapter directory with --recipe)")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_examples=100")
+    e.add_argument("--recipe", help="recipe whose data to use when RUN has no config.yaml")
+    e.add_argument("--base", help="base model (default: the adapter's own)")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample from base + adapter")
+    g.add_argument("run", help="run directory or PEFT adapter directory")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("--max-new-tokens", type=int, default=70)
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
+    g.add_argument("--base", help="base model (default: the adapter's own)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("merge", help="merge the adapter into the base and save a full model")
+    m.add_argument("run", help="run directory or PEFT adapter directory")
+    m.add_argument("out", help="output directory")
+    m.add_argument("--base", help="base model (default: the adapter's own)")
+    m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("init-model", help="write a randomly initialised model (offline runs, benchmarks)")
+    i.add_argument("--config", required=True, choices=["gpt2", "tiny"])
+    i.add_argument("--tokenizer", required=True, help="tokenizer directory (or GPT-2 vocab.json + merges.txt)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("out")
+    i.set_defaults(func=cmd_init_model)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=cmd_recipes)
+
+    try:
+        from lorafit.bench.run import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments is not None:
+        b = sub.add_parser("bench", help="benchmark lorafit against the original pipeline")
+        add_arguments(b)
+        b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except LorafitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: sources, local formats, tokenisation, packing."""

@@ -1,0 +1,377 @@
+"""Texts from local files: txt, jsonl, json, csv/tsv and parquet.
+
+    texts = read_local_texts(Path("train.jsonl"), src, "quotes")
+
+Every problem becomes a `DataError` naming the source, the file and the line or record, and what
+to do. Files are decoded here rather than by `open(encoding=...)` so that a bad byte can be
+reported with its offset and line, and line-based formats are streamed (files can be large).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit.errors import DataError
+
+if TYPE_CHECKING:
+    from lorafit.config import SourceConfig
+
+FORMATS = ("jsonl", "json", "csv", "txt", "parquet")
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "txt",
+    ".parquet": "parquet",
+}
+BOM = b"\xef\xbb\xbf"
+SNIFF_BYTES = 8192  # NUL bytes here mean binary (or UTF-16), not UTF-8 text
+CHUNK_BYTES = 1 << 20
+
+
+def read_local_texts(path: Path, src: SourceConfig, source_name: str) -> list[str]:
+    """Every example's text, in file order, before any filtering (empty strings kept; the caller filters)."""
+    path = Path(path)
+    fmt = _format(path, src, source_name)
+    _check_file(path, fmt, source_name)
+    texts = READERS[fmt](path, src, source_name)
+    if not texts:
+        raise DataError(
+            f"Source '{source_name}': {path} holds no records ({fmt}). "
+            f"Point data.sources.{source_name}.path at a file with data, or remove the source."
+        )
+    return texts
+
+
+# ---------------------------------------------------------------- checks shared by all formats
+
+
+def _format(path: Path, src: SourceConfig, name: str) -> str:
+    fmt = src.format
+    if fmt == "auto":
+        fmt = EXTENSIONS.get(path.suffix.lower(), "")
+        if not fmt:
+            raise DataError(
+                f"Source '{name}': cannot tell the format of {path} from its extension "
+                f"'{path.suffix}'. Set data.sources.{name}.format to one of: {', '.join(FORMATS)}."
+            )
+    if fmt not in FORMATS:
+        raise DataError(
+            f"Source '{name}': format '{fmt}' cannot be read from a local file ({path}). "
+            f"Set data.sources.{name}.format to one of: auto, {', '.join(FORMATS)}."
+        )
+    return fmt
+
+
+def _check_file(path: Path, fmt: str, name: str) -> None:
+    if not path.exists():
+        raise DataError(
+            f"Source '{name}': file not found: {path}. "
+            f"Check data.sources.{name}.path (relative paths are resolved against data.root)."
+        )
+    if path.is_dir():
+        raise DataError(
+            f"Source '{name}': {path} is a directory, not a file. "
+            f"Set data.sources.{name}.path to a file inside it."
+        )
+    if path.stat().st_size == 0:
+        raise DataError(
+            f"Source '{name}': {path} is empty (0 bytes). "
+            f"Point data.sources.{name}.path at a file with data, or remove the source."
+        )
+    if fmt == "parquet":  # binary by design; pyarrow checks it
+        return
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise DataError(
+            f"Source '{name}': {path} looks binary, not UTF-8 text (NUL byte at offset {nul}). "
+            f"If it is UTF-16 or another encoding, convert it to UTF-8; if it is parquet, "
+            f"set data.sources.{name}.format: parquet."
+        )
+
+
+def _not_utf8(path: Path, name: str, offset: int, err: UnicodeDecodeError) -> DataError:
+    with path.open("rb") as f:  # the line number is only worked out when there is an error
+        line = f.read(offset).count(b"\n") + 1
+    return DataError(
+        f"Source '{name}': {path} is not valid UTF-8 at byte offset {offset} (line {line}): "
+        f"{err.reason}. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+    )
+
+
+def _decode(raw: bytes, path: Path, name: str, offset: int) -> str:
+    """`raw` decoded; `offset` is where it starts in the file, for the error message."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, name, offset + e.start, e) from None
+
+
+def _lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its newline) for each line of the file, BOM dropped."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw, offset = raw[len(BOM) :], len(BOM)
+            yield lineno, _decode(raw, path, name, offset)
+            offset += len(raw)
+
+
+# ---------------------------------------------------------------- fields and values
+
+
+def _fields(src: SourceConfig) -> list:
+    return list(src.text_field) if isinstance(src.text_field, list | tuple) else [src.text_field]
+
+
+def _text(values: list[tuple[Any, Any]], src: SourceConfig, where: Callable[[], str]) -> str:
+    """Join the (field, value) pairs' values as text; `where` names the record for errors."""
+    out = []
+    for field, value in values:
+        if value is None:
+            out.append("")
+        elif isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, int | float):
+            out.append(str(value))
+        else:
+            kind = {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+            raise DataError(
+                f"{where()}: field '{field}' holds {kind}, not text. "
+                f"Set text_field to fields that hold strings."
+            )
+    return src.join.join(out)
+
+
+def _record_text(record: Any, fields: list, src: SourceConfig, where: Callable[[], str]) -> str:
+    """Text of one JSON record (jsonl line or json element)."""
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where()}: expected a JSON object with field(s) {', '.join(map(str, fields))}, "
+            f"got {type(record).__name__} {str(record)[:60]!r}. Each record must be an object."
+        )
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise DataError(
+            f"{where()}: no field '{missing[0]}'; this record has fields: "
+            f"{', '.join(map(str, record)) or '(none)'}. Set text_field to one of them."
+        )
+    return _text([(f, record[f]) for f in fields], src, where)
+
+
+# ---------------------------------------------------------------- one reader per format
+
+
+def _read_txt(path: Path, src: SourceConfig, name: str) -> list[str]:
+    if src.separator:
+        return _read_txt_pieces(path, src, name)
+    # Split on "\n" only (and drop a "\r" before it): str.splitlines would also split on
+    # characters such as \x0c or \u2028 that occur inside real paragraphs.
+    return [line.rstrip("\n").removesuffix("\r") for _, line in _lines(path, name)]
+
+
+def _read_txt_pieces(path: Path, src: SourceConfig, name: str) -> list[str]:
+    """The file split on `separator`, streamed in chunks."""
+    sep = src.separator.encode("utf-8")
+    texts: list[str] = []
+    parts: list[bytes] = []  # the current, not yet terminated piece
+    keep = len(sep) - 1
+    window = b""  # the last `keep` bytes of the current piece: a separator may straddle chunks
+    with path.open("rb") as f:
+        offset = len(BOM) if f.read(len(BOM)) == BOM else 0  # byte offset of the current piece
+        f.seek(offset)
+        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
+            seen = window + chunk
+            window = seen[max(0, len(seen) - keep) :]
+            # Only join when a separator is complete: keeps a huge piece linear, not quadratic.
+            if sep not in seen:
+                parts.append(chunk)
+                continue
+            *done, rest = (b"".join(parts) + chunk).split(sep)
+            for piece in done:
+                texts.append(_decode(piece, path, name, offset))
+                offset += len(piece) + len(sep)
+            parts, window = [rest], rest[max(0, len(rest) - keep) :]
+    # The last piece has no separator after it: in a file cut mid-example it is a fragment.
+    if not getattr(src, "drop_unterminated", False):
+        texts.append(_decode(b"".join(parts), path, name, offset))
+    return texts
+
+
+def _read_jsonl(path: Path, src: SourceConfig, name: str) -> list[str]:
+    fields = _fields(src)
+    texts = []
+    for lineno, line in _lines(path, name):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"Source '{name}': {path} line {lineno} is not valid JSON: {e.msg} at column "
+                f"{e.colno}. Each line of a JSON-lines file must be one JSON object; fix or remove it."
+            ) from None
+        texts.append(_record_text(record, fields, src, lambda: f"Source '{name}': {path} line {lineno}"))
+    return texts
+
+
+def _read_json(path: Path, src: SourceConfig, name: str) -> list[str]:
+    raw = path.read_bytes()
+    start = len(BOM) if raw.startswith(BOM) else 0
+    text = _decode(raw[start:], path, name, start)
+    try:
+        root = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (it looks like JSON lines: set format: jsonl)" if "Extra data" in e.msg else ""
+        raise DataError(
+            f"Source '{name}': {path} is not valid JSON: {e.msg} at line {e.lineno} column "
+            f"{e.colno}{hint}. Fix the file, or set data.sources.{name}.format to match it."
+        ) from None
+    records = _records(root, src.records_path, path, name)
+    fields = _fields(src)
+    where = f"records_path '{src.records_path}'" if src.records_path else "the top-level list"
+    return [
+        _record_text(r, fields, src, lambda i=i: f"Source '{name}': {path} record {i} of {where}")
+        for i, r in enumerate(records, 1)
+    ]
+
+
+def _records(root: Any, records_path: str | None, path: Path, name: str) -> list:
+    """The records `records_path` points at: "a.b[].c[]" walks keys, "[]" means each element."""
+    if not records_path:
+        if isinstance(root, list):
+            return root
+        what = f"a JSON object (keys: {', '.join(map(str, root))})" if isinstance(root, dict) else "a scalar"
+        raise DataError(
+            f"Source '{name}': {path} holds {what}, not a list of records. "
+            f"Set data.sources.{name}.records_path to where the records are, e.g. \"data\" or "
+            f"\"data[].paragraphs[]\"."
+        )
+    nodes = [root]
+    for part in records_path.split("."):
+        key, each = (part[:-2], True) if part.endswith("[]") else (part, False)
+        found = []
+        for node in nodes:
+            if key:
+                if not isinstance(node, dict) or key not in node:
+                    kind = f"a {type(node).__name__}"
+                    there = ", ".join(map(str, node)) if isinstance(node, dict) else kind
+                    raise DataError(
+                        f"Source '{name}': records_path '{records_path}' does not resolve in {path}: "
+                        f"no key '{key}' at component '{part}'; what is there: {there}. "
+                        f"Fix data.sources.{name}.records_path."
+                    )
+                node = node[key]
+            if each and not isinstance(node, list):
+                raise DataError(
+                    f"Source '{name}': records_path '{records_path}' in {path}: component '{part}' "
+                    f"holds a {type(node).__name__}, not a list. Drop the '[]' from that component."
+                )
+            found.extend(node if each else [node])
+        nodes = found
+    # A path that ends at a list (e.g. "data") means its elements are the records.
+    return [r for node in nodes for r in (node if isinstance(node, list) else [node])]
+
+
+def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # real files hold fields of many MB
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    # csv.reader pulls further lines itself for quoted fields that span lines.
+    reader = csv.reader((line for _, line in _lines(path, name)), delimiter=delimiter)
+    where = lambda: f"Source '{name}': {path} row ending at line {reader.line_num}"  # noqa: E731
+    texts: list[str] = []
+    cols: list[int] = []
+    width = 0
+    try:
+        for row in reader:
+            if not row:  # blank line
+                continue
+            if not width:
+                width = len(row)
+                cols = _csv_columns(row, src, path, name)
+                if src.csv_header:
+                    continue
+            if len(row) != width:
+                raise DataError(
+                    f"{where()} has {len(row)} fields but the first row has {width}. "
+                    f"Fix that row (quote fields that contain '{delimiter}' or newlines)."
+                )
+            texts.append(src.join.join(row[c] for c in cols))  # csv values are always strings
+    except csv.Error as e:
+        raise DataError(f"{where()} is not valid CSV: {e}. Fix that row.") from None
+    return texts
+
+
+def _csv_columns(first: list[str], src: SourceConfig, path: Path, name: str) -> list[int]:
+    """Indices of the text fields: names looked up in the header, or given directly."""
+    fields = _fields(src)
+    if src.csv_header:
+        missing = [f for f in fields if str(f) not in first]
+        if missing:
+            raise DataError(
+                f"Source '{name}': {path} has no column '{missing[0]}'; its columns are: "
+                f"{', '.join(first)}. Set data.sources.{name}.text_field to one of them "
+                f"(or csv_header: false if the first row is data)."
+            )
+        return [first.index(str(f)) for f in fields]
+    cols = []
+    for f in fields:
+        if not (isinstance(f, int) or str(f).isdigit()):
+            raise DataError(
+                f"Source '{name}': {path} is read with csv_header: false, so text_field entries "
+                f"must be 0-based column indices, got '{f}'. Use indices, or set csv_header: true."
+            )
+        if int(f) >= len(first):
+            raise DataError(
+                f"Source '{name}': text_field index {int(f)} is out of range: {path} has "
+                f"{len(first)} columns (indices 0-{len(first) - 1}). Fix data.sources.{name}.text_field."
+            )
+        cols.append(int(f))
+    return cols
+
+
+def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(
+            f"Source '{name}': {path} is not a readable parquet file ({e}). "
+            f"Check the file, or set data.sources.{name}.format to its real format."
+        ) from None
+    fields = [str(f) for f in _fields(src)]
+    columns = pf.schema_arrow.names
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise DataError(
+            f"Source '{name}': {path} has no column '{missing[0]}'; its columns are: "
+            f"{', '.join(columns)}. Set data.sources.{name}.text_field to one of them."
+        )
+    texts: list[str] = []
+    for batch in pf.iter_batches(columns=fields):  # streamed, one row group slice at a time
+        cols = [batch.column(f).to_pylist() for f in fields]
+        for values in zip(*cols):
+            row = len(texts) + 1
+            texts.append(_text(list(zip(fields, values)), src, lambda: f"Source '{name}': {path} row {row}"))
+    return texts
+
+
+READERS: dict[str, Callable[[Path, Any, str], list[str]]] = {
+    "txt": _read_txt,
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "csv": _read_csv,
+    "parquet": _read_parquet,
+}

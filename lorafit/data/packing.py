@@ -1,0 +1,118 @@
+"""Packing: many examples per row, no compute on padding, no attention across examples.
+
+Each row holds whole examples back to back. Position ids restart at 0 for every example;
+transformers (>= 5) reads the restarts and builds a block-diagonal causal mask, so a packed
+example sees exactly what it would see alone (DESIGN invariant 4). Rows are balanced
+(longest example first into the emptiest row), so the few padding slots left sit at row ends;
+they get target -100, never scored, and positions of their own so they form a separate block.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorafit.data.tokenize import TokenizedSplit
+
+IGNORE = -100
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (B, L) int64
+    position_ids: torch.Tensor  # (B, L) int64
+    targets: torch.Tensor  # (B, L) int64, IGNORE where nothing is scored
+    example_ids: torch.Tensor  # (B, L) int64, index into the split, -1 on padding
+    n_targets: int
+    n_examples: int
+
+    @property
+    def n_slots(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> "PackedBatch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PackedBatch(
+            move(self.input_ids), move(self.position_ids), move(self.targets), move(self.example_ids),
+            self.n_targets, self.n_examples,
+        )
+
+
+def balance_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
+    """Assign items (by index) to as few rows of capacity row_len as the total needs, balanced."""
+    if len(lengths) == 0:
+        return []
+    if lengths.max() > row_len:
+        raise ValueError(f"an example of {lengths.max()} positions does not fit a row of {row_len}")
+    order = np.argsort(-lengths, kind="stable")
+    n_rows = max(1, math.ceil(int(lengths.sum()) / row_len))
+    heap = [(0, r) for r in range(n_rows)]  # (load, row), emptiest first
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    for i in order:
+        load, r = heapq.heappop(heap)
+        if load + lengths[i] > row_len:  # even the emptiest row is full: open a new one
+            heapq.heappush(heap, (load, r))
+            r, load = len(rows), 0
+            rows.append([])
+        rows[r].append(int(i))
+        heapq.heappush(heap, (load + int(lengths[i]), r))
+    return [row for row in rows if row]
+
+
+def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int) -> PackedBatch:
+    """One batch of rows holding the given examples; L is the longest row, not row_len."""
+    positions_per_example = split.lengths()[indices] - 1  # inputs are tokens[:-1]
+    rows = balance_rows(positions_per_example, row_len)
+    width = max(int(sum(positions_per_example[j] for j in row)) for row in rows)
+    shape = (len(rows), width)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    targets = np.full(shape, IGNORE, dtype=np.int64)
+    example_ids = np.full(shape, -1, dtype=np.int64)
+    position_ids = np.zeros(shape, dtype=np.int64)
+    for r, row in enumerate(rows):
+        col = 0
+        for j in row:
+            tokens = split.example(int(indices[j]))
+            n = len(tokens) - 1
+            input_ids[r, col : col + n] = tokens[:-1]
+            targets[r, col : col + n] = tokens[1:]
+            position_ids[r, col : col + n] = np.arange(n)
+            example_ids[r, col : col + n] = indices[j]
+            col += n
+        position_ids[r, col:] = np.arange(width - col)  # padding: a block of its own
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        targets=torch.from_numpy(targets),
+        example_ids=torch.from_numpy(example_ids),
+        n_targets=int(positions_per_example.sum()),
+        n_examples=len(indices),
+    )
+
+
+def micro_batches(
+    split: TokenizedSplit, indices: np.ndarray, row_len: int, max_tokens: int, pad_id: int
+) -> list[PackedBatch]:
+    """Split a set of examples into packed micro-batches of at most ~max_tokens slots each.
+
+    Examples are grouped by length (longest first) so each micro-batch packs tightly; the
+    grouping never changes the step's loss, which is normalised by the step's total targets.
+    """
+    if len(indices) == 0:
+        return []
+    positions = split.lengths()[indices] - 1
+    budget = max(max_tokens, row_len)
+    order = np.argsort(-positions, kind="stable")
+    groups, current, used = [], [], 0
+    for i in order:
+        if current and used + positions[i] > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(indices[i])
+        used += int(positions[i])
+    groups.append(current)
+    return [pack(split, np.asarray(g), row_len, pad_id) for g in groups]

@@ -1,0 +1,152 @@
+"""Text rows from the configured sources: load, filter, cap, split into train/validation.
+
+The split reproduces `datasets.Dataset.train_test_split(test_size=f, seed=s)` for each source:
+a PCG64 permutation seeded with `s`, the first ceil(f * n) rows held out. With `stratify` (the
+default) every source is split on its own, so every source is in validation; otherwise the
+pooled rows are split at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.config import DataConfig, SourceConfig
+from lorafit.errors import DataError, LorafitError
+
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet")
+
+
+@dataclass
+class Corpus:
+    """Texts of every source after filtering, capping and splitting."""
+
+    source_names: list[str]
+    train_texts: list[str] = field(default_factory=list)
+    train_sources: list[int] = field(default_factory=list)
+    val_texts: list[str] = field(default_factory=list)
+    val_sources: list[int] = field(default_factory=list)
+
+
+def is_local(src: SourceConfig, root: str | None) -> bool:
+    """A source is local when its format says so, the path exists, or it looks like a file path."""
+    if src.format not in ("auto", "hub"):
+        return True
+    if src.format == "hub":
+        return False
+    path = resolve_path(src.path, root)
+    return path.exists() or src.path.lower().endswith(LOCAL_SUFFIXES) or src.path.startswith((".", "/", "~"))
+
+
+def resolve_path(path: str, root: str | None) -> Path:
+    p = Path(path).expanduser()
+    if root is not None and not p.is_absolute():
+        p = Path(root).expanduser() / p
+    return p
+
+
+def read_source(name: str, src: SourceConfig, root: str | None, seed: int) -> list[str]:
+    """All usable texts of one source: read, filtered, deduplicated and capped (seeded)."""
+    if is_local(src, root):
+        from lorafit.data.formats import read_local_texts
+
+        texts = read_local_texts(resolve_path(src.path, root), src, name)
+        texts = filter_texts(texts, src)
+        where = str(resolve_path(src.path, root))
+    else:
+        from lorafit.data.hub import read_hub_texts
+
+        texts = read_hub_texts(name, src, seed)  # already filtered; capped while streaming
+        where = f"hub dataset {src.path}"
+    if not texts:
+        raise DataError(
+            f"Source '{name}' ({where}) has no examples left after filtering (empty texts and texts "
+            f"shorter than min_chars={src.min_chars} are dropped). Check data.sources.{name}.text_field "
+            "and the filters."
+        )
+    return cap_texts(texts, src.max_examples, seed)
+
+
+def filter_texts(texts: list[str], src: SourceConfig) -> list[str]:
+    """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept)."""
+    kept = [t for t in texts if len(t.strip()) >= max(1, src.min_chars)]
+    if src.dedupe:
+        kept = list(dict.fromkeys(kept))
+    return kept
+
+
+def cap_texts(texts: list[str], cap: int | None, seed: int) -> list[str]:
+    """A seeded random subset of `cap` texts, kept in their original order."""
+    if cap is None or len(texts) <= cap:
+        return texts
+    chosen = np.sort(np.random.default_rng(seed).choice(len(texts), size=cap, replace=False))
+    return [texts[i] for i in chosen]
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices exactly as datasets' train_test_split(test_size, seed) returns them."""
+    n_val = math.ceil(val_fraction * n)
+    if n_val >= n:
+        raise DataError(
+            f"Cannot hold out {val_fraction:.0%} of {n} example(s) and keep any for training; "
+            "add data or lower data.val_fraction."
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_val:], perm[:n_val]
+
+
+def weighted_indices(n: int, weight: float, seed: int) -> np.ndarray:
+    """Training rows for a source with sampling weight w: w * n rows, whole copies plus a seeded sample."""
+    if weight == 1.0:
+        return np.arange(n)
+    target = max(1, round(weight * n))
+    copies, rest = divmod(target, n)
+    extra = np.sort(np.random.default_rng(seed).choice(n, size=rest, replace=False))
+    return np.concatenate([np.tile(np.arange(n), copies), extra])
+
+
+def load_corpus(data: DataConfig) -> Corpus:
+    names = list(data.sources)
+    corpus = Corpus(source_names=names)
+    per_source = [read_source(name, data.sources[name], data.root, data.split_seed) for name in names]
+    if data.stratify:
+        for i, texts in enumerate(per_source):
+            train, val = split_indices(len(texts), data.val_fraction, data.split_seed)
+            _add(corpus, i, texts, train, val, data.sources[names[i]].weight, data.split_seed)
+        return corpus
+    pooled = [(i, t) for i, texts in enumerate(per_source) for t in texts]
+    train, val = split_indices(len(pooled), data.val_fraction, data.split_seed)
+    for idx in train:
+        corpus.train_sources.append(pooled[idx][0])
+        corpus.train_texts.append(pooled[idx][1])
+    for idx in val:
+        corpus.val_sources.append(pooled[idx][0])
+        corpus.val_texts.append(pooled[idx][1])
+    return corpus
+
+
+def _add(corpus: Corpus, source: int, texts: list[str], train, val, weight: float, seed: int) -> None:
+    train = train[weighted_indices(len(train), weight, seed)]
+    corpus.train_texts += [texts[i] for i in train]
+    corpus.train_sources += [source] * len(train)
+    corpus.val_texts += [texts[i] for i in val]
+    corpus.val_sources += [source] * len(val)
+
+
+def hub_sources(data: DataConfig) -> list[str]:
+    return [name for name, src in data.sources.items() if not is_local(src, data.root)]
+
+
+def offline_hint(data: DataConfig, model_name: str | None = None) -> str:
+    """The overrides that point a run at local files instead of the Hub."""
+    parts = []
+    if model_name is not None:
+        parts.append("model.name=LOCAL_MODEL_DIR (e.g. from `lorafit init-model`)")
+    parts += [f"data.sources.{n}.path=LOCAL_FILE" for n in hub_sources(data)]
+    return " ".join(parts)
+
+
+__all__ = ["Corpus", "load_corpus", "split_indices", "filter_texts", "cap_texts", "LorafitError"]

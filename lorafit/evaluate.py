@@ -1,0 +1,72 @@
+"""Validation: token-weighted loss, perplexity and bits, overall and per source, with throughput."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from lorafit.data.packing import micro_batches
+from lorafit.data.tokenize import TokenizedSplit
+from lorafit.loss import token_nll
+from lorafit.metrics import NllTotals
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, row_len: int, batch_tokens: int, pad_id: int):
+    """Summed NLL of every example (float64, on CPU)."""
+    totals = torch.zeros(len(split), dtype=torch.float64, device=device)
+    for batch in micro_batches(split, np.arange(len(split)), row_len, batch_tokens, pad_id):
+        batch = batch.to(device)
+        with autocast_context(device, autocast_dtype):
+            nll, example = token_nll(model, batch)
+        totals.index_add_(0, example, nll.double())
+    return totals.cpu().numpy()
+
+
+def evaluate(
+    model,
+    split: TokenizedSplit,
+    source_names: list[str],
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    row_len: int,
+    batch_tokens: int,
+    pad_id: int,
+) -> dict:
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    nll = example_nll(
+        model, split, device=device, autocast_dtype=autocast_dtype, row_len=row_len, batch_tokens=batch_tokens, pad_id=pad_id
+    )
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+
+    targets = split.lengths() - 1
+    by_source = {}
+    overall = NllTotals()
+    for s, name in enumerate(source_names):
+        sel = split.sources == s
+        t = NllTotals(float(nll[sel].sum()), int(targets[sel].sum()), int(split.n_bytes[sel].sum()), int(sel.sum()))
+        overall = overall + t
+        by_source[name] = {**t.metrics(), "tokens": t.tokens, "examples": t.examples}
+    return {
+        **overall.metrics(),
+        "val_examples": overall.examples,
+        "val_tokens": overall.tokens,
+        "val_bytes": overall.bytes,
+        "eval_seconds": seconds,
+        "eval_samples_per_second": overall.examples / seconds if seconds > 0 else float("nan"),
+        "eval_tokens_per_second": overall.tokens / seconds if seconds > 0 else float("nan"),
+        "val_by_source": by_source,
+    }

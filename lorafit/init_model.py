@@ -1,0 +1,50 @@
+"""Randomly initialised models for offline smoke runs, tests and benchmarks.
+
+The arithmetic of a random full-size GPT-2 is the same as the real one's, so throughput
+measured on it holds for the real weights; only the losses differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import LorafitError
+
+SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
+}
+
+
+def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    if size not in SIZES:
+        raise LorafitError(f"--config {size!r}: choose one of {', '.join(SIZES)}")
+    tok_dir = Path(tokenizer_dir)
+    if not tok_dir.is_dir():
+        raise LorafitError(f"--tokenizer '{tokenizer_dir}' is not a directory (expected tokenizer files or vocab.json + merges.txt).")
+    if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        # The original GPT-2 BPE files, as released.
+        tokenizer = GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tokenizer.eos_token_id is None:
+        raise LorafitError(f"The tokenizer in '{tokenizer_dir}' has no EOS token.")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LorafitError(f"'{out}' exists and is not empty; choose a new directory.")
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **SIZES[size],
+    )
+    model = GPT2LMHeadModel(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

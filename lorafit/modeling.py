@@ -1,0 +1,118 @@
+"""Base model and tokenizer: from a hub id or a local directory, in the right precision.
+
+Precision `auto`: on a GPU the frozen base is stored in bf16 (fp16 before Ampere) and runs under
+autocast, while the LoRA weights stay fp32 (PEFT keeps adapters in fp32); on CPU all is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit.config import ModelConfig
+from lorafit.errors import LorafitError
+
+NETWORK_ERROR_NAMES = (
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "MaxRetryError",
+    "NameResolutionError",
+)
+
+
+@dataclass
+class Precision:
+    weights: torch.dtype  # how the frozen base is stored
+    autocast: torch.dtype | None  # compute dtype under autocast; None = no autocast
+
+    @property
+    def accelerate_name(self) -> str:
+        return {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast]
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            # Half precision on CPU is emulated and slow; honour it only when asked explicitly.
+            dtype = torch.bfloat16 if name == "bf16" else torch.float16
+            return Precision(dtype, dtype)
+        return Precision(torch.float32, None)
+    if name == "fp32":
+        return Precision(torch.float32, None)
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if name == "bf16" else torch.float16
+    return Precision(dtype, dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    seen = exc
+    while seen is not None:
+        if type(seen).__name__ in NETWORK_ERROR_NAMES or "offline" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitError:
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        return LorafitError(f"{what} '{name}' is a file; give a model directory (with config.json) or a hub id.")
+    if (local.is_dir() and not (local / "config.json").exists() and what == "Model"):
+        return LorafitError(f"{what} directory '{name}' has no config.json; is it a saved transformers model?")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if is_network_error(exc) or not local.exists():
+        return LorafitError(
+            f"Could not load {what.lower()} '{name}': not a local directory, and the Hugging Face Hub "
+            f"could not provide it ({reason}).\nTo run offline, point lorafit at local files: {hint}"
+        )
+    return LorafitError(f"Could not load {what.lower()} '{name}': {reason}")
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False, hint: str = ""):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError/ValueError/hub errors for the same problems
+        raise _load_failure("Tokenizer", name, exc, hint) from None
+    if tok.eos_token_id is None:
+        raise LorafitError(f"Tokenizer of '{name}' has no EOS token; lorafit needs one to end examples.")
+    if tok.pad_token_id is None:
+        # GPT-2 has no pad token. Padding is never scored (targets are -100 there), so EOS as pad is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device, hint: str = ""):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name,
+            revision=cfg.revision,
+            dtype=precision.weights,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception as exc:
+        raise _load_failure("Model", cfg.name, exc, hint) from None
+    model.config.use_cache = False  # training never needs the KV cache
+    return model.to(device)
+
+
+def max_positions(model) -> int | None:
+    c = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(c, key, None):
+            return int(getattr(c, key))
+    return None

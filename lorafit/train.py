@@ -1,0 +1,469 @@
+"""Training: set-up, the loop, and what a finished run leaves behind.
+
+`train(cfg)` prepares everything (model, data, optimizer, run directory) and calls `fit`, a flat
+loop over optimizer steps. One optimizer step takes `batch_size * grad_accum` examples, packed
+into micro-batches by a token budget; the loss of the step is the summed NLL of all its target
+tokens divided by their count, so how the step is cut into micro-batches never changes it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafit import checkpoint as ckpt
+from lorafit.config import RunConfig, save_config
+from lorafit.data.packing import micro_batches
+from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_cached
+from lorafit.errors import LorafitError
+from lorafit.evaluate import autocast_context, evaluate
+from lorafit.lora import apply_lora, count_parameters, format_counts
+from lorafit.loss import token_nll
+from lorafit.modeling import Precision, default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
+from lorafit.rundir import CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: TokenizedSplit
+    val: TokenizedSplit
+    source_names: list[str]
+    row_len: int
+
+
+def prepare_data(cfg: RunConfig, tokenizer, model_max_positions: int | None) -> Data:
+    from lorafit.data.sources import load_corpus
+
+    d = cfg.data
+    if model_max_positions is not None and d.seq_len > model_max_positions:
+        raise LorafitError(
+            f"data.seq_len={d.seq_len} is longer than the model's maximum of {model_max_positions} positions; "
+            f"set data.seq_len={model_max_positions} or less."
+        )
+    corpus = load_corpus(d)
+    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    train, hit_t = tokenize_cached(
+        corpus.train_texts, corpus.train_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True
+    )
+    val, hit_v = tokenize_cached(
+        corpus.val_texts, corpus.val_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True
+    )
+    if cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:
+        val = val.subset(np.arange(cfg.eval.max_examples))
+    if len(train) == 0 or len(val) == 0:
+        raise LorafitError("No training or validation examples are left after tokenisation; check the data and seq_len.")
+    row_len = d.pack_len or max(d.seq_len, 256)
+    if model_max_positions is not None:
+        row_len = max(d.seq_len, min(row_len, model_max_positions))
+    log(
+        f"data: {len(train):,} train / {len(val):,} val examples, {train.n_targets:,} train target tokens"
+        f"{' (tokenised data from cache)' if hit_t and hit_v else ''}; {int(train.truncated.sum()):,} truncated"
+    )
+    return Data(train, val, corpus.source_names, row_len)
+
+
+@dataclass
+class StepPlan:
+    """Which examples each optimizer step takes: a seeded permutation per epoch, then slices."""
+
+    n_train: int
+    per_step: int
+    epochs: float
+    max_steps: int | None
+    seed: int
+    _perm_epoch: int = -1
+    _perm: np.ndarray | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.per_step)
+
+    @property
+    def total_steps(self) -> int:
+        total = math.ceil(self.steps_per_epoch * self.epochs)
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def examples(self, step: int) -> np.ndarray:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
+            self._perm_epoch = epoch
+        return self._perm[j * self.per_step : (j + 1) * self.per_step]
+
+    def epoch(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Window:
+    """Training loss and throughput since the last log line (summed on device, read on log steps)."""
+
+    nll: torch.Tensor | float = 0.0
+    tokens: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def to_state(self) -> dict:
+        return {"nll": float(self.nll), "tokens": self.tokens, "examples": self.examples, "seconds": self.seconds, "steps": self.steps}
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data: Data
+    plan: StepPlan
+    run: RunDir
+    device: torch.device
+    precision: Precision
+    tokenizer: object
+    micro_tokens: int
+    eval_tokens: int
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+    window: Window = field(default_factory=Window)
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    last_train_loss: float | None = None
+    nonfinite_skipped: int = 0
+    stop_requested: bool = False
+
+    # -- one optimizer step
+    def train_step(self) -> torch.Tensor:
+        batches = micro_batches(
+            self.data.train, self.plan.examples(self.step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id
+        )
+        n_targets = sum(b.n_targets for b in batches)
+        step_nll = torch.zeros((), device=self.device, dtype=torch.float64)
+        for batch in batches:
+            batch = batch.to(self.device)
+            with autocast_context(self.device, self.precision.autocast):
+                nll, _ = token_nll(self.model, batch)
+            nll_sum = nll.sum()
+            loss = nll_sum / n_targets  # normalised by the whole step's targets, not the micro-batch's
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            step_nll += nll_sum.detach().double()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not (torch.isfinite(step_nll) and torch.isfinite(grad_norm)):  # one sync a step; cheap next to a step
+            self.optimizer.zero_grad(set_to_none=True)
+            self.handle_nonfinite(float(step_nll / n_targets), float(grad_norm))
+        elif self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window.nll = self.window.nll + step_nll
+        self.window.tokens += n_targets
+        self.window.examples += sum(b.n_examples for b in batches)
+        self.window.steps += 1
+        self.train_tokens += n_targets
+        return grad_norm
+
+    def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        if self.scaler:  # fp16: the scaler's own overflow handling skips the step and lowers the scale
+            return
+        if self.cfg.train.skip_nonfinite:
+            self.nonfinite_skipped += 1
+            log(f"step {self.step + 1}: non-finite loss/gradient (loss {loss}, grad norm {grad_norm}); step skipped")
+            return
+        raise LorafitError(
+            f"Non-finite loss or gradient at step {self.step + 1} (loss {loss}, grad norm {grad_norm}). "
+            "Likely causes: a learning rate too high (train.lr), fp16 overflow (try model.precision=bf16 or fp32), "
+            "or bad data. The last good checkpoint (if any) is under checkpoints/; set train.skip_nonfinite=true to "
+            "skip such steps instead."
+        )
+
+    # -- logging, evaluation, checkpoints
+    def log_window(self, grad_norm, bar) -> None:
+        w = self.window
+        loss = float(w.nll) / max(w.tokens, 1)
+        self.last_train_loss = loss
+        record = {
+            "step": self.step,
+            "epoch": round(self.plan.epoch(self.step), 4),
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": w.tokens / w.seconds if w.seconds else None,
+            "examples_per_second": w.examples / w.seconds if w.seconds else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "train_seconds": self.train_seconds,
+        }
+        self.run.append_metrics(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
+        self.window = Window()
+
+    def run_eval(self, label: str) -> dict:
+        result = evaluate(
+            self.model,
+            self.data.val,
+            self.data.source_names,
+            device=self.device,
+            autocast_dtype=self.precision.autocast,
+            row_len=self.data.row_len,
+            batch_tokens=self.eval_tokens,
+            pad_id=self.tokenizer.pad_token_id,
+        )
+        record = {"step": self.step, **result}
+        prompt = self.cfg.eval.sample_prompt
+        if prompt:
+            from lorafit.generate import SamplingConfig, sample
+
+            self.model.eval()
+            text = sample(self.model, self.tokenizer, prompt, SamplingConfig(self.cfg.eval.sample_max_new_tokens, seed=self.cfg.train.seed))[0]
+            self.model.train()
+            record["sample"] = prompt + text
+        self.run.append_metrics(record)
+        log(
+            f"[{label}] step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
+            f"{result['eval_samples_per_second']:.1f} samples/s" + (f"\n  sample: {record['sample']!r}" if prompt else "")
+        )
+        return result
+
+    def save_checkpoint(self) -> None:
+        state = {"window": self.window.to_state(), "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
+                 "nonfinite_skipped": self.nonfinite_skipped, "last_train_loss": self.last_train_loss}
+        ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler, state,
+                             self.cfg.train.keep_checkpoints)
+
+    def restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        w = state["window"]
+        self.window = Window(torch.tensor(w["nll"], dtype=torch.float64, device=self.device), w["tokens"], w["examples"], w["seconds"], w["steps"])
+        self.train_seconds, self.train_tokens = state["train_seconds"], state["train_tokens"]
+        self.nonfinite_skipped, self.last_train_loss = state["nonfinite_skipped"], state["last_train_loss"]
+        self.run.truncate_metrics(self.step)
+
+    # -- the loop
+    def fit(self, progress: bool = True) -> None:
+        t = self.cfg.train
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        self.model.train()
+        with stop_signals(self):
+            while self.step < self.plan.total_steps:
+                start = time.perf_counter()
+                grad_norm = self.train_step()
+                sync(self.device)  # honest step timing
+                elapsed = time.perf_counter() - start
+                self.window.seconds += elapsed
+                self.train_seconds += elapsed
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                last = self.step == self.plan.total_steps
+                if self.step % t.log_every == 0 or last:
+                    self.log_window(grad_norm, bar)
+                if t.eval_every and self.step % t.eval_every == 0 and not last:
+                    self.run_eval("eval")
+                if (t.save_every and self.step % t.save_every == 0) or self.stop_requested:
+                    self.save_checkpoint()
+                if self.stop_requested:
+                    raise KeyboardInterrupt
+        if bar is not None:
+            bar.close()
+
+
+class stop_signals:
+    """SIGINT/SIGTERM finish the current step, save a checkpoint, and stop (see Trainer.fit)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.trainer.stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+        log(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (press again to abort)...")
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def default_micro_tokens(device: torch.device) -> int:
+    return 16384 if device.type == "cuda" else 4096
+
+
+# ---------------------------------------------------------------- set-up and results
+
+
+def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.device):
+    from transformers import get_scheduler
+
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
+        fused=device.type == "cuda",
+    )
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def save_adapter(model, tokenizer, path: Path, base_name: str) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    # PEFT records the base as given; a local base is recorded as an absolute path so the adapter loads from anywhere.
+    _set_adapter_base(path, base_name)
+
+
+def _set_adapter_base(adapter_dir: Path, base_name: str) -> None:
+    import json
+
+    from lorafit.rundir import atomic_write_text
+
+    cfg_path = adapter_dir / "adapter_config.json"
+    config = json.loads(cfg_path.read_text())
+    local = Path(base_name).expanduser()
+    config["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else base_name
+    atomic_write_text(cfg_path, json.dumps(config, indent=2))
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    from lorafit.data.sources import offline_hint
+
+    run = RunDir(Path(cfg.output_dir))
+    RunDir.check_new_run(run.path, resume, overwrite)
+    newest = ckpt.list_checkpoints(run.checkpoints)[-1:] if resume else []
+    if resume and not newest:
+        log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
+
+    device = default_device()
+    precision = resolve_precision(cfg.model.precision, device)
+    local_model = Path(cfg.model.name).expanduser().exists()
+    hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
+    model = load_base_model(cfg.model, precision, device, hint=hint)
+    data = prepare_data(cfg, tokenizer, max_positions(model))
+
+    torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from this
+    np.random.seed(cfg.train.seed)
+    import random
+
+    random.seed(cfg.train.seed)
+    model = apply_lora(model, cfg.lora)
+    trainable, total = count_parameters(model)
+    log(format_counts(trainable, total))
+
+    plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
+    optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
+    scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
+    trainer = Trainer(
+        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer,
+        micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
+        eval_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
+        scaler=scaler,
+    )
+
+    run.create(overwrite=overwrite and not resume)
+    save_config(cfg, run.file(CONFIG_FILE))
+    before = None
+    if newest:
+        trainer.restore(newest[0][1])
+        before = next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
+        log(f"resumed from {newest[0][1]} (step {trainer.step} of {plan.total_steps})")
+    else:
+        run.truncate_metrics(-1)  # a resume with no checkpoint starts over: no stale records
+    if not newest and cfg.eval.before_training:
+        before = trainer.run_eval("before training")
+
+    try:
+        trainer.fit(progress=progress)
+    except KeyboardInterrupt:
+        log(f"stopped at step {trainer.step}; checkpoint saved. Resume with: lorafit train ... --resume "
+            f"(same recipe and overrides, output_dir={cfg.output_dir})")
+        raise
+
+    after = trainer.run_eval("final")
+    save_adapter(model, tokenizer, run.adapter, cfg.model.name)
+    summary = {
+        "recipe": cfg.recipe,
+        "base_model": cfg.model.name,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": str(precision.weights).replace("torch.", ""),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_examples": len(data.train),
+        "val_examples": len(data.val),
+        "train_tokens": trainer.train_tokens,
+        "optimizer_steps": trainer.step,
+        "epochs": round(plan.epoch(trainer.step), 4),
+        "train_seconds": trainer.train_seconds,
+        "train_tokens_per_second": trainer.train_tokens / trainer.train_seconds if trainer.train_seconds else None,
+        "final_train_loss": trainer.last_train_loss,
+        "nonfinite_steps_skipped": trainer.nonfinite_skipped,
+        **{k: v for k, v in after.items()},
+        "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+    }
+    write_reports(run, cfg, summary, before, after)
+    log(f"done: {run.path} (val_loss {after['val_loss']:.4f}, ppl {after['val_ppl']:.2f})")
+    return summary
+
+
+def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | None, after: dict) -> None:
+    from lorafit.report import model_card, plot_by_source, plot_losses
+    from lorafit.rundir import atomic_write_text
+
+    run.write_json(SUMMARY_FILE, summary)
+    plot_losses(run.read_metrics(), run.file(LOSS_PLOT))
+    if len(after["val_by_source"]) > 1:
+        plot_by_source((before or {}).get("val_by_source", {}), after["val_by_source"], run.file(SOURCE_PLOT))
+    atomic_write_text(run.file(MODEL_CARD), model_card(cfg, summary))
