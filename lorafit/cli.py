@@ -20,6 +20,22 @@ USAGE_EXAMPLES = """examples:
 """
 
 
+def _offline_if_hub_unreachable() -> None:
+    """No route to the Hub: use offline mode, so cached files still load and failures come at once
+    (instead of a minute of retries). Must run before huggingface_hub is imported."""
+    if os.environ.get("HF_HUB_OFFLINE") or "huggingface_hub" in sys.modules:
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -35,6 +51,9 @@ def _quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()  # "Loading weights" bars say nothing a user needs
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     except ImportError:
         pass
 
@@ -225,7 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options (`train quotes --resume lora.r=4`): collect strays.
+    args, extra = parser.parse_known_args(argv)
+    strays = [e for e in extra if "=" in e and not e.startswith("-")]
+    if extra != strays or (strays and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if strays:
+        args.overrides = list(args.overrides) + strays
+    if args.command in ("train", "eval", "generate", "merge", "bench"):
+        _offline_if_hub_unreachable()
     _quiet_libraries()
     try:
         return args.func(args)

@@ -144,9 +144,9 @@ def offline_hint(data: DataConfig, model_name: str | None = None) -> str:
     """The overrides that point a run at local files instead of the Hub."""
     parts = []
     if model_name is not None:
-        parts.append("model.name=LOCAL_MODEL_DIR (e.g. from `lorafit init-model`)")
-    parts += [f"data.sources.{n}.path=LOCAL_FILE" for n in hub_sources(data)]
-    return " ".join(parts)
+        parts.append("model.name=LOCAL_MODEL_DIR   (a saved model, or one made by `lorafit init-model`)")
+    parts += [f"data.sources.{n}.path=LOCAL_FILE   (.jsonl, .json, .csv, .txt or .parquet)" for n in hub_sources(data)]
+    return "".join(f"\n  {p}" for p in parts)
 
 
 __all__ = ["Corpus", "load_corpus", "split_indices", "filter_texts", "cap_texts", "LorafitError"]

@@ -1,0 +1,230 @@
+"""DESIGN.md section 3 invariants 1-6, each against an independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lorafit.config import LoraConfig
+from lorafit.data.packing import IGNORE, micro_batches, pack
+from lorafit.data.tokenize import TokenizedSplit
+from lorafit.lora import apply_lora, count_parameters, format_counts
+from lorafit.loss import linear_cross_entropy, plain_cross_entropy, token_nll
+
+VOCAB = 300
+EOS = VOCAB - 1
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS)
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def lora_model(seed: int = 0, dropout: float = 0.0, targets=("c_attn",), dtype=torch.float32):
+    model = apply_lora(tiny_gpt2(seed, dtype), LoraConfig(r=4, alpha=8, dropout=dropout, targets=list(targets)))
+    # A fresh adapter has B = 0; give B values so the adapter matters in the tests below.
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def make_split(examples: list[list[int]]) -> TokenizedSplit:
+    lens = np.array([len(e) for e in examples], dtype=np.int64)
+    return TokenizedSplit(
+        ids=np.concatenate([np.asarray(e, dtype=np.int32) for e in examples]),
+        offsets=np.concatenate([[0], np.cumsum(lens)]),
+        sources=np.zeros(len(examples), np.int32),
+        n_bytes=np.ones(len(examples), np.int64),
+        truncated=np.zeros(len(examples), bool),
+    )
+
+
+def random_examples(n: int, seed: int = 0, lo: int = 2, hi: int = 30) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, EOS, size=rng.integers(lo - 1, hi))) + [EOS] for _ in range(n)]
+
+
+# ---------------------------------------------------------------- 1. trainable counts
+
+
+@pytest.mark.parametrize(
+    "targets, dropout, trainable, total",
+    [(["c_attn"], 0.05, 294_912, 124_734_720), (["c_attn", "c_proj"], 0.1, 811_008, 124_439_808 + 811_008)],
+)
+def test_trainable_counts_on_the_gpt2_config(targets, dropout, trainable, total):
+    with torch.device("meta"):  # the real gpt2 shapes without allocating 500 MB
+        model = apply_lora(GPT2LMHeadModel(GPT2Config()), LoraConfig(r=8, alpha=16, dropout=dropout, targets=targets))
+    assert count_parameters(model) == (trainable, total)
+    assert format_counts(trainable, total).startswith(f"trainable {trainable:,} / {total:,} (")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all("lora_" not in n for n in frozen)
+
+
+# ---------------------------------------------------------------- 2. a fresh adapter changes nothing
+
+
+def test_fresh_adapter_leaves_outputs_exactly_unchanged():
+    ids = torch.randint(0, VOCAB, (3, 17))
+    base = tiny_gpt2(seed=3)
+    with torch.no_grad():
+        expected = base(ids).logits.clone()
+    model = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0, targets=["c_attn", "c_proj"])).eval()
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- 3. save/load and merge
+
+
+def test_saved_adapter_loads_in_peft_with_identical_logits(tmp_path):
+    from peft import PeftModel
+
+    model = lora_model(seed=4)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        ours = model(ids).logits
+        reloaded = PeftModel.from_pretrained(tiny_gpt2(seed=4), str(tmp_path / "adapter")).eval()
+        theirs = reloaded(ids).logits
+        plain = tiny_gpt2(seed=4)(ids).logits
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter does change the output
+
+
+def test_merged_model_matches_base_plus_adapter():
+    model = lora_model(seed=5, targets=("c_attn", "c_proj"))
+    ids = torch.randint(0, VOCAB, (2, 25))
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- 4. packing is exact
+
+
+def test_packed_loss_of_each_example_equals_its_loss_alone():
+    model = lora_model(seed=6)
+    examples = random_examples(11, seed=6)
+    split = make_split(examples)
+    with torch.no_grad():
+        batches = micro_batches(split, np.arange(len(examples)), row_len=64, max_tokens=128, pad_id=EOS)
+        assert any((b.example_ids >= 0).sum(1).gt(0).any() and len(set(b.example_ids[0].tolist()) - {-1}) > 1 for b in batches)
+        packed = torch.zeros(len(examples), dtype=torch.float64)
+        for b in batches:
+            nll, ex = token_nll(model, b)
+            packed.index_add_(0, ex, nll.double())
+        for i, e in enumerate(examples):
+            # Reference: the unpacked model call on the example alone, standard shifted loss.
+            x = torch.tensor([e])
+            logits = model(x).logits[0, :-1]
+            alone = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            assert abs(packed[i].item() - alone.item()) <= 1e-5 * max(1.0, abs(alone.item())), i
+
+
+def test_rows_are_balanced_and_padding_is_a_separate_block():
+    split = make_split(random_examples(9, seed=7))
+    batch = pack(split, np.arange(9), row_len=64, pad_id=EOS)
+    pad = batch.example_ids == -1
+    assert batch.n_slots - int(pad.sum()) == batch.n_targets
+    for r in range(batch.input_ids.shape[0]):
+        if pad[r].any():
+            first = int(pad[r].nonzero()[0])
+            assert pad[r, first:].all()  # padding only at the end of a row
+            assert batch.position_ids[r, first] == 0  # and it restarts positions: its own block
+
+
+# ---------------------------------------------------------------- 5. pads never scored, EOS scored
+
+
+def test_padding_never_scored_and_every_eos_scored():
+    examples = random_examples(13, seed=8)
+    split = make_split(examples)
+    batch = pack(split, np.arange(13), row_len=48, pad_id=EOS)
+    scored = batch.targets != IGNORE
+    assert not (scored & (batch.example_ids == -1)).any()
+    assert int((batch.targets == EOS).sum()) == len(examples)  # one EOS target per example
+    for i, e in enumerate(examples):
+        assert batch.targets[batch.example_ids == i].tolist() == e[1:]  # all of tokens[1:], nothing else
+
+
+def test_truncation_drops_eos_and_chunking_keeps_every_target_once(tiny_tokenizer):
+    from lorafit.data.tokenize import apply_length_policy
+
+    ids = list(range(100)) + [EOS]
+    (short,), lost = apply_length_policy(ids, 16, "truncate")
+    assert lost and short == ids[:16] and EOS not in short
+    pieces, lost = apply_length_policy(ids, 16, "chunk")
+    assert not lost and all(2 <= len(p) <= 16 for p in pieces)
+    assert [t for p in pieces for t in p[1:]] == ids[1:]
+    assert apply_length_policy(ids, 16, "drop") == ([], True)
+    assert apply_length_policy(ids[:10], 16, "truncate") == ([ids[:10]], False)
+
+
+# ---------------------------------------------------------------- 6. accumulation is exact
+
+
+def _grads_for(model, split, groups, n_targets):
+    model.zero_grad(set_to_none=True)
+    for g in groups:
+        for b in micro_batches(split, np.asarray(g), row_len=64, max_tokens=10_000, pad_id=EOS):
+            nll, _ = token_nll(model, b)
+            (nll.sum() / n_targets).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_two_micro_batches_of_four_equal_one_batch_of_eight():
+    model = lora_model(seed=9, dropout=0.0)
+    split = make_split(random_examples(8, seed=9, hi=40))
+    n_targets = split.n_targets
+    one = _grads_for(model, split, [list(range(8))], n_targets)
+    two = _grads_for(model, split, [list(range(4)), list(range(4, 8))], n_targets)
+    eight_singles = _grads_for(model, split, [[i] for i in range(8)], n_targets)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(eight_singles[name], one[name], atol=1e-6, rtol=1e-5)
+    # A mean of per-micro-batch means would differ when the micro-batches hold different token counts.
+    lengths = split.lengths() - 1
+    assert lengths[:4].sum() != lengths[4:].sum()
+
+
+# ---------------------------------------------------------------- the fused head loss
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_fused_cross_entropy_matches_full_logits_in_float64(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64)
+    t = torch.randint(0, 40, (50,))
+    g = torch.randn(50, dtype=torch.float64)  # arbitrary per-token weights exercise the backward fully
+    fused = linear_cross_entropy(h, w, t, chunk=chunk)
+    (fused * g).sum().backward()
+    grad_fused, h.grad = h.grad.clone(), None
+    ref = plain_cross_entropy(h @ w.t(), t)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_fused, h.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_and_plain_model_paths_agree_on_loss_and_lora_gradients():
+    split = make_split(random_examples(6, seed=10))
+    batch = pack(split, np.arange(6), row_len=64, pad_id=EOS)
+    grads = []
+    for fused in (True, False):
+        model = lora_model(seed=10)
+        nll, _ = token_nll(model, batch, fused=fused, chunk=5)
+        nll.sum().backward()
+        grads.append((nll.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-5, rtol=1e-4)
