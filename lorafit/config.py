@@ -134,6 +134,13 @@ CHOICES = {
 
 # ---------------------------------------------------------------- building from dicts
 
+KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_length": "seq_len", "max_seq_length": "seq_len",
+    "model_name_or_path": "name", "dataset_text_field": "text_field",
+}
+
 
 def _type_name(tp: Any) -> str:
     if tp is type(None):
@@ -222,7 +229,9 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            # Names users bring from PEFT / the HF Trainer map to ours; otherwise the closest spelling.
+            alias = KNOWN_ALIASES.get(str(key))
+            close = [alias] if alias in names else difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             problems.append(f"{path}: unknown key{hint}")
             continue

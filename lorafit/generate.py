@@ -49,8 +49,8 @@ def load_for_inference(run_or_adapter, base: str | None = None, precision: str =
     device = device or default_device()
     prec = resolve_precision(precision, device)
     tok_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base_name
-    tokenizer = load_tokenizer(tok_source, hint="--base LOCAL_MODEL_DIR")
-    base_model = load_base_model(ModelConfig(name=base_name), prec, device, hint="--base LOCAL_MODEL_DIR")
+    tokenizer = load_tokenizer(tok_source, hint="\n  --base LOCAL_MODEL_DIR")
+    base_model = load_base_model(ModelConfig(name=base_name), prec, device, hint="\n  --base LOCAL_MODEL_DIR")
     model = load_adapter(base_model, adapter_dir, base_name)
     return model.eval(), tokenizer, base_name
 

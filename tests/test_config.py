@@ -1,0 +1,51 @@
+"""The config tree: recipes, dotted overrides, every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafit.config import list_recipes, load_config, load_saved_config, save_config
+from lorafit.errors import ConfigError, LorafitError
+
+
+def test_quotes_recipe_has_the_published_setup():
+    cfg = load_config("quotes")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16.0, 0.05, ["c_attn"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum) == (5, 2e-4, 4, 2)
+    assert cfg.data.seq_len == 64 and cfg.data.sources["quotes"].text_field == "quote"
+    assert cfg.data.sources["quotes"].path == "Abirate/english_quotes"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("quotes", ["lora.r=16", "lora.targets=[c_attn, c_proj]", "train.lr=1e-3", "train.max_steps=5",
+                                 "data.sources.quotes.path=x.jsonl", "output_dir=runs/x"])
+    assert cfg.lora.r == 16 and cfg.lora.targets == ["c_attn", "c_proj"]
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 5
+    assert cfg.data.sources["quotes"].path == "x.jsonl" and cfg.output_dir == "runs/x"
+
+
+def test_every_problem_is_collected_with_the_nearest_name():
+    with pytest.raises(ConfigError) as err:
+        load_config("quotes", ["lora.rank=4", "train.lr=abc", "lora.dropout=1.0", "lora.alpha=-1",
+                               "data.sources.quotes.text_feild=q", "train.batch_size=2.5", "nokey"])
+    text = str(err.value)
+    assert "did you mean 'r'" in text and "did you mean 'text_field'" in text
+    assert "train.lr: expected a number" in text and "train.batch_size: expected an integer" in text
+    assert "lora.dropout: must be in [0, 1)" in text and "lora.alpha: must be positive" in text
+    assert "override 'nokey'" in text
+    assert len(err.value.problems) == 7
+
+
+def test_unknown_recipe_suggests_and_lists():
+    with pytest.raises(LorafitError, match="Did you mean 'quotes'"):
+        load_config("quote")
+    assert "quotes" in list_recipes()
+
+
+def test_yaml_file_recipe_and_round_trip(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  sources:\n    a: {path: a.txt}\nlora: {r: 2}\n")
+    cfg = load_config(str(path))
+    assert cfg.recipe == "mine" and cfg.lora.r == 2
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_saved_config(tmp_path / "saved.yaml") == cfg

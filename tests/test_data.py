@@ -1,0 +1,121 @@
+"""Sources, split, caps, tokenisation and its cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_texts, shared_path
+from lorafit.config import DataConfig, SourceConfig
+from lorafit.data import tokenize as tok_mod
+from lorafit.data.sources import cap_texts, load_corpus, split_indices
+from lorafit.data.tokenize import tokenize_cached
+
+
+@pytest.mark.parametrize("n, frac, seed", [(2508, 0.1, 42), (37, 0.15, 3), (10, 0.5, 0)])
+def test_split_matches_datasets_train_test_split(n, frac, seed):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=frac, seed=seed)
+    train, val = split_indices(n, frac, seed)
+    assert list(train) == ds["train"]["i"] and list(val) == ds["test"]["i"]
+
+
+def test_caps_are_seeded_deterministic_and_keep_file_order():
+    texts = [f"t{i}" for i in range(100)]
+    a, b = cap_texts(texts, 10, seed=1), cap_texts(texts, 10, seed=1)
+    assert a == b and len(a) == 10 and a == sorted(a, key=lambda t: int(t[1:]))
+    assert cap_texts(texts, 10, seed=2) != a
+    assert cap_texts(texts, 1000, seed=1) == texts
+
+
+def _write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def test_stratified_split_puts_every_source_in_validation(tmp_path):
+    big = _write_jsonl(tmp_path / "big.jsonl", make_texts(200, seed=1))
+    small = _write_jsonl(tmp_path / "small.jsonl", make_texts(5, seed=2))
+    data = DataConfig(sources={"big": SourceConfig(path=str(big)), "small": SourceConfig(path=str(small))}, val_fraction=0.1)
+    corpus = load_corpus(data)
+    assert set(corpus.val_sources) == {0, 1}
+    assert corpus.val_sources.count(0) == 20 and corpus.val_sources.count(1) == 1
+    assert len(corpus.train_texts) == 180 + 4
+
+
+def test_filters_drop_empty_short_and_duplicate_texts(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", ["hello world", "", "   ", "hi", "hello world", "another text"])
+    src = SourceConfig(path=str(path), min_chars=3, dedupe=True)
+    corpus = load_corpus(DataConfig(sources={"d": src}, val_fraction=0.34))
+    assert sorted(corpus.train_texts + corpus.val_texts) == ["another text", "hello world"]
+
+
+def test_weights_repeat_or_subsample_training_rows_only(tmp_path):
+    path = _write_jsonl(tmp_path / "w.jsonl", make_texts(50, seed=3))
+    for weight, expected in ((2.0, 90), (0.5, 22)):
+        corpus = load_corpus(DataConfig(sources={"w": SourceConfig(path=str(path), weight=weight)}, val_fraction=0.1))
+        assert len(corpus.train_texts) == expected and len(corpus.val_texts) == 5
+
+
+def test_tokenisation_cache_hit_skips_work_and_a_changed_config_misses(tmp_path, tiny_tokenizer, monkeypatch):
+    texts = make_texts(30, seed=4)
+    calls = []
+    real = tok_mod.tokenize_texts
+    monkeypatch.setattr(tok_mod, "tokenize_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first, hit1 = tokenize_cached(texts, [0] * 30, tiny_tokenizer, 32, "truncate", tmp_path)
+    second, hit2 = tokenize_cached(texts, [0] * 30, tiny_tokenizer, 32, "truncate", tmp_path)
+    assert (hit1, hit2) == (False, True) and len(calls) == 1
+    assert np.array_equal(first.ids, second.ids) and np.array_equal(first.n_bytes, second.n_bytes)
+    _, hit3 = tokenize_cached(texts, [0] * 30, tiny_tokenizer, 16, "truncate", tmp_path)
+    _, hit4 = tokenize_cached(texts[:-1] + ["changed"], [0] * 30, tiny_tokenizer, 32, "truncate", tmp_path)
+    assert (hit3, hit4) == (False, False) and len(calls) == 3
+
+
+def test_every_example_ends_with_eos_and_bytes_count_the_targets(tiny_tokenizer):
+    texts = ["héllo wörld", "a"]
+    split, _ = tokenize_cached(texts, [0, 0], tiny_tokenizer, 64, "truncate", None)
+    eos = tiny_tokenizer.eos_token_id
+    for i, text in enumerate(texts):
+        ex = split.example(i)
+        assert ex[-1] == eos and eos not in ex[:-1]
+        first_bytes = len(tiny_tokenizer.decode(ex[:1]).encode())
+        assert split.n_bytes[i] == len(text.encode()) - first_bytes
+
+
+# ---------------------------------------------------------------- the real quotes data (../shared)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    from lorafit.modeling import load_tokenizer
+    from transformers import GPT2Tokenizer
+
+    d = shared_path("assets", "gpt2-tokenizer")
+    tok = GPT2Tokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def test_real_quotes_split_is_2257_251_as_published(gpt2_tokenizer):
+    import datasets
+
+    path = shared_path("data", "english_quotes", "quotes.jsonl")
+    from lorafit.config import load_config
+
+    cfg = load_config("quotes", [f"data.sources.quotes.path={path}"])
+    corpus = load_corpus(cfg.data)
+    assert (len(corpus.train_texts), len(corpus.val_texts)) == (2257, 251)
+    ref = datasets.load_dataset("json", data_files=str(path), split="train").train_test_split(test_size=0.1, seed=42)
+    assert corpus.train_texts == ref["train"]["quote"] and corpus.val_texts == ref["test"]["quote"]
+
+
+def test_real_quotes_token_counts(gpt2_tokenizer):
+    path = shared_path("data", "english_quotes", "quotes.jsonl")
+    texts = [json.loads(line)["quote"] for line in path.read_text(encoding="utf-8").splitlines()]
+    full, _ = tokenize_cached(texts, [0] * len(texts), gpt2_tokenizer, 10_000, "truncate", None)
+    assert len(full.ids) == 110_834  # one EOS each, as shared/data/README.md states
+    cut, _ = tokenize_cached(texts, [0] * len(texts), gpt2_tokenizer, 64, "truncate", None)
+    assert int(cut.truncated.sum()) == 338 and cut.lengths().max() == 64
