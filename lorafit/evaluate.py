@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from lorafit.data.packing import micro_batches
+from lorafit.data.packing import micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.loss import token_nll
 from lorafit.metrics import NllTotals
@@ -24,7 +24,7 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, row_len: int, batch_tokens: int, pad_id: int):
     """Summed NLL of every example (float64, on CPU)."""
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
-    for batch in micro_batches(split, np.arange(len(split)), row_len, batch_tokens, pad_id):
+    for batch in micro_batches(split, np.arange(len(split)), row_len, batch_tokens, pad_id, shape_multiple(device)):
         batch = batch.to(device)
         with autocast_context(device, autocast_dtype):
             nll, example = token_nll(model, batch)

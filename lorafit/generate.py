@@ -78,6 +78,16 @@ def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+def merged_copy(model):
+    """A copy of base + adapter with LoRA folded into the weights: plain linear layers, no adapter
+    overhead per token. For inference only; the trainable model is left untouched."""
+    import copy
+
+    fast = copy.deepcopy(model).merge_and_unload()
+    fast.config.use_cache = True
+    return fast.eval()
+
+
 def sample_base(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
     with model.disable_adapter():
         return sample(model, tokenizer, prompt, cfg)

@@ -9,24 +9,40 @@ frozen head gets no gradient, so this costs the same matmuls as the plain path.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from lorafit.data.packing import IGNORE, PackedBatch
 
 DEFAULT_CHUNK = 2048
+VOCAB_ALIGN = 64  # tensor-core GEMMs need aligned sizes; 50257 is not, and costs ~2x on the LM head
+
+
+def _aligned_head(weight: torch.Tensor) -> torch.Tensor:
+    """The head weight with zero rows appended to a multiple of VOCAB_ALIGN (CUDA only; the extra
+    logits are masked out below). On CPU alignment buys nothing and the copy would cost."""
+    vocab = weight.shape[0]
+    if weight.device.type != "cuda" or vocab % VOCAB_ALIGN == 0:
+        return weight
+    return F.pad(weight, (0, 0, 0, -vocab % VOCAB_ALIGN))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         need_grad = ctx.needs_input_grad[0]
+        vocab = weight.shape[0]
+        weight = _aligned_head(weight)
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for half inputs, fp64 stays fp64
         nll = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.t()).to(acc_dtype)
+            if logits.shape[1] != vocab:
+                logits[:, vocab:] = float("-inf")  # padded rows: probability exactly 0
             lse = torch.logsumexp(logits, dim=-1)
             nll[start : start + chunk] = lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)
             if need_grad:
@@ -55,6 +71,24 @@ def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
 
 
+@contextlib.contextmanager
+def _no_adapter_input_casts(model, device: torch.device):
+    """Under autocast, PEFT's cast of every LoRA input to fp32 is a full copy of the activations that
+    autocast immediately casts back; skip it (autocast still computes the LoRA matmuls correctly)."""
+    if not torch.is_autocast_enabled(device.type):
+        yield
+        return
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    saved = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.cast_input_dtype_enabled = flag
+
+
 def _head_is_plain(model) -> bool:
     head = model.get_output_embeddings()
     plain = isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
@@ -71,6 +105,11 @@ def token_nll(model, batch: PackedBatch, chunk: int = DEFAULT_CHUNK, fused: bool
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     mask = batch.targets != IGNORE
     targets = batch.targets[mask]
+    with _no_adapter_input_casts(model, batch.input_ids.device):
+        return _token_nll(base, batch, mask, targets, chunk, fused)
+
+
+def _token_nll(base, batch: PackedBatch, mask, targets, chunk: int, fused: bool):
     if fused and _head_is_plain(base):
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(

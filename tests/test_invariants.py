@@ -228,3 +228,58 @@ def test_fused_and_plain_model_paths_agree_on_loss_and_lora_gradients():
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     for name in grads[0][1]:
         torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- fast paths against the plain path
+
+
+def test_vocab_aligned_head_gives_the_same_loss_and_gradients(monkeypatch):
+    import lorafit.loss as loss_mod
+
+    torch.manual_seed(1)
+    h = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(37, 16, dtype=torch.float64)  # 37 is not a multiple of the alignment
+    t = torch.randint(0, 37, (30,))
+    ref = linear_cross_entropy(h, w, t, chunk=8)
+    ref.sum().backward()
+    ref_grad, h.grad = h.grad.clone(), None
+    # Force the CUDA-only padding on CPU: padded rows must never receive probability.
+    monkeypatch.setattr(loss_mod, "_aligned_head", lambda weight: torch.nn.functional.pad(weight, (0, 0, 0, 27)))
+    padded = linear_cross_entropy(h, w, t, chunk=8)
+    padded.sum().backward()
+    torch.testing.assert_close(padded, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h.grad, ref_grad, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_gelu_matches_gpt2_gelu_new():
+    from transformers.activations import NewGELUActivation
+
+    from lorafit.fast import FusedTanhGELU, fuse_gelu
+
+    x = torch.randn(1000, dtype=torch.float64) * 4
+    torch.testing.assert_close(FusedTanhGELU()(x), NewGELUActivation()(x), atol=1e-12, rtol=1e-12)
+    model = tiny_gpt2(seed=12)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        before = model(ids).logits
+        assert fuse_gelu(model) == 2
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_backbone_matches_eager_loss_and_gradients():
+    pytest.importorskip("torch._inductor")
+    split = make_split(random_examples(6, seed=13))
+    batch = pack(split, np.arange(6), row_len=64, pad_id=EOS)
+    results = []
+    for compiled in (False, True):
+        model = lora_model(seed=13)
+        if compiled:
+            from lorafit.fast import prepare_for_speed
+
+            prepare_for_speed(model, torch.device("cpu"), compile=True)
+        nll, _ = token_nll(model, batch)
+        nll.sum().backward()
+        results.append((nll.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-4, rtol=1e-3)

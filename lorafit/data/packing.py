@@ -21,6 +21,12 @@ from lorafit.data.tokenize import TokenizedSplit
 IGNORE = -100
 
 
+def shape_multiple(device) -> int:
+    """Row widths are rounded to this: a GPU then sees few distinct shapes (kernel plans are cached
+    per shape); on CPU any padding slot is pure cost."""
+    return 8 if getattr(device, "type", str(device)) == "cuda" else 1
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # (B, L) int64
@@ -63,11 +69,13 @@ def balance_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
     return [row for row in rows if row]
 
 
-def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int) -> PackedBatch:
-    """One batch of rows holding the given examples; L is the longest row, not row_len."""
+def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int, multiple: int = 1) -> PackedBatch:
+    """One batch of rows holding the given examples; L is the longest row (rounded up to `multiple`,
+    which keeps the number of distinct shapes a GPU sees small), not row_len."""
     positions_per_example = split.lengths()[indices] - 1  # inputs are tokens[:-1]
     rows = balance_rows(positions_per_example, row_len)
     width = max(int(sum(positions_per_example[j] for j in row)) for row in rows)
+    width = min(-(-width // multiple) * multiple, max(row_len, width))
     shape = (len(rows), width)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     targets = np.full(shape, IGNORE, dtype=np.int64)
@@ -95,7 +103,7 @@ def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int) 
 
 
 def micro_batches(
-    split: TokenizedSplit, indices: np.ndarray, row_len: int, max_tokens: int, pad_id: int
+    split: TokenizedSplit, indices: np.ndarray, row_len: int, max_tokens: int, pad_id: int, multiple: int = 1
 ) -> list[PackedBatch]:
     """Split a set of examples into packed micro-batches of at most ~max_tokens slots each.
 
@@ -115,4 +123,4 @@ def micro_batches(
         current.append(indices[i])
         used += int(positions[i])
     groups.append(current)
-    return [pack(split, np.asarray(g), row_len, pad_id) for g in groups]
+    return [pack(split, np.asarray(g), row_len, pad_id, multiple) for g in groups]

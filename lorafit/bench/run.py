@@ -1,0 +1,326 @@
+"""`lorafit bench`: lorafit against the original quotes pipeline, back to back, same machine/model/data.
+
+Both sides train on the same first N training examples of the quotes split for whole optimizer
+steps of 8 examples, the first steps untimed (warm-up). Both are then evaluated with the same
+token-weighted metric on the same validation quotes, so "equal or lower validation loss" compares
+like with like. Evaluation and generation throughput are measured too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lorafit.bench.baseline import (
+    SideResult,
+    _peak_memory,
+    _reset_peak_memory,
+    baseline_eval_samples_per_second,
+    baseline_generation_tokens_per_second,
+    run_baseline,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+DEFAULT_TOKENIZER = SHARED / "assets" / "gpt2-tokenizer"
+DEFAULT_DATA = SHARED / "data" / "english_quotes" / "quotes.jsonl"
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
+GEN_PROMPTS = ["The secret to happiness is", "Life is", "Love is", "The best way to predict the future is"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--examples", type=int, default=160, help="training examples per side (default 160 = 20 steps)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps first")
+    p.add_argument("--model", help="model dir or hub id (default: a random full-size gpt2, made once)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: ../shared/assets/gpt2-tokenizer)")
+    p.add_argument("--data", default=None, help="quotes jsonl file or hub id (default: ../shared quotes)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", default=None, help="where to write results (default: bench/results/<date>-<device>.json)")
+    p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--compile", action="store_true", help="lorafit side with torch.compile")
+    p.add_argument("--peers", default="", help="extra sides, comma separated: trl")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def ensure_model(model: str | None, tokenizer_dir: Path) -> str:
+    if model:
+        return model
+    from lorafit.data.tokenize import default_cache_dir
+    from lorafit.init_model import init_model
+
+    path = default_cache_dir() / "models" / "gpt2-random"
+    if not (path / "config.json").is_file():
+        print(f"making a random full-size gpt2 in {path} (once)", file=sys.stderr)
+        init_model("gpt2", str(tokenizer_dir), path, seed=0)
+    return str(path)
+
+
+def quotes_split(data: str, tokenizer_dir: str) -> tuple[list[str], list[str]]:
+    from lorafit.config import load_config
+    from lorafit.data.sources import load_corpus
+
+    cfg = load_config("quotes", [f"data.sources.quotes.path={data}"])
+    corpus = load_corpus(cfg.data)
+    return corpus.train_texts, corpus.val_texts
+
+
+def matmul_ceiling(device: torch.device) -> tuple[float, str]:
+    """FLOP/s ceiling for MFU: measured fp32 matmul rate on CPU; the GPU's dense bf16 peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        if peak:
+            return peak, f"{name} dense bf16 peak"
+    n = 1024 if device.type == "cpu" else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 10
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = 2 * n**3 * reps / (time.perf_counter() - start)
+    return rate, f"measured {str(dtype).replace('torch.', '')} {n}x{n} matmul rate"
+
+
+def flops_per_token(model) -> float:
+    """Training FLOPs per token for LoRA: forward (2P) + backward through activations (2P); the
+    frozen weights need no weight gradients. P counts matmul weights (LM head included)."""
+    cfg = model.config
+    d, layers, vocab = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    per_layer = d * 3 * d + d * d + 2 * d * 4 * d
+    return 4.0 * (layers * per_layer + vocab * d)
+
+
+# ---------------------------------------------------------------- the lorafit side
+
+
+def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides: list[str], *, device: torch.device,
+                  seed: int = 42, total_steps: int | None = None):
+    """A lorafit Trainer on given texts (tokenised with the recipe's policy) or a ready TokenizedSplit."""
+    from lorafit.config import load_config
+    from lorafit.data.tokenize import TokenizedSplit, tokenize_texts
+    from lorafit.lora import apply_lora
+    from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
+    from lorafit.train import Data, StepPlan, Trainer, build_optimizer, default_micro_tokens
+
+    cfg = load_config("quotes", [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
+    precision = resolve_precision(cfg.model.precision, device)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_base_model(cfg.model, precision, device)
+    split = texts_or_split
+    if not isinstance(split, TokenizedSplit):
+        split = tokenize_texts(list(split), [0] * len(split), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
+    torch.manual_seed(seed)
+    model = apply_lora(model, cfg.lora)
+    from lorafit.fast import prepare_for_speed
+
+    prepare_for_speed(model, device, cfg.train.compile)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    total = total_steps or len(split) // per_step
+    epochs = total / math.ceil(len(split) / per_step) + 1  # enough epochs; max_steps=total caps the plan
+    plan = StepPlan(len(split), per_step, epochs, total, seed)
+    optimizer, scheduler = build_optimizer(model, cfg, total, device)
+    data = Data(split, split, ["data"], cfg.data.pack_len or max(cfg.data.seq_len, 256))
+    micro = cfg.train.micro_batch_tokens or default_micro_tokens(device)
+    trainer = Trainer(cfg, model, optimizer, scheduler, data, plan, None, device, precision, tokenizer, micro, 4 * micro)
+    model.train()
+    return trainer
+
+
+def time_steps(trainer, warmup_steps: int) -> tuple[float, int, int]:
+    """Run the plan's steps; (seconds, target tokens, examples) of those after the warm-up."""
+    from lorafit.train import sync
+
+    start, tokens_before, examples = None, 0, 0
+    for step in range(trainer.plan.total_steps):
+        if step == warmup_steps:
+            sync(trainer.device)
+            start, tokens_before = time.perf_counter(), trainer.train_tokens
+        if step >= warmup_steps:
+            examples += len(trainer.plan.examples(step))
+        trainer.train_step()
+        trainer.step += 1
+    sync(trainer.device)
+    return time.perf_counter() - start, trainer.train_tokens - tokens_before, examples
+
+
+def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_steps: int, device: torch.device,
+                seed: int = 42, compile: bool = False):
+    """lorafit's quotes recipe on the same texts: (SideResult, trainer)."""
+    _reset_peak_memory(device.type == "cuda")
+    trainer = build_trainer(model_dir, tokenizer_dir, texts, [f"train.compile={str(compile).lower()}"], device=device,
+                            seed=seed)
+    wall, real, examples = time_steps(trainer, warmup_steps)
+    timed = trainer.plan.total_steps - warmup_steps
+    # lorafit computes real positions only (row-end padding aside), so token slots are not reported.
+    result = SideResult("lorafit", examples, timed, wall, examples / wall, real / wall, float("nan"),
+                        _peak_memory(device.type == "cuda"), str(device))
+    return result, trainer
+
+
+def lorafit_eval(trainer, val_texts: list[str], *, timed: bool) -> dict:
+    from lorafit.data.tokenize import tokenize_texts
+    from lorafit.evaluate import evaluate
+
+    d = trainer.cfg.data
+    val = tokenize_texts(val_texts, [0] * len(val_texts), trainer.tokenizer, d.seq_len, d.long_examples)
+    kwargs = dict(device=trainer.device, autocast_dtype=trainer.precision.autocast, row_len=trainer.data.row_len,
+                  batch_tokens=trainer.eval_tokens, pad_id=trainer.tokenizer.pad_token_id)
+    if timed:
+        evaluate(trainer.model, val, ["quotes"], **kwargs)  # warm-up, as the baseline gets one
+    return evaluate(trainer.model, val, ["quotes"], **kwargs)
+
+
+def lorafit_generation_tokens_per_second(model, tokenizer, prompts: list[str], batch_size: int) -> float:
+    """lorafit's inference path: LoRA merged into a copy of the base, then the same generate call."""
+    from lorafit.generate import merged_copy
+
+    fast = merged_copy(model)
+    return baseline_generation_tokens_per_second(fast, tokenizer, prompts, batch_size)
+
+
+# ---------------------------------------------------------------- report
+
+
+def side_dict(r: SideResult, fpt: float, ceiling: float, extra: dict) -> dict:
+    d = dict(r.__dict__)
+    d["mfu"] = r.real_tokens_per_second * fpt / ceiling
+    d.update(extra)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sides = [s for s in ("baseline", "lorafit", "trl") if s in results]
+    rows = [("examples/s", "examples_per_second", ".2f"), ("real tokens/s", "real_tokens_per_second", ",.0f"),
+            ("token slots/s", "token_slots_per_second", ",.0f"), ("wall s (timed)", "wall_seconds", ".1f"),
+            ("peak memory MB", "peak_memory_bytes", ",.0f"), ("MFU (real tokens)", "mfu", ".1%"),
+            ("val loss", "val_loss", ".4f"), ("eval samples/s", "eval_samples_per_second", ".1f"),
+            ("gen tok/s batch 1", "generation_tokens_per_second_batch1", ".1f"),
+            ("gen tok/s batch 16", "generation_tokens_per_second_batch16", ".1f")]
+    table = Table(title=f"lorafit bench on {results['device']} ({results['examples']} examples/side)")
+    table.add_column("")
+    for s in sides:
+        table.add_column(s, justify="right")
+    for label, key, fmt in rows:
+        cells = []
+        for s in sides:
+            v = results[s].get(key)
+            if key == "peak_memory_bytes" and v is not None:
+                v = v / 1e6
+            cells.append("-" if v is None else format(v, fmt))
+        table.add_row(label, *cells)
+    Console(stderr=True).print(table)
+    for key in ("speedup", "eval_speedup", "generation_speedup_batch16"):
+        if results.get(key) is not None:
+            print(f"{key}: {results[key]:.2f}x", file=sys.stderr)
+
+
+def main(args) -> int:
+    from lorafit.errors import LorafitError
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else DEFAULT_TOKENIZER
+    data = args.data or str(DEFAULT_DATA)
+    if not args.tokenizer and not DEFAULT_TOKENIZER.is_dir():
+        raise LorafitError(f"No tokenizer at {DEFAULT_TOKENIZER}; pass --tokenizer DIR (and --model, --data).")
+    tok_dir = _tokenizer_dir(tokenizer_dir)
+    model_dir = ensure_model(args.model, tokenizer_dir)
+    train_texts, val_texts = quotes_split(data, tok_dir)
+    if args.examples > len(train_texts):
+        raise LorafitError(f"--examples {args.examples}: the training split has only {len(train_texts)}.")
+    texts = train_texts[: args.examples]
+    fpt, (ceiling, ceiling_what) = None, matmul_ceiling(device)
+
+    print(f"baseline: {len(texts)} examples ...", file=sys.stderr)
+    base_res, base_model = run_baseline(model_dir, tok_dir, texts, warmup_steps=args.warmup_steps, device=str(device))
+    print(f"lorafit: {len(texts)} examples ...", file=sys.stderr)
+    lf_res, trainer = run_lorafit(model_dir, tok_dir, texts, warmup_steps=args.warmup_steps, device=device,
+                                  compile=args.compile)
+    fpt = flops_per_token(trainer.model.get_base_model())
+
+    from lorafit.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    base_extra, lf_extra = {}, {}
+    # The same metric for both: token-weighted NLL of the validation quotes (text + EOS).
+    base_extra["val_loss"] = _eval_peft_with_lorafit(base_model, trainer, val_texts)
+    lf_eval = lorafit_eval(trainer, val_texts, timed=not args.skip_eval)
+    lf_extra["val_loss"] = lf_eval["val_loss"]
+    if not args.skip_eval:
+        base_extra["eval_samples_per_second"] = baseline_eval_samples_per_second(base_model, tokenizer, val_texts, str(device))
+        lf_extra["eval_samples_per_second"] = lf_eval["eval_samples_per_second"]
+    if not args.skip_generation:
+        prompts16 = [GEN_PROMPTS[i % len(GEN_PROMPTS)] for i in range(32)]
+        for bs, prompts in ((1, GEN_PROMPTS[:2]), (16, prompts16)):
+            base_extra[f"generation_tokens_per_second_batch{bs}"] = baseline_generation_tokens_per_second(base_model, tokenizer, prompts, bs)
+            lf_extra[f"generation_tokens_per_second_batch{bs}"] = lorafit_generation_tokens_per_second(trainer.model, tokenizer, prompts, bs)
+
+    results = {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "examples": len(texts),
+        "warmup_steps": args.warmup_steps,
+        "model": "random full-size gpt2" if not args.model else args.model,
+        "flops_per_token": fpt,
+        "flop_ceiling": ceiling,
+        "flop_ceiling_source": ceiling_what,
+        "baseline": side_dict(base_res, fpt, ceiling, base_extra),
+        "lorafit": side_dict(lf_res, fpt, ceiling, lf_extra),
+    }
+    results["speedup"] = lf_res.examples_per_second / base_res.examples_per_second
+    if not args.skip_eval:
+        results["eval_speedup"] = lf_extra["eval_samples_per_second"] / base_extra["eval_samples_per_second"]
+    if not args.skip_generation:
+        results["generation_speedup_batch16"] = (
+            lf_extra["generation_tokens_per_second_batch16"] / base_extra["generation_tokens_per_second_batch16"]
+        )
+    print_table(results)
+    out = Path(args.json) if args.json else REPO / "bench" / "results" / f"{results['date']}-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {out}", file=sys.stderr)
+    return 0
+
+
+def _tokenizer_dir(path: Path) -> str:
+    """A tokenizer directory transformers can load; the raw GPT-2 BPE files are converted once."""
+    if (path / "tokenizer_config.json").is_file() or not (path / "vocab.json").is_file():
+        return str(path)
+    from transformers import GPT2Tokenizer
+
+    from lorafit.data.tokenize import default_cache_dir
+
+    out = default_cache_dir() / "tokenizers" / "gpt2"
+    if not (out / "tokenizer_config.json").is_file():
+        GPT2Tokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt")).save_pretrained(str(out))
+    return str(out)
+
+
+def _eval_peft_with_lorafit(peft_model, trainer, val_texts: list[str]) -> float:
+    from lorafit.data.tokenize import tokenize_texts
+    from lorafit.evaluate import evaluate
+
+    d = trainer.cfg.data
+    val = tokenize_texts(val_texts, [0] * len(val_texts), trainer.tokenizer, d.seq_len, d.long_examples)
+    out = evaluate(peft_model, val, ["quotes"], device=trainer.device, autocast_dtype=trainer.precision.autocast,
+                   row_len=trainer.data.row_len, batch_tokens=trainer.eval_tokens, pad_id=trainer.tokenizer.pad_token_id)
+    return out["val_loss"]
+

@@ -1,0 +1,77 @@
+"""The whole GPU benchmark in one command (bench/gpu.sh runs it): the quotes comparison with the
+original pipeline, the mixture8 shape, and a full 5-epoch quotes run; one JSON."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def full_quotes_run(model_dir: str, data: str, out: Path, extra: list[str]) -> dict:
+    from lorafit.config import load_config
+    from lorafit.train import train
+
+    cfg = load_config("quotes", [f"model.name={model_dir}", f"data.sources.quotes.path={data}", f"output_dir={out}",
+                                 "eval.sample_prompt=null", *extra])
+    start = time.perf_counter()
+    summary = train(cfg, overwrite=True, progress=False)
+    keys = ("optimizer_steps", "train_examples", "train_tokens", "train_seconds", "train_tokens_per_second",
+            "final_train_loss", "val_loss", "eval_samples_per_second", "peak_memory_bytes")
+    return {"overrides": extra, "wall_seconds_total": time.perf_counter() - start, **{k: summary[k] for k in keys}}
+
+
+def main(argv=None) -> int:
+    from lorafit.bench import run as bench
+    from lorafit.bench.shapes import mixture_shape_throughput
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shared", default=str(bench.SHARED), help="the shared/ folder with assets/ and data/")
+    p.add_argument("--examples", type=int, default=2000)
+    p.add_argument("--json", default=None)
+    p.add_argument("--skip-compare", action="store_true")
+    args = p.parse_args(argv)
+    shared = Path(args.shared)
+    tokenizer = shared / "assets" / "gpt2-tokenizer"
+    data = shared / "data" / "english_quotes" / "quotes.jsonl"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = Path(args.json) if args.json else bench.REPO / "bench" / "results" / f"{dt.date.today()}-{name.replace(' ', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__}
+
+    def save():
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    if not args.skip_compare:
+        compare_json = out.with_name(out.stem + "-compare.json")
+        ns = argparse.Namespace(examples=args.examples, warmup_steps=10, model=None, tokenizer=str(tokenizer),
+                                data=str(data), device=str(device), json=str(compare_json), skip_generation=False,
+                                skip_eval=False, compile=False, peers="")
+        bench.main(ns)
+        results["quotes_compare"] = json.loads(compare_json.read_text())
+        compare_json.unlink()
+        save()
+    tok_dir = bench._tokenizer_dir(tokenizer)
+    model_dir = bench.ensure_model(None, tokenizer)
+    ceiling, what = bench.matmul_ceiling(device)
+    results["flop_ceiling"], results["flop_ceiling_source"] = ceiling, what
+    results["mixture8_shape"] = [mixture_shape_throughput(model_dir, tok_dir, device, ceiling=ceiling)]
+    print(json.dumps(results["mixture8_shape"], indent=1), file=sys.stderr)
+    save()
+    with tempfile.TemporaryDirectory() as tmp:
+        results["quotes_full_run"] = [full_quotes_run(model_dir, str(data), Path(tmp) / "run", [])]
+    print(json.dumps(results["quotes_full_run"], indent=1), file=sys.stderr)
+    save()
+    print(f"results written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
