@@ -4,15 +4,18 @@ checkpoints/step-N/
     adapter_model.safetensors   LoRA weights (safetensors: no pickle)
     optimizer.pt, scheduler.pt  state dicts, loaded with weights_only=True
     rng.pt                      torch (and CUDA) generator states, weights_only
-    state.json                  step, logging window, Python and NumPy RNG states
+    state.json                  step, logging window, counters, Python and NumPy RNG states
 
 The data position is a pure function of (seed, step), so the step is all a resume needs to
-continue mid-epoch. A checkpoint directory appears only complete (atomic rename).
+continue mid-epoch. A checkpoint directory appears only complete (written under a temporary
+name, then renamed), and an old one disappears by a rename before it is deleted.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -20,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
-from lorafit.rundir import atomic_dir
+from lorafit.rundir import atomic_dir, saving
 
 WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -31,6 +35,7 @@ SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+UNREADABLE = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -61,14 +66,18 @@ def set_rng_state(json_part: dict, tensor_part: dict) -> None:
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep`."""
     final = Path(directory) / f"step-{step}"
+    previous = list_checkpoints(directory)
+    kept = f"the newest complete checkpoint is still {previous[-1][1]}" if previous else "no checkpoint was saved yet"
     json_rng, tensor_rng = rng_state()
-    with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        torch.save(tensor_rng, tmp / RNG)
-        (tmp / STATE).write_text(json.dumps({"step": step, "rng": json_rng, **state}), encoding="utf-8")
+    with saving(f"checkpoint {final}", f"Nothing was lost: {kept}. Free space, then continue with --resume."):
+        with atomic_dir(final) as tmp:
+            save_file(trainable_state(model), str(tmp / WEIGHTS))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            torch.save(tensor_rng, tmp / RNG)
+            (tmp / STATE).write_text(json.dumps({"step": step, "rng": json_rng, **state}), encoding="utf-8")
     prune(directory, keep)
     return final
 
@@ -87,25 +96,48 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 def prune(directory: Path, keep: int) -> None:
     for _, path in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, doomed)  # gone from the listing at once; a crash mid-delete leaves only a temporary
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNGs in place; return the rest of state.json."""
     path = Path(path)
-    weights = load_file(str(path / WEIGHTS))
-    params = dict(model.named_parameters())
-    missing = sorted(k for k, p in params.items() if p.requires_grad and k not in weights)
-    unexpected = sorted(k for k in weights if k not in params)
-    if missing or unexpected:
+    try:
+        weights = load_file(str(path / WEIGHTS))
+        optimizer_state = torch.load(path / OPTIMIZER, weights_only=True)
+        scheduler_state = torch.load(path / SCHEDULER, weights_only=True)
+        tensor_rng = torch.load(path / RNG, weights_only=True)
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except UNREADABLE as exc:
         raise LorafitError(
-            f"Checkpoint {path} does not match this run's model: missing {missing[:3]}, unexpected {unexpected[:3]}. "
-            "Was the config changed since the run started?"
-        )
+            f"Checkpoint {path} is unreadable ({type(exc).__name__}: {exc}). Delete it to resume from the "
+            "previous checkpoint, or start again with --overwrite."
+        ) from None
+    check_weights(path, model, weights)
     with torch.no_grad():
+        params = dict(model.named_parameters())
         for k, v in weights.items():
             params[k].copy_(v)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / SCHEDULER, weights_only=True))
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    set_rng_state(state.pop("rng"), torch.load(path / RNG, weights_only=True))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    set_rng_state(state.pop("rng"), tensor_rng)
     return state
+
+
+def check_weights(path: Path, model, weights: dict[str, torch.Tensor]) -> None:
+    """The checkpoint holds exactly this model's trainable tensors, with their shapes."""
+    expected = {k: p.shape for k, p in model.named_parameters() if p.requires_grad}
+    problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
+    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
+    problems += [
+        f"{k} has shape {tuple(weights[k].shape)}, the model {tuple(s)}"
+        for k, s in expected.items()
+        if k in weights and weights[k].shape != s
+    ]
+    if problems:
+        raise LorafitError(
+            f"Checkpoint {path} does not match this run's model: {'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}. Was the config changed since the run started?"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,10 +64,16 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from lorafit.config import load_config
+    from lorafit.errors import Stopped
     from lorafit.train import train
 
     cfg = load_config(args.recipe, args.overrides)
-    train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (Stopped, KeyboardInterrupt) as exc:
+        command = shlex.join(["lorafit", "train", args.recipe, *args.overrides, "--resume"])
+        print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     return 0
 
 
@@ -233,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_recipes)
 
     try:
-        from lorafit.bench.run import add_arguments
+        from lorafit.bench import add_arguments
     except ImportError:
         add_arguments = None
     if add_arguments is not None:
@@ -259,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LorafitError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

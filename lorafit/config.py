@@ -30,6 +30,7 @@ class ModelConfig:
     revision: str | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     attn_implementation: str = "sdpa"
+    dropout: float | None = None  # the base's own dropout (GPT-2: 0.1); None keeps it, 0 turns it off
     trust_remote_code: bool = False
 
 
@@ -261,6 +262,10 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
     choice("lora.bias", cfg.lora.bias)
     choice("train.schedule", cfg.train.schedule)
     need(bool(cfg.model.name), "model.name: must name a hub model id or a local directory")
+    need(
+        cfg.model.dropout is None or 0.0 <= cfg.model.dropout < 1.0,
+        f"model.dropout: must be in [0, 1) (or null to keep the model's own), got {cfg.model.dropout}",
+    )
 
     d = cfg.data
     need(len(d.sources) > 0, "data.sources: at least one source is needed (name: {path: ..., text_field: ...})")
@@ -399,7 +404,9 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    from lorafit.rundir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(path: Path) -> RunConfig:

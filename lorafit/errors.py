@@ -2,7 +2,7 @@
 
 A `LorafitError` is a problem with the user's input or environment. The CLI prints its message
 (what was wrong, where, what to do) without a traceback and exits with code 2. Anything else is
-a bug in lorafit and keeps its traceback.
+a bug in lorafit and keeps its traceback. `Stopped` is a run stopped on request, resumable.
 """
 
 from __future__ import annotations
@@ -26,3 +26,11 @@ class ConfigError(LorafitError):
 
 class DataError(LorafitError):
     """Input data that cannot be read or used (missing file, bad record, absent field...)."""
+
+
+class Stopped(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the exit code is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        self.exit_code = 128 + signum
+        super().__init__(message)

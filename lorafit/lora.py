@@ -12,27 +12,28 @@ from lorafit.errors import LorafitError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_SIGNATURE = "lorafit_base.json"
+BASE_SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 LINEAR_LIKE = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d")
 
 
 def linear_module_names(model) -> list[str]:
     """Distinct last-name components of the modules LoRA can wrap (e.g. c_attn, c_proj, c_fc)."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if name and type(module).__name__ in LINEAR_LIKE
-    }
-    return sorted(names)
+    return sorted({name.rsplit(".", 1)[-1] for name in _wrappable(model)})
+
+
+def _wrappable(model) -> list[str]:
+    return [name for name, module in model.named_modules() if name and type(module).__name__ in LINEAR_LIKE]
 
 
 def check_targets(model, targets: list[str]) -> None:
-    available = linear_module_names(model)
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    unknown = [t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules())]
+    """Every target names wrappable modules the way PEFT matches them: the full name or a dotted suffix."""
+    names = _wrappable(model)
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
         raise LorafitError(
-            f"lora.targets: no module named {', '.join(map(repr, unknown))} in {type(model).__name__}. "
-            f"Modules LoRA can wrap in this model: {', '.join(available)}."
+            f"lora.targets: no linear-like module named {', '.join(map(repr, unknown))} in {type(model).__name__}. "
+            f"Modules LoRA can wrap in this model: {', '.join(linear_module_names(model))}."
         )
 
 
@@ -66,7 +67,10 @@ def apply_lora(model, cfg: LoraConfig):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out defaults we set explicitly
-        peft_model = get_peft_model(model, pc)
+        try:
+            peft_model = get_peft_model(model, pc)
+        except ValueError as exc:  # e.g. a setting this module type does not support
+            raise LorafitError(f"PEFT cannot apply this LoRA config: {_first_line(exc)}") from None
     for param in peft_model.parameters():  # PEFT keeps adapters fp32; make sure of it
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -102,38 +106,79 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise LorafitError(f"{path} is not valid JSON ({exc}).") from None
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def base_signature(model) -> dict:
+    """What an adapter needs its base to be: architecture and the sizes its tensors depend on."""
+    config = model.config
+    return {key: getattr(config, key, None) for key in BASE_SIGNATURE_KEYS}
+
+
+def write_base_signature(adapter_dir: Path, model) -> None:
+    from lorafit.rundir import atomic_write_text
+
+    atomic_write_text(Path(adapter_dir) / BASE_SIGNATURE, json.dumps(base_signature(model), indent=2))
+
+
 def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False):
-    """Base + saved adapter; any shape mismatch or missing/unexpected key is an error, never a partial load."""
-    from peft import PeftModel
-    from safetensors import safe_open
+    """Base + saved adapter. Any difference in base signature, keys or shapes is an error naming both
+    bases; never a partial load. Weights come only from safetensors."""
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise LorafitError(f"Adapter weights not found: {weights} (lorafit loads adapters only from safetensors).")
-    config = read_adapter_config(adapter_dir)
-    trained_on = config.get("base_model_name_or_path")
-    mismatch = (
-        f"The adapter in '{adapter_dir}' was trained on base '{trained_on}' and does not fit the given base "
-        f"'{base_name}'"
-    )
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise LorafitError(f"Adapter weights not found: {weights_path} (lorafit loads adapters only from safetensors).")
+    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+
+    def mismatch(reason: str) -> LorafitError:
+        return LorafitError(
+            f"The adapter in '{adapter_dir}' was trained on base '{trained_on}' and does not fit the given base "
+            f"'{base_name}': {reason}. Pass the adapter's own base (--base), or train an adapter for this one."
+        )
+
+    signature_path = adapter_dir / BASE_SIGNATURE
+    if signature_path.is_file():  # written by lorafit; a plain PEFT adapter has only keys and shapes to check
+        saved_sig, given_sig = json.loads(signature_path.read_text(encoding="utf-8")), base_signature(base_model)
+        differ = [f"{k} {saved_sig[k]} vs {given_sig.get(k)}" for k in saved_sig if saved_sig[k] != given_sig.get(k)]
+        if differ:
+            raise mismatch(", ".join(differ))
     try:
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise LorafitError(f"{mismatch}: {reason}") from None
-    # PEFT loads with strict=False; check ourselves that every saved tensor found its place.
-    expected = {k for k, _ in model.named_parameters() if "lora_" in k}
-    with safe_open(str(weights), framework="pt") as f:
-        saved = set(f.keys())
-    loaded_names = {k.replace(".default", "") for k in expected}
-    missing = sorted(k for k in loaded_names if not any(s.endswith(k.split("base_model.model.", 1)[-1]) for s in saved))
-    unexpected = sorted(s for s in saved if not any(k.endswith(s.split("base_model.model.", 1)[-1]) for k in loaded_names))
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing from the adapter: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            detail.append(f"not in the base: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise LorafitError(f"{mismatch}; " + "; ".join(detail))
-    return model
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.inference_mode = not is_trainable
+        model = PeftModel(base_model, config)
+    except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules absent from this base
+        raise mismatch(_first_line(exc)) from None
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    try:
+        saved = load_file(str(weights_path))
+    except SafetensorError as exc:
+        raise LorafitError(f"{weights_path} is not a valid safetensors file ({exc}).") from None
+    problems = key_problems(expected, {k: v.shape for k, v in saved.items()})
+    if problems:
+        raise mismatch("; ".join(problems))
+    set_peft_model_state_dict(model, saved)
+    return model if is_trainable else model.eval()
+
+
+def key_problems(expected: dict, saved: dict, show: int = 5) -> list[str]:
+    """Missing and unexpected tensor names and shape differences, a few of each named."""
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:show]) + (f" (+{len(names) - show} more)" if len(names) > show else "")
+
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    shapes = [f"{k} {tuple(saved[k])} vs {tuple(s)}" for k, s in sorted(expected.items()) if k in saved and saved[k] != s]
+    problems = []
+    if missing:
+        problems.append(f"missing from the adapter: {listed(missing)}")
+    if unexpected:
+        problems.append(f"not in the base: {listed(unexpected)}")
+    if shapes:
+        problems.append(f"shape (adapter vs base): {listed(shapes)}")
+    return problems

@@ -69,7 +69,18 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
         return LorafitError(f"{what} '{name}' is a file; give a model directory (with config.json) or a hub id.")
     if (local.is_dir() and not (local / "config.json").exists() and what == "Model"):
         return LorafitError(f"{what} directory '{name}' has no config.json; is it a saved transformers model?")
+    if local.is_dir() and what == "Model" and not any(local.glob("*.safetensors")):
+        return LorafitError(
+            f"Model directory '{name}' has no .safetensors weights. lorafit loads weights only from safetensors "
+            "(pickled .bin files can run code when loaded). If you trust the model, convert it once: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)."
+        )
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+        return LorafitError(
+            f"Could not load {what.lower()} '{name}': it needs its own Python code to load, which lorafit runs only "
+            "with model.trust_remote_code=true. Set that only if you trust the code's author."
+        )
     if is_network_error(exc) or not local.exists():
         return LorafitError(
             f"Could not load {what.lower()} '{name}': not a local directory, and the Hugging Face Hub "
@@ -103,11 +114,29 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
             dtype=precision.weights,
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin file can run code when loaded
         )
     except Exception as exc:
         raise _load_failure("Model", cfg.name, exc, hint) from None
     model.config.use_cache = False  # training never needs the KV cache
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    if device.type == "cuda":
+        # cuDNN attention builds an execution plan per input shape (milliseconds of CPU each); packed
+        # batches change shape every step, so use the flash / memory-efficient kernels instead.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return model.to(device)
+
+
+def set_dropout(model, p: float) -> None:
+    """Override the base's own dropout (before LoRA adds its own). With p = 0 attention can use the
+    flash kernel, which has no dropout-free fallback cost; the published recipes keep GPT-2's 0.1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, p)
 
 
 def max_positions(model) -> int | None:

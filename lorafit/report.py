@@ -20,6 +20,9 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
         ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange", linewidth=1.5)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per target token)")
     ax.set_title("lorafit: loss per scored token")
@@ -31,32 +34,76 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 
 def plot_by_source(before: dict, after: dict, path: Path) -> None:
+    """Bars of each source's validation loss before and after training, plus the token-weighted
+    overall loss; each pair is labelled with the loss after training and its change."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    def loss(metrics: dict, name: str) -> float:
+        value = (metrics.get(name) or {}).get("val_loss")
+        return float("nan") if value is None else float(value)
+
+    def overall(metrics: dict) -> float:  # token-weighted, as the overall val_loss is
+        pairs = [(loss(metrics, n), (metrics.get(n) or {}).get("tokens") or 0) for n in after]
+        tokens = sum(t for v, t in pairs if np.isfinite(v))
+        return sum(v * t for v, t in pairs if np.isfinite(v)) / tokens if tokens else float("nan")
+
     names = list(after)
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.2), dpi=120)
-    if before:
-        ax.bar(x - 0.2, [before.get(n, {}).get("val_loss", np.nan) for n in names], 0.4, label="before training")
-    ax.bar(x + (0.2 if before else 0), [after[n]["val_loss"] for n in names], 0.4, label="after training")
-    ax.set_xticks(x, names, rotation=30, ha="right")
+    labels = [f"{n}\n{(after[n] or {}).get('tokens') or 0:,} tok" for n in names] + ["all sources\n(token-weighted)"]
+    after_v = np.array([loss(after, n) for n in names] + [overall(after)])
+    before_v = np.array([loss(before, n) for n in names] + [overall(before)]) if before else None
+    x = np.arange(len(labels), dtype=float)
+    x[-1] += 0.5  # set the overall pair apart
+    width = 0.4 if before_v is not None else 0.6
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.15 * len(labels) + 2), 4.6), dpi=120)
+    if before_v is not None:
+        ax.bar(x - width / 2, before_v, width, label="before training", color="tab:gray")
+        ax.bar(x + width / 2, after_v, width, label="after training", color="tab:orange")
+    else:
+        ax.bar(x, after_v, width, label="after training", color="tab:orange")
+    top = np.nanmax(np.concatenate([after_v, before_v if before_v is not None else []])) if np.isfinite(after_v).any() else 1.0
+    for i in range(len(labels)):
+        if not np.isfinite(after_v[i]):
+            continue
+        text = f"{after_v[i]:.3f}"
+        if before_v is not None and np.isfinite(before_v[i]):
+            text += f"\n({after_v[i] - before_v[i]:+.3f})"
+        ax.text(x[i] + (width / 2 if before_v is not None else 0), after_v[i] + 0.01 * top, text,
+                ha="center", va="bottom", fontsize=7.5)
+    ax.set_ylim(0, top * 1.28)  # room for the labels and the legend above the bars
+    ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("validation loss (nats per token)")
-    ax.set_title("Validation loss by source")
+    ax.set_title("Validation loss by source (lower is better)" + ("; labels: after training, and the change" if before_v is not None else ""))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: a '|' would end the cell, even inside backticks."""
+    return str(text).replace("|", "\\|")
+
+
+def _text_label(src) -> str:
+    """What a source's text is: its field(s), or for plain text files its lines or pieces."""
+    if src.format == "txt" or (src.format == "auto" and src.path.lower().endswith(".txt")):
+        return f"pieces split on `{src.separator}`" if src.separator else "one per line"
+    fields = src.text_field if isinstance(src.text_field, list) else [src.text_field]
+    return " + ".join(f"`{f}`" for f in fields)
+
+
 def model_card(cfg: RunConfig, summary: dict) -> str:
     lo = cfg.lora
+    weighted = any(s.weight != 1.0 for s in cfg.data.sources.values())
     sources = "\n".join(
-        f"| {name} | `{s.path}` | {s.text_field} | {s.max_examples or 'all'} |" for name, s in cfg.data.sources.items()
+        f"| {_cell(name)} | {_cell(f'`{s.path}`')}{f' ({s.config})' if s.config else ''} | {_cell(_text_label(s))} | {f'{s.max_examples:,}' if s.max_examples else 'all'} |"
+        + (f" {s.weight:g} |" if weighted else "")
+        for name, s in cfg.data.sources.items()
     )
 
     def f(key: str, fmt: str = ".4f") -> str:
@@ -84,8 +131,8 @@ r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, ta
 ({summary.get('trainable_params', 0):,} trainable of {summary.get('total_params', 0):,} parameters).
 
 ## Data
-| source | path | text field | cap |
-|---|---|---|---|
+| source | path | text | cap |{" weight |" if weighted else ""}
+|---|---|---|---|{"---|" if weighted else ""}
 {sources}
 
 {summary.get('train_examples', 0):,} training and {summary.get('val_examples', 0):,} validation examples

@@ -20,14 +20,16 @@ import torch
 
 from lorafit import checkpoint as ckpt
 from lorafit.config import RunConfig, save_config
-from lorafit.data.packing import micro_batches
+from lorafit.data.packing import micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_cached
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import autocast_context, evaluate
-from lorafit.lora import apply_lora, count_parameters, format_counts
+from lorafit.lora import apply_lora, count_parameters, format_counts, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.modeling import Precision, default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
-from lorafit.rundir import CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir
+from lorafit.rundir import (
+    CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
+)
 
 
 def log(msg: str) -> None:
@@ -51,8 +53,8 @@ def prepare_data(cfg: RunConfig, tokenizer, model_max_positions: int | None) -> 
     d = cfg.data
     if model_max_positions is not None and d.seq_len > model_max_positions:
         raise LorafitError(
-            f"data.seq_len={d.seq_len} is longer than the model's maximum of {model_max_positions} positions; "
-            f"set data.seq_len={model_max_positions} or less."
+            f"data.seq_len={d.seq_len} is longer than the maximum of {model_max_positions} positions of model "
+            f"'{cfg.model.name}'; set data.seq_len={model_max_positions} or less."
         )
     corpus = load_corpus(d)
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
@@ -63,7 +65,7 @@ def prepare_data(cfg: RunConfig, tokenizer, model_max_positions: int | None) -> 
         corpus.val_texts, corpus.val_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True
     )
     if cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:
-        val = val.subset(np.arange(cfg.eval.max_examples))
+        val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
     if len(train) == 0 or len(val) == 0:
         raise LorafitError("No training or validation examples are left after tokenisation; check the data and seq_len.")
     row_len = d.pack_len or max(d.seq_len, 256)
@@ -146,12 +148,13 @@ class Trainer:
     train_tokens: int = 0
     last_train_loss: float | None = None
     nonfinite_skipped: int = 0
-    stop_requested: bool = False
+    stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
 
     # -- one optimizer step
     def train_step(self) -> torch.Tensor:
         batches = micro_batches(
-            self.data.train, self.plan.examples(self.step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id
+            self.data.train, self.plan.examples(self.step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id,
+            shape_multiple(self.device),
         )
         n_targets = sum(b.n_targets for b in batches)
         step_nll = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -168,42 +171,48 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not (torch.isfinite(step_nll) and torch.isfinite(grad_norm)):  # one sync a step; cheap next to a step
-            self.optimizer.zero_grad(set_to_none=True)
-            self.handle_nonfinite(float(step_nll / n_targets), float(grad_norm))
-        elif self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        if self.apply_update(step_nll, grad_norm, n_targets):
+            self.window.nll = self.window.nll + step_nll
+            self.window.tokens += n_targets
+            self.window.examples += sum(b.n_examples for b in batches)
+            self.train_tokens += n_targets
+        self.scheduler.step()  # a skipped step still counts: lr and data stay aligned with the step number
         self.optimizer.zero_grad(set_to_none=True)
-        self.window.nll = self.window.nll + step_nll
-        self.window.tokens += n_targets
-        self.window.examples += sum(b.n_examples for b in batches)
         self.window.steps += 1
-        self.train_tokens += n_targets
         return grad_norm
 
+    def apply_update(self, step_nll: torch.Tensor, grad_norm: torch.Tensor, n_targets: int) -> bool:
+        """Step the optimizer; False when a non-finite loss or gradient made this step a skipped one."""
+        loss_ok = bool(torch.isfinite(step_nll))  # one sync a step; cheap next to a step
+        if loss_ok and self.scaler:  # fp16: the scaler skips overflowed steps itself and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return True
+        if loss_ok and bool(torch.isfinite(grad_norm)):
+            self.optimizer.step()
+            return True
+        self.handle_nonfinite(float(step_nll / n_targets), float(grad_norm))
+        return False
+
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
-        if self.scaler:  # fp16: the scaler's own overflow handling skips the step and lowers the scale
-            return
+        """Count the step as skipped (train.skip_nonfinite) or stop the run, leaving the checkpoints as they are."""
         if self.cfg.train.skip_nonfinite:
             self.nonfinite_skipped += 1
             log(f"step {self.step + 1}: non-finite loss/gradient (loss {loss}, grad norm {grad_norm}); step skipped")
             return
+        newest = ckpt.list_checkpoints(self.run.checkpoints)[-1:]
+        kept = f"The last good checkpoint, {newest[0][1]}, is the newest." if newest else "No checkpoint was saved yet."
         raise LorafitError(
             f"Non-finite loss or gradient at step {self.step + 1} (loss {loss}, grad norm {grad_norm}). "
             "Likely causes: a learning rate too high (train.lr), fp16 overflow (try model.precision=bf16 or fp32), "
-            "or bad data. The last good checkpoint (if any) is under checkpoints/; set train.skip_nonfinite=true to "
-            "skip such steps instead."
+            f"or bad data. {kept} Set train.skip_nonfinite=true to skip such steps instead."
         )
 
     # -- logging, evaluation, checkpoints
     def log_window(self, grad_norm, bar) -> None:
         w = self.window
-        loss = float(w.nll) / max(w.tokens, 1)
-        self.last_train_loss = loss
+        loss = float(w.nll) / w.tokens if w.tokens else None  # None: every step of the window was skipped
+        self.last_train_loss = loss if loss is not None else self.last_train_loss
         record = {
             "step": self.step,
             "epoch": round(self.plan.epoch(self.step), 4),
@@ -217,7 +226,7 @@ class Trainer:
         }
         self.run.append_metrics(record)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss or 0:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
         self.window = Window()
 
     def run_eval(self, label: str) -> dict:
@@ -247,20 +256,35 @@ class Trainer:
         )
         return result
 
-    def save_checkpoint(self) -> None:
-        state = {"window": self.window.to_state(), "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
-                 "nonfinite_skipped": self.nonfinite_skipped, "last_train_loss": self.last_train_loss}
-        ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler, state,
-                             self.cfg.train.keep_checkpoints)
+    def save_checkpoint(self) -> Path:
+        state = {
+            "window": self.window.to_state(), "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
+            "nonfinite_skipped": self.nonfinite_skipped, "last_train_loss": self.last_train_loss,
+            # metrics.jsonl records written so far: a resume drops later ones, so none is doubled or lost
+            "metrics_records": len(self.run.read_metrics()),
+            "train_examples": self.plan.n_train, "total_steps": self.plan.total_steps,
+            "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
+        }
+        return ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler, state,
+                                    self.cfg.train.keep_checkpoints)
 
     def restore(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        then, now = (state["train_examples"], state["total_steps"]), (self.plan.n_train, self.plan.total_steps)
+        if then != now:
+            raise LorafitError(
+                f"Checkpoint {path} was made with {then[0]:,} training examples and {then[1]:,} steps; the data now "
+                f"gives {now[0]:,} and {now[1]:,}. Did the data files change? Resume needs the same data, or start "
+                "again with --overwrite."
+            )
         self.step = state["step"]
         w = state["window"]
         self.window = Window(torch.tensor(w["nll"], dtype=torch.float64, device=self.device), w["tokens"], w["examples"], w["seconds"], w["steps"])
         self.train_seconds, self.train_tokens = state["train_seconds"], state["train_tokens"]
         self.nonfinite_skipped, self.last_train_loss = state["nonfinite_skipped"], state["last_train_loss"]
-        self.run.truncate_metrics(self.step)
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.run.keep_metrics(state["metrics_records"])
 
     # -- the loop
     def fit(self, progress: bool = True) -> None:
@@ -287,10 +311,12 @@ class Trainer:
                     self.log_window(grad_norm, bar)
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.run_eval("eval")
-                if (t.save_every and self.step % t.save_every == 0) or self.stop_requested:
-                    self.save_checkpoint()
-                if self.stop_requested:
-                    raise KeyboardInterrupt
+                stopping = self.stop_signal  # read once: a signal arriving from here on is handled after the next step
+                # The last step is saved too: a crash in the final eval or save then resumes without redoing steps.
+                if (t.save_every and self.step % t.save_every == 0) or last or stopping:
+                    path = self.save_checkpoint()
+                if stopping:
+                    raise Stopped(stopping, f"stopped at step {self.step} of {self.plan.total_steps}; saved {path}.")
         if bar is not None:
             bar.close()
 
@@ -303,10 +329,10 @@ class stop_signals:
         self.previous = {}
 
     def _handler(self, signum, frame):
-        if self.trainer.stop_requested:  # a second Ctrl-C stops at once
+        if self.trainer.stop_signal:  # a second signal stops at once; the newest complete checkpoint stays
             raise KeyboardInterrupt
-        self.trainer.stop_requested = True
-        log(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (press again to abort)...")
+        self.trainer.stop_signal = signum
+        log(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (press Ctrl-C again to abort)...")
 
     def __enter__(self):
         import threading
@@ -360,14 +386,13 @@ def save_adapter(model, tokenizer, path: Path, base_name: str) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-    # PEFT records the base as given; a local base is recorded as an absolute path so the adapter loads from anywhere.
-    _set_adapter_base(path, base_name)
+        _set_adapter_base(tmp, base_name)
+        write_base_signature(tmp, model.get_base_model())
 
 
 def _set_adapter_base(adapter_dir: Path, base_name: str) -> None:
+    """PEFT records the base as given; a local base is recorded as an absolute path so the adapter loads from anywhere."""
     import json
-
-    from lorafit.rundir import atomic_write_text
 
     cfg_path = adapter_dir / "adapter_config.json"
     config = json.loads(cfg_path.read_text())
@@ -376,14 +401,41 @@ def _set_adapter_base(adapter_dir: Path, base_name: str) -> None:
     atomic_write_text(cfg_path, json.dumps(config, indent=2))
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    from lorafit.data.sources import offline_hint
+RESUME_MAY_CHANGE = ("recipe", "output_dir", "data.cache_dir")  # where things live, not what is computed
 
-    run = RunDir(Path(cfg.output_dir))
-    RunDir.check_new_run(run.path, resume, overwrite)
-    newest = ckpt.list_checkpoints(run.checkpoints)[-1:] if resume else []
-    if resume and not newest:
-        log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
+
+def check_same_config(run: RunDir, cfg: RunConfig) -> None:
+    """A resume must use the config the run started with, or it would silently train something else."""
+    import yaml
+
+    try:
+        saved = flatten(yaml.safe_load(run.file(CONFIG_FILE).read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError) as exc:
+        raise LorafitError(f"Cannot read {run.file(CONFIG_FILE)} to resume ({exc}); start again with --overwrite.") from None
+    now = flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # the same round trip the saved file made
+    changed = [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
+               for k in sorted(saved.keys() | now.keys()) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if changed:
+        raise LorafitError(
+            f"--resume: the config differs from the one the run in '{run.path}' started with:\n"
+            + "\n".join(f"  - {c}" for c in changed)
+            + "\nResume with the same recipe and overrides, or start a new run (--overwrite or another output_dir)."
+        )
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def setup(cfg: RunConfig, run: RunDir) -> Trainer:
+    """Tokenizer, model, data, LoRA and optimizer: every input is checked here, and nothing is written."""
+    from lorafit.data.sources import offline_hint
 
     device = default_device()
     precision = resolve_precision(cfg.model.precision, device)
@@ -393,77 +445,103 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     model = load_base_model(cfg.model, precision, device, hint=hint)
     data = prepare_data(cfg, tokenizer, max_positions(model))
 
-    torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from this
-    np.random.seed(cfg.train.seed)
-    import random
-
-    random.seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
     model = apply_lora(model, cfg.lora)
-    trainable, total = count_parameters(model)
-    log(format_counts(trainable, total))
+    log(format_counts(*count_parameters(model)))
+    from lorafit.fast import prepare_for_speed
+
+    prepare_for_speed(model, device, cfg.train.compile)
 
     plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
-    trainer = Trainer(
+    return Trainer(
         cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
         eval_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
         scaler=scaler,
     )
 
-    run.create(overwrite=overwrite and not resume)
-    save_config(cfg, run.file(CONFIG_FILE))
-    before = None
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start(trainer: Trainer, resume: bool) -> dict | None:
+    """Restore the newest checkpoint (with --resume) or begin afresh; return the eval before training."""
+    run = trainer.run
+    newest = ckpt.list_checkpoints(run.checkpoints)[-1:] if resume else []
     if newest:
         trainer.restore(newest[0][1])
-        before = next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
-        log(f"resumed from {newest[0][1]} (step {trainer.step} of {plan.total_steps})")
-    else:
-        run.truncate_metrics(-1)  # a resume with no checkpoint starts over: no stale records
-    if not newest and cfg.eval.before_training:
-        before = trainer.run_eval("before training")
+        log(f"resumed from {newest[0][1]} (step {trainer.step} of {trainer.plan.total_steps})")
+        return next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
+    if resume:
+        log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
+    save_config(trainer.cfg, run.file(CONFIG_FILE))
+    run.keep_metrics(0)  # a start over keeps no stale records
+    return trainer.run_eval("before training") if trainer.cfg.eval.before_training else None
 
-    try:
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    run = RunDir(Path(cfg.output_dir))
+    run.check_new_run(resume, overwrite)
+    if resume and run.is_run():
+        check_same_config(run, cfg)
+        if run.is_finished():
+            log(f"The run in {run.path} has already finished; nothing to do.")
+            return run.read_json(SUMMARY_FILE)
+    trainer = setup(cfg, run)
+    with run.claim(overwrite=overwrite and not resume):
+        before = start(trainer, resume)
         trainer.fit(progress=progress)
-    except KeyboardInterrupt:
-        log(f"stopped at step {trainer.step}; checkpoint saved. Resume with: lorafit train ... --resume "
-            f"(same recipe and overrides, output_dir={cfg.output_dir})")
-        raise
+        return finish(trainer, before)
 
+
+def finish(trainer: Trainer, before: dict | None) -> dict:
+    """Final eval, the adapter, and the reports; summary.json last, so its presence means finished."""
+    cfg, run, device = trainer.cfg, trainer.run, trainer.device
     after = trainer.run_eval("final")
-    save_adapter(model, tokenizer, run.adapter, cfg.model.name)
+    advice = f"Training itself is saved in {run.checkpoints}; free space, then run the same command with --resume."
+    with saving(f"the adapter in {run.adapter}", advice):
+        save_adapter(trainer.model, trainer.tokenizer, run.adapter, cfg.model.name)
+    trainable, total = count_parameters(trainer.model)
     summary = {
         "recipe": cfg.recipe,
         "base_model": cfg.model.name,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "precision": str(precision.weights).replace("torch.", ""),
+        "precision": str(trainer.precision.weights).replace("torch.", ""),
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": len(data.train),
-        "val_examples": len(data.val),
+        "train_examples": len(trainer.data.train),
+        "val_examples": len(trainer.data.val),
         "train_tokens": trainer.train_tokens,
         "optimizer_steps": trainer.step,
-        "epochs": round(plan.epoch(trainer.step), 4),
+        "epochs": round(trainer.plan.epoch(trainer.step), 4),
         "train_seconds": trainer.train_seconds,
         "train_tokens_per_second": trainer.train_tokens / trainer.train_seconds if trainer.train_seconds else None,
         "final_train_loss": trainer.last_train_loss,
         "nonfinite_steps_skipped": trainer.nonfinite_skipped,
-        **{k: v for k, v in after.items()},
+        **after,
         "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,
         "peak_memory_bytes": peak_memory_bytes(device),
     }
-    write_reports(run, cfg, summary, before, after)
+    with saving(f"the reports in {run.path}", advice):
+        write_reports(run, cfg, summary, before, after)
     log(f"done: {run.path} (val_loss {after['val_loss']:.4f}, ppl {after['val_ppl']:.2f})")
     return summary
 
 
 def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | None, after: dict) -> None:
     from lorafit.report import model_card, plot_by_source, plot_losses
-    from lorafit.rundir import atomic_write_text
 
-    run.write_json(SUMMARY_FILE, summary)
-    plot_losses(run.read_metrics(), run.file(LOSS_PLOT))
+    with atomic_path(run.file(LOSS_PLOT)) as tmp:
+        plot_losses(run.read_metrics(), tmp)
     if len(after["val_by_source"]) > 1:
-        plot_by_source((before or {}).get("val_by_source", {}), after["val_by_source"], run.file(SOURCE_PLOT))
+        with atomic_path(run.file(SOURCE_PLOT)) as tmp:
+            plot_by_source((before or {}).get("val_by_source", {}), after["val_by_source"], tmp)
     atomic_write_text(run.file(MODEL_CARD), model_card(cfg, summary))
+    run.write_json(SUMMARY_FILE, summary)

@@ -283,3 +283,15 @@ def test_compiled_backbone_matches_eager_loss_and_gradients():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-4, rtol=1e-3)
+
+
+def test_model_dropout_override_reaches_every_base_dropout():
+    from lorafit.modeling import set_dropout
+
+    model = tiny_gpt2(seed=14).train()
+    set_dropout(model, 0.0)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():  # no dropout left: train mode now equals eval mode exactly
+        train_out = model(ids).logits
+        assert torch.equal(train_out, model.eval()(ids).logits)

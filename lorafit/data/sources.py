@@ -70,9 +70,14 @@ def read_source(name: str, src: SourceConfig, root: str | None, seed: int) -> li
     return cap_texts(texts, src.max_examples, seed)
 
 
+def is_usable(text: str, src: SourceConfig) -> bool:
+    """Not empty, not whitespace only, and at least min_chars characters once stripped."""
+    return len(text.strip()) >= max(1, src.min_chars)
+
+
 def filter_texts(texts: list[str], src: SourceConfig) -> list[str]:
     """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept)."""
-    kept = [t for t in texts if len(t.strip()) >= max(1, src.min_chars)]
+    kept = [t for t in texts if is_usable(t, src)]
     if src.dedupe:
         kept = list(dict.fromkeys(kept))
     return kept
@@ -86,12 +91,12 @@ def cap_texts(texts: list[str], cap: int | None, seed: int) -> list[str]:
     return [texts[i] for i in chosen]
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, val_fraction: float, seed: int, what: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices exactly as datasets' train_test_split(test_size, seed) returns them."""
     n_val = math.ceil(val_fraction * n)
     if n_val >= n:
         raise DataError(
-            f"Cannot hold out {val_fraction:.0%} of {n} example(s) and keep any for training; "
+            f"Cannot hold out {val_fraction:.0%} of {n} example(s){what} and keep any for training; "
             "add data or lower data.val_fraction."
         )
     perm = np.random.default_rng(seed).permutation(n)
@@ -112,13 +117,20 @@ def load_corpus(data: DataConfig) -> Corpus:
     names = list(data.sources)
     corpus = Corpus(source_names=names)
     per_source = [read_source(name, data.sources[name], data.root, data.split_seed) for name in names]
+    weights = [data.sources[name].weight for name in names]
     if data.stratify:
         for i, texts in enumerate(per_source):
-            train, val = split_indices(len(texts), data.val_fraction, data.split_seed)
-            _add(corpus, i, texts, train, val, data.sources[names[i]].weight, data.split_seed)
+            train, val = split_indices(len(texts), data.val_fraction, data.split_seed, f" of source '{names[i]}'")
+            _add(corpus, i, texts, train, val, weights[i], data.split_seed)
         return corpus
     pooled = [(i, t) for i, texts in enumerate(per_source) for t in texts]
     train, val = split_indices(len(pooled), data.val_fraction, data.split_seed)
+    if any(w != 1.0 for w in weights):  # weights apply to each source's training rows, as when stratified
+        owner = np.array([pooled[idx][0] for idx in train], dtype=np.int64)
+        train = np.concatenate(
+            [train[owner == i][weighted_indices(int((owner == i).sum()), w, data.split_seed)] for i, w in enumerate(weights)
+             if (owner == i).any()]
+        )
     for idx in train:
         corpus.train_sources.append(pooled[idx][0])
         corpus.train_texts.append(pooled[idx][1])
@@ -149,4 +161,4 @@ def offline_hint(data: DataConfig, model_name: str | None = None) -> str:
     return "".join(f"\n  {p}" for p in parts)
 
 
-__all__ = ["Corpus", "load_corpus", "split_indices", "filter_texts", "cap_texts", "LorafitError"]
+__all__ = ["Corpus", "load_corpus", "split_indices", "filter_texts", "is_usable", "cap_texts", "LorafitError"]

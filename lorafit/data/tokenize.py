@@ -9,11 +9,17 @@ Length policies for examples longer than `seq_len` tokens:
 - chunk: split into windows of seq_len tokens that overlap by one token, so every target token
   of the document is scored exactly once;
 - drop: leave the example out.
+
+Speed: the fast (Rust) tokenizer encodes each batch of texts on all cores (unless
+TOKENIZERS_PARALLELISM=false); the bytes of the scored text, for bits per byte, come from a
+table of each token's byte length for byte-level BPE (exact, also across chunk boundaries that
+split a UTF-8 character), and from decoding otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 TOKENIZE_BATCH = 1000
-CACHE_VERSION = 1
+PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -48,6 +55,17 @@ class TokenizedSplit:
     def n_targets(self) -> int:
         return int((self.lengths() - 1).sum())
 
+    def head_per_source(self, n: int) -> "TokenizedSplit":
+        """At most `n` examples, every source kept in proportion to its share (at least one each
+        when n allows): the first examples of each source, in their original order. Validation
+        rows are already in seeded random order, so this is a stratified sample of them."""
+        if n >= len(self):
+            return self
+        names, counts = np.unique(self.sources, return_counts=True)
+        quota = dict(zip(names.tolist(), _quotas(counts, n).tolist()))
+        keep = np.concatenate([np.flatnonzero(self.sources == s)[: quota[s]] for s in quota.keys()])
+        return self.subset(np.sort(keep))
+
     def subset(self, indices: np.ndarray) -> "TokenizedSplit":
         parts = [self.example(i) for i in indices]
         lens = np.array([len(p) for p in parts], dtype=np.int64)
@@ -58,6 +76,24 @@ class TokenizedSplit:
             n_bytes=self.n_bytes[indices],
             truncated=self.truncated[indices],
         )
+
+
+def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
+    """Split n slots over groups of the given sizes: one each first, the rest in proportion."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if n >= counts.sum():
+        return counts.copy()
+    quota = np.zeros_like(counts)
+    if n < len(counts):  # fewer slots than groups: one each for the largest groups
+        quota[np.argsort(-counts, kind="stable")[:n]] = 1
+        return quota
+    quota[:] = 1
+    room = counts - 1
+    share = (n - len(counts)) * room / room.sum()
+    quota += np.floor(share).astype(np.int64)
+    left = n - int(quota.sum())
+    quota[np.argsort(-(share - np.floor(share)), kind="stable")[:left]] += 1  # largest remainders
+    return quota
 
 
 def apply_length_policy(ids: list[int], seq_len: int, policy: str) -> tuple[list[list[int]], bool]:
@@ -87,33 +123,94 @@ def tokenize_texts(
     pieces: list[list[int]] = []
     piece_sources: list[int] = []
     truncated: list[bool] = []
-    starts = range(0, len(texts), TOKENIZE_BATCH)
-    if progress and len(texts) > 5 * TOKENIZE_BATCH:
+    bar = None
+    if progress and len(texts) >= PROGRESS_MIN_TEXTS:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="tokenising", unit_scale=TOKENIZE_BATCH, unit="ex")
-    for start in starts:
+        bar = tqdm(total=len(texts), desc="tokenising", unit="doc", unit_scale=True, dynamic_ncols=True)
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        # One call a batch: the fast tokenizer spreads a batch over all cores.
         batch = tokenizer(texts[start : start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
         for j, ids in enumerate(batch):
-            parts, lost = apply_length_policy(list(ids) + [eos], seq_len, policy)
+            parts, lost = apply_length_policy([*ids, eos], seq_len, policy)
             parts = [p for p in parts if len(p) >= 2]  # an example needs at least one target
             pieces += parts
             piece_sources += [sources[start + j]] * len(parts)
             truncated += [lost] * len(parts)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     lens = np.array([len(p) for p in pieces], dtype=np.int64)
-    decoded = tokenizer.batch_decode([p[1:] for p in pieces], skip_special_tokens=True)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lens.sum()))
     return TokenizedSplit(
-        ids=np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(lens.sum())),
-        offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        ids=ids,
+        offsets=offsets,
         sources=np.array(piece_sources, dtype=np.int32),
-        n_bytes=np.array([len(d.encode("utf-8")) for d in decoded], dtype=np.int64),
+        n_bytes=target_bytes(ids, offsets, tokenizer),
         truncated=np.array(truncated, dtype=bool),
     )
 
 
+def target_bytes(ids: np.ndarray, offsets: np.ndarray, tokenizer) -> np.ndarray:
+    """UTF-8 bytes of each example's scored text (its tokens after the first; special tokens count 0)."""
+    n = len(offsets) - 1
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    table = token_byte_lengths(tokenizer)
+    if table is not None and int(ids.max()) < len(table):
+        per_token = table[ids]
+        firsts = offsets[:-1]
+        return np.add.reduceat(per_token, firsts) - per_token[firsts]  # examples have >= 2 tokens
+    pieces = [ids[a + 1 : b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        decoded = backend.decode_batch(pieces, skip_special_tokens=True)  # in parallel, no per-token Python
+    else:
+        decoded = tokenizer.batch_decode(pieces, skip_special_tokens=True)
+    return np.array([len(d.encode("utf-8")) for d in decoded], dtype=np.int64)
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray | None:
+    """Bytes each token id decodes to, for byte-level BPE (GPT-2 and kin); None for other tokenizers.
+
+    With a byte-level decoder every vocabulary token stands for a fixed byte string (one byte per
+    character of its printable form), so the bytes of any token sequence are the sum of its
+    tokens' bytes. Special tokens are skipped when scored text is decoded, so they count 0.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import decoders, pre_tokenizers
+
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for bytes
+    vocab = backend.get_vocab(with_added_tokens=True)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    table = np.zeros(max(vocab.values(), default=-1) + 1, dtype=np.int64)
+    for token, i in vocab.items():
+        if i in added:
+            table[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+        elif not set(token) <= alphabet:
+            return None  # not a byte-level vocabulary after all: decode instead
+        else:
+            table[i] = len(token)
+    return table
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id, vocab]).encode())
+    """Changes whenever tokenisation could: vocabulary, merges, normaliser, pre-tokeniser, added tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # set per call by transformers; lorafit never uses them
+            spec.pop(state, None)
+        what = json.dumps(spec, sort_keys=True)
+    else:
+        what = json.dumps(sorted(tokenizer.get_vocab().items()))
+    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id]).encode() + what.encode())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,132 @@
+"""Bad input: one readable message (what, where, what to do), no traceback, exit code 2, and nothing
+already on disk changed.
+
+Every case runs `lorafit train ... --overwrite` over an existing run directory: a failure must be
+found before that run is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorafit.cli import main
+
+# id, overrides ({d}: a folder of bad files, {data}: a good jsonl file), fragments the message must hold
+CASES = [
+    ("missing-file", ["data.sources.quotes.path={d}/nope.jsonl"], ["file not found", "nope.jsonl", "data.sources.quotes.path"]),
+    ("directory-not-file", ["data.sources.quotes.path={d}/folder.jsonl"], ["is a directory", "folder.jsonl"]),
+    ("empty-file", ["data.sources.quotes.path={d}/empty.jsonl"], ["empty.jsonl", "is empty"]),
+    ("binary-file", ["data.sources.quotes.path={d}/binary.jsonl"], ["binary.jsonl", "looks binary", "NUL byte"]),
+    ("not-utf8", ["data.sources.quotes.path={d}/latin1.jsonl"], ["latin1.jsonl", "not valid UTF-8", "line 2", "iconv"]),
+    ("malformed-json-line", ["data.sources.quotes.path={d}/broken.jsonl"], ["broken.jsonl", "line 3", "not valid JSON"]),
+    ("csv-without-column", ["data.sources.quotes.path={d}/table.csv"], ["no column 'quote'", "title, body", "text_field"]),
+    ("absent-text-field", ["data.sources.quotes.path={data}", "data.sources.quotes.text_field=body"],
+     ["no field 'body'", "quote, author", "text_field"]),
+    ("empty-after-filters", ["data.sources.quotes.path={data}", "data.sources.quotes.min_chars=100000"],
+     ["no examples left after filtering", "min_chars=100000"]),
+    ("seq-len-above-model", ["data.sources.quotes.path={data}", "data.seq_len=4096"], ["data.seq_len=4096", "256 positions"]),
+    ("unknown-lora-target", ["data.sources.quotes.path={data}", "lora.targets=[q_proj]"],
+     ["'q_proj'", "c_attn, c_fc, c_proj", "lora.targets"]),
+    ("r-not-positive", ["lora.r=0"], ["lora.r: must be a positive integer, got 0"]),
+    ("alpha-not-positive", ["lora.alpha=-16"], ["lora.alpha: must be positive, got -16"]),
+    ("dropout-out-of-range", ["lora.dropout=1.0"], ["lora.dropout: must be in [0, 1), got 1.0"]),
+    ("unknown-config-key", ["train.epoch=3"], ["train.epoch: unknown key; did you mean 'epochs'?"]),
+    ("wrong-type", ["train.batch_size=four"], ["train.batch_size: expected an integer, got 'four'"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "folder.jsonl").mkdir()
+    (d / "empty.jsonl").write_bytes(b"")
+    (d / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (d / "latin1.jsonl").write_bytes(b'{"quote": "fine"}\n{"quote": "caf\xe9"}\n')
+    (d / "broken.jsonl").write_text('{"quote": "a"}\n{"quote": "b"}\n{"quote": "c",\n')
+    (d / "table.csv").write_text("title,body\nA,first\nB,second\n")
+    return d
+
+
+@pytest.fixture
+def existing_run(tmp_path) -> Path:
+    """A run directory that a failed `--overwrite` must leave exactly as it was."""
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: quotes\n")
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 3.0}\n')
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    return run
+
+
+def snapshot(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def assert_clean_failure(code: int, err: str, fragments: list[str]) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and err.count("error: ") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("overrides, fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_message_and_changes_nothing(
+    overrides, fragments, bad_files, texts_file, tiny_model_dir, existing_run, capsys
+):
+    before = snapshot(existing_run)
+    args = [o.format(d=bad_files, data=texts_file) for o in overrides]
+    code = main(["train", "quotes", f"model.name={tiny_model_dir}", f"output_dir={existing_run}", "--overwrite",
+                 "--no-progress", *args])
+    err = capsys.readouterr().err
+    err = err[err.index("error: "):] if "error: " in err else err  # progress lines (data, counts) may come first
+    assert_clean_failure(code, err, fragments)
+    assert snapshot(existing_run) == before
+
+
+def test_unknown_recipe_lists_the_recipes(capsys):
+    code = main(["train", "no-such-recipe"])
+    assert_clean_failure(code, capsys.readouterr().err, ["No recipe named 'no-such-recipe'", "Shipped recipes: ", "quotes"])
+
+
+def test_an_output_dir_that_cannot_be_written(tmp_path, tiny_model_dir, texts_file, capsys):
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses new files even to root
+        parent = Path("/sys")
+        if os.access(parent, os.W_OK) and _can_create(parent):
+            pytest.skip("no directory here refuses writing")
+    else:
+        parent = tmp_path / "read-only"
+        parent.mkdir()
+        parent.chmod(0o555)
+    code = main(["train", "quotes", f"model.name={tiny_model_dir}", f"data.sources.quotes.path={texts_file}",
+                 f"output_dir={parent}/lorafit-run"])
+    assert_clean_failure(code, capsys.readouterr().err, ["is not writable", str(parent), "output_dir"])
+    assert not (parent / "lorafit-run").exists()
+
+
+def _can_create(directory: Path) -> bool:
+    try:
+        (directory / ".lorafit-test").touch()
+    except OSError:
+        return False
+    (directory / ".lorafit-test").unlink()
+    return True
+
+
+def test_the_real_command_prints_no_traceback(tmp_path, bad_files, tiny_model_dir):
+    """The same through a real process: stderr holds the message and nothing else alarming."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", "quotes", f"model.name={tiny_model_dir}",
+         f"data.sources.quotes.path={bad_files}/broken.jsonl", f"output_dir={tmp_path}/run", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "line 3 is not valid JSON" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    assert proc.stdout == ""  # stdout is for results only

@@ -1,0 +1,213 @@
+"""Safety: adapters never load onto a base they do not fit, no file is unpickled, no foreign code
+runs, numerical faults stop the run cleanly, and existing directories are never clobbered."""
+
+from __future__ import annotations
+
+import builtins
+import fcntl
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit import checkpoint as ckpt
+from lorafit.cli import main
+from lorafit.errors import LorafitError
+from lorafit.generate import load_for_inference
+from lorafit.lora import BASE_SIGNATURE
+
+QUICK = ["train.max_steps=3", "train.save_every=1", "train.log_every=1", "eval.before_training=false",
+         "eval.sample_prompt=null", "--no-progress"]
+
+
+def train_args(model, data, out, *extra) -> list[str]:
+    return ["train", "quotes", f"model.name={model}", f"data.sources.quotes.path={data}", f"output_dir={out}", *QUICK, *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, texts_file) -> Path:
+    out = tmp_path_factory.mktemp("safety") / "run"
+    assert main(train_args(tiny_model_dir, texts_file, out)) == 0
+    return out
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that a file was unpickled with full pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+def assert_clean_failure(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+# ---------------------------------------------------------------- adapter onto the wrong base
+
+
+def save_base(path: Path, arch: str = "gpt2", **sizes) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(**{"vocab_size": 267, "n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 256, **sizes})
+        GPT2LMHeadModel(config).save_pretrained(str(path))
+    else:
+        config = LlamaConfig(vocab_size=267, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+        LlamaForCausalLM(config).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch, sizes, signature, fragments",
+    [
+        ("gpt2", {"n_embd": 32}, True, ["hidden_size 64 vs 32"]),
+        ("gpt2", {"vocab_size": 300}, True, ["vocab_size 267 vs 300"]),
+        ("llama", {}, True, ["model_type gpt2 vs llama"]),
+        ("gpt2", {"n_layer": 3}, False, ["missing from the adapter", "transformer.h.2.attn.c_attn.lora_A.weight"]),
+        ("gpt2", {"n_layer": 1}, False, ["not in the base", "transformer.h.1.attn.c_attn.lora_A.weight"]),
+        ("gpt2", {"n_embd": 32}, False, ["shape (adapter vs base)", "(8, 64) vs (8, 32)"]),
+        ("llama", {}, False, ["c_attn"]),
+    ],
+    ids=["sizes", "vocabulary", "architecture", "plain-peft-missing-keys", "plain-peft-unexpected-keys",
+         "plain-peft-shapes", "plain-peft-architecture"],
+)
+def test_adapter_on_a_base_it_was_not_trained_for_names_both(run, tmp_path, tiny_model_dir, arch, sizes, signature, fragments):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", adapter)
+    if not signature:  # a plain PEFT adapter: only its keys and shapes can tell
+        (adapter / BASE_SIGNATURE).unlink()
+    base = save_base(tmp_path / "other-base", arch, **sizes)
+    with pytest.raises(LorafitError) as info:
+        load_for_inference(adapter, base=str(base), precision="fp32", device=torch.device("cpu"))
+    message = str(info.value)
+    for fragment in [f"trained on base '{Path(tiny_model_dir).resolve()}'", f"given base '{base}'", *fragments]:
+        assert fragment in message, (fragment, message)
+
+
+def test_generate_with_a_wrong_base_exits_2(run, tmp_path, capsys):
+    base = save_base(tmp_path / "other-base", vocab_size=300)
+    code = main(["generate", str(run), "Hello", "--base", str(base), "--max-new-tokens", "2"])
+    assert_clean_failure(code, capsys.readouterr().err, "does not fit the given base", "vocab_size")
+
+
+# ---------------------------------------------------------------- no pickle, no foreign code
+
+
+def test_a_base_with_only_pickled_weights_is_refused_unopened(tmp_path, tiny_model_dir, texts_file, capsys):
+    base = tmp_path / "pickled-base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "model.safetensors").unlink()
+    torch.save({"weights": Payload(tmp_path / "unpickled")}, base / "pytorch_model.bin")
+    code = main(train_args(base, texts_file, tmp_path / "out"))
+    assert_clean_failure(code, capsys.readouterr().err, "no .safetensors weights", "safetensors")
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_a_tampered_checkpoint_is_never_unpickled(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()  # not finished: --resume loads the newest checkpoint
+    newest = ckpt.list_checkpoints(copy / "checkpoints")[-1][1]
+    torch.save({"state": Payload(tmp_path / "unpickled")}, newest / ckpt.OPTIMIZER)
+    code = main(train_args(tiny_model_dir, texts_file, copy, "--resume"))
+    assert_clean_failure(code, capsys.readouterr().err, f"Checkpoint {newest} is unreadable", "Delete it")
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_an_adapter_with_only_pickled_weights_is_refused(run, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({"w": Payload(tmp_path / "unpickled")}, adapter / "adapter_model.bin")
+    code = main(["generate", str(adapter), "Hello", "--max-new-tokens", "2"])
+    assert_clean_failure(code, capsys.readouterr().err, "only from safetensors")
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_remote_code_never_runs_unless_trusted(tmp_path, tiny_model_dir, texts_file, capsys):
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="custom-arch", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    code = main(train_args(model, texts_file, tmp_path / "out"))
+    assert_clean_failure(code, capsys.readouterr().err, "model.trust_remote_code=true")
+    assert not (tmp_path / "ran").exists()
+
+
+# ---------------------------------------------------------------- numerical faults
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, texts_file, capsys):
+    out = tmp_path / "run"
+    code = main(train_args(tiny_model_dir, texts_file, out, "train.lr=1e30", "train.max_steps=6"))
+    err = capsys.readouterr().err
+    assert_clean_failure(code, err, "Non-finite loss or gradient at step", "train.lr", "fp16", "train.skip_nonfinite")
+    bad_step = int(err.split("Non-finite loss or gradient at step ")[1].split()[0])
+    newest_step, newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    assert newest_step == bad_step - 1 and f"{newest}, is the newest" in err
+    assert all(torch.isfinite(t).all() for t in load_file(str(newest / ckpt.WEIGHTS)).values())
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path, tiny_model_dir, texts_file, monkeypatch):
+    import lorafit.train
+
+    real, training_calls = lorafit.train.token_nll, []
+
+    def nan_on_step_two(model, batch, *a, **k):
+        nll, example = real(model, batch, *a, **k)
+        if torch.is_grad_enabled():
+            training_calls.append(1)
+            if len(training_calls) == 2:
+                nll = nll * float("nan")
+        return nll, example
+
+    monkeypatch.setattr(lorafit.train, "token_nll", nan_on_step_two)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, texts_file, out, "train.skip_nonfinite=true", "train.log_every=2",
+                           "train.max_steps=4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nonfinite_steps_skipped"] == 1 and summary["optimizer_steps"] == 4
+    losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in losses if x is not None] and all(math.isfinite(x) for x in losses if x is not None)
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
+
+
+# ---------------------------------------------------------------- existing directories
+
+
+def test_an_existing_run_needs_resume_or_overwrite(run, tiny_model_dir, texts_file, capsys):
+    code = main(train_args(tiny_model_dir, texts_file, run))
+    assert_clean_failure(code, capsys.readouterr().err, "already holds a run", "--resume", "--overwrite")
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, tiny_model_dir, texts_file, capsys):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code = main(train_args(tiny_model_dir, texts_file, precious, "--overwrite"))
+    assert_clean_failure(code, capsys.readouterr().err, "holds no lorafit run")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_run_in_use_by_another_process_is_refused(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()
+    with open(copy / ".lorafit.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(train_args(tiny_model_dir, texts_file, copy, "--resume"))
+    assert_clean_failure(code, capsys.readouterr().err, "Another lorafit process is using")
