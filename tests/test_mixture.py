@@ -256,11 +256,19 @@ def test_hub_stream_failing_midway_names_the_source(monkeypatch):
         read_source("big", SourceConfig(path="someone/big", max_examples=10), None, seed=0)
 
 
-def test_hub_and_local_sources_mix_in_one_corpus(fake_hub, tmp_path):
+def test_hub_and_local_sources_mix_in_one_corpus_and_the_sample_is_cached(fake_hub, tmp_path):
     sources = write_sources(tmp_path)
     sources["hub"] = SourceConfig(path="someone/big", max_examples=50, min_chars=10)
-    corpus = load_corpus(DataConfig(sources=sources, root=str(tmp_path), val_fraction=0.15))
+    data = DataConfig(sources=sources, root=str(tmp_path), val_fraction=0.15, cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(data)
     assert corpus.source_names[-1] == "hub" and corpus.val_sources.count(3) == 8 and corpus.train_sources.count(3) == 42
+    # A second run reads the streamed sample from the cache: no rows, no network.
+    read = fake_hub.read
+    again = load_corpus(data)
+    assert fake_hub.read == read and len(fake_hub.calls) == 1
+    assert (again.train_texts, again.val_texts) == (corpus.train_texts, corpus.val_texts)
+    data.sources["hub"].max_examples = 60  # another sample: streamed again
+    assert load_corpus(data).train_sources.count(3) == 51 and len(fake_hub.calls) == 2
 
 
 # ---------------------------------------------------------------- the recipes

@@ -5,17 +5,29 @@ stops as soon as the cap is reached, so keeping 10,000 rows never downloads a mu
 the buffer is filled first (SHUFFLE_BUFFER rows), so a cap of 10,000 reads about 20,000 rows
 (more where filters or dedupe drop rows). The sample is deterministic for a given seed; it is
 drawn from the first shards the stream reaches (the shard order is shuffled with the same seed),
-not uniformly from the whole dataset. Without a cap the split is downloaded and read whole.
+not uniformly from the whole dataset. Without a cap the split is downloaded and read whole
+(and the datasets library caches it).
+
+A streamed sample is kept in the lorafit cache (`hub/`), keyed by everything that decides it
+(dataset, config, split, revision, fields, filters, cap, seed), so a second run or `lorafit eval`
+of the same config reads no rows at all, also offline. Pin `revision` to be sure the sample
+never changes; delete the cache's `hub/` folder to draw it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from lorafit.config import SourceConfig
 from lorafit.errors import DataError, LorafitError
 
 SHUFFLE_BUFFER = 10_000
+SAMPLE_CACHE_VERSION = 1
+PROGRESS_MIN_ROWS = 1000  # a progress bar for streams at least this long
 
 
 def _fields(src: SourceConfig) -> list[str]:
@@ -46,8 +58,37 @@ def _failure(name: str, src: SourceConfig, exc: Exception, doing: str) -> Lorafi
     )
 
 
-def read_hub_texts(name: str, src: SourceConfig, seed: int) -> list[str]:
+def sample_cache_path(cache_dir: Path, src: SourceConfig, seed: int) -> Path:
+    what = [SAMPLE_CACHE_VERSION, src.path, src.config, src.split, src.revision, _fields(src), src.join,
+            src.max_examples, src.min_chars, src.dedupe, seed, SHUFFLE_BUFFER]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
+    return Path(cache_dir) / "hub" / f"{key}.json"
+
+
+def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | None = None) -> list[str]:
     """Filtered texts of one hub source; with a cap, at most `max_examples` of them, streamed."""
+    if src.max_examples is None or cache_dir is None:
+        return _read(name, src, seed)
+    path = sample_cache_path(cache_dir, src, seed)
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))["texts"]
+        if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
+            return texts
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: stream it
+    texts = _read(name, src, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"source": src.path, "config": src.config, "split": src.split, "texts": texts}),
+                       encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError:
+        pass  # the cache is an optimisation; an unwritable cache dir must not stop the run
+    return texts
+
+
+def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
     import datasets
 
     from lorafit.data.sources import is_usable
@@ -73,6 +114,11 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int) -> list[str]:
         _check_fields(ds.column_names, fields, name, src)
     texts: list[str] = []
     seen: set[str] = set()
+    bar = None
+    if src.max_examples >= PROGRESS_MIN_ROWS:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=src.max_examples, desc=f"streaming {name}", unit="row", unit_scale=True, dynamic_ncols=True)
     try:
         # Seeded shuffle within a buffer; keep rows that pass the filters; stop at the cap.
         for row in ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER):
@@ -86,10 +132,15 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int) -> list[str]:
                     continue
                 seen.add(text)
             texts.append(text)
+            if bar is not None:
+                bar.update(1)
             if len(texts) >= src.max_examples:
                 break
     except DataError:
         raise
     except Exception as exc:  # a stream can fail mid-way (connection lost, bad shard)
         raise _failure(name, src, exc, "stream") from None
+    finally:
+        if bar is not None:
+            bar.close()
     return texts

@@ -48,8 +48,9 @@ def resolve_path(path: str, root: str | None) -> Path:
     return p
 
 
-def read_source(name: str, src: SourceConfig, root: str | None, seed: int) -> list[str]:
-    """All usable texts of one source: read, filtered, deduplicated and capped (seeded)."""
+def read_source(name: str, src: SourceConfig, root: str | None, seed: int, cache_dir: Path | None = None) -> list[str]:
+    """All usable texts of one source: read, filtered, deduplicated and capped (seeded).
+    A capped hub source is streamed once and then read from `cache_dir` (see hub.py)."""
     if is_local(src, root):
         from lorafit.data.formats import read_local_texts
 
@@ -59,7 +60,7 @@ def read_source(name: str, src: SourceConfig, root: str | None, seed: int) -> li
     else:
         from lorafit.data.hub import read_hub_texts
 
-        texts = read_hub_texts(name, src, seed)  # already filtered; capped while streaming
+        texts = read_hub_texts(name, src, seed, cache_dir)  # already filtered; capped while streaming
         where = f"hub dataset {src.path}"
     if not texts:
         raise DataError(
@@ -116,7 +117,10 @@ def weighted_indices(n: int, weight: float, seed: int) -> np.ndarray:
 def load_corpus(data: DataConfig) -> Corpus:
     names = list(data.sources)
     corpus = Corpus(source_names=names)
-    per_source = [read_source(name, data.sources[name], data.root, data.split_seed) for name in names]
+    from lorafit.data.tokenize import default_cache_dir
+
+    cache = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+    per_source = [read_source(name, data.sources[name], data.root, data.split_seed, cache) for name in names]
     weights = [data.sources[name].weight for name in names]
     if data.stratify:
         for i, texts in enumerate(per_source):
