@@ -62,7 +62,7 @@ class DataConfig:
     stratify: bool = True  # hold out val_fraction of every source (not of the pooled rows)
     seq_len: int = 64  # longest example in tokens, EOS included
     long_examples: str = "truncate"  # truncate | chunk | drop
-    pack_len: int | None = None  # packed row length; None = max(seq_len, 256)
+    pack_len: int | None = None  # packed row length; None = seq_len
     cache_dir: str | None = None  # tokenised-data cache; None = ~/.cache/lorafit
 
 

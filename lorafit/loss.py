@@ -43,11 +43,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.t()).to(acc_dtype)
             if logits.shape[1] != vocab:
                 logits[:, vocab:] = float("-inf")  # padded rows: probability exactly 0
-            lse = torch.logsumexp(logits, dim=-1)
-            nll[start : start + chunk] = lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            # One fused log-softmax pass; the gradient's softmax is its exp, taken in place.
+            logp = torch.log_softmax(logits, dim=1)
+            del logits
+            nll[start : start + chunk] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
             if need_grad:
-                probs = torch.exp(logits - lse.unsqueeze(1))  # softmax, reusing the logits buffer's values
-                probs.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+                probs = logp.exp_()
+                probs.scatter_add_(1, t.unsqueeze(1), torch.full_like(t, -1, dtype=probs.dtype).unsqueeze(1))
                 grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         if need_grad:
             ctx.save_for_backward(grad_hidden)

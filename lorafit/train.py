@@ -68,7 +68,7 @@ def prepare_data(cfg: RunConfig, tokenizer, model_max_positions: int | None) -> 
         val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
     if len(train) == 0 or len(val) == 0:
         raise LorafitError("No training or validation examples are left after tokenisation; check the data and seq_len.")
-    row_len = d.pack_len or max(d.seq_len, 256)
+    row_len = d.pack_len or d.seq_len  # rows no longer than an example may be: masked attention stays cheap
     if model_max_positions is not None:
         row_len = max(d.seq_len, min(row_len, model_max_positions))
     log(

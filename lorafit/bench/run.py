@@ -121,7 +121,7 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     epochs = total / math.ceil(len(split) / per_step) + 1  # enough epochs; max_steps=total caps the plan
     plan = StepPlan(len(split), per_step, epochs, total, seed)
     optimizer, scheduler = build_optimizer(model, cfg, total, device)
-    data = Data(split, split, ["data"], cfg.data.pack_len or max(cfg.data.seq_len, 256))
+    data = Data(split, split, ["data"], cfg.data.pack_len or cfg.data.seq_len)
     micro = cfg.train.micro_batch_tokens or default_micro_tokens(device)
     trainer = Trainer(cfg, model, optimizer, scheduler, data, plan, None, device, precision, tokenizer, micro, 4 * micro)
     model.train()
