@@ -124,7 +124,7 @@ tags: [lora, lorafit]
 
 # LoRA adapter for `{cfg.model.name}`
 
-Trained with [lorafit](https://github.com/) recipe `{cfg.recipe or 'custom'}`.
+Trained with lorafit, recipe `{cfg.recipe or 'custom'}`.
 
 ## LoRA settings
 r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, targets = {', '.join(lo.targets)}

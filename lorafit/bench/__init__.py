@@ -12,4 +12,3 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--compile", action="store_true", help="lorafit side with torch.compile")
-    p.add_argument("--peers", default="", help="extra sides, comma separated: trl")

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         compare_json = out.with_name(out.stem + "-compare.json")
         ns = argparse.Namespace(examples=args.examples, warmup_steps=10, model=None, tokenizer=str(tokenizer),
                                 data=str(data), device=str(device), json=str(compare_json), skip_generation=False,
-                                skip_eval=False, compile=False, peers="")
+                                skip_eval=False, compile=False)
         bench.main(ns)
         results["quotes_compare"] = json.loads(compare_json.read_text())
         compare_json.unlink()
