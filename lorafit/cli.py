@@ -239,14 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
 
-    try:
-        from lorafit.bench import add_arguments
-    except ImportError:
-        add_arguments = None
-    if add_arguments is not None:
-        b = sub.add_parser("bench", help="benchmark lorafit against the original pipeline")
-        add_arguments(b)
-        b.set_defaults(func=cmd_bench)
+    from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
+
+    b = sub.add_parser("bench", help="benchmark lorafit against the original pipeline")
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

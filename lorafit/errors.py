@@ -10,6 +10,12 @@ from __future__ import annotations
 EXIT_USER_ERROR = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): enough to say why."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class LorafitError(Exception):
     """An error the user can fix; its message says what, where, and what to do."""
 

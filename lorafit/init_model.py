@@ -18,19 +18,33 @@ SIZES = {
 }
 
 
+def is_raw_gpt2_bpe(tok_dir: Path) -> bool:
+    """The original GPT-2 release: vocab.json + merges.txt and no transformers tokenizer files."""
+    tok_dir = Path(tok_dir)
+    return (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file() and not (
+        tok_dir / "tokenizer_config.json"
+    ).is_file()
+
+
+def tokenizer_from_dir(tok_dir: Path):
+    """A tokenizer from a saved transformers tokenizer directory or from the raw GPT-2 BPE files."""
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    tok_dir = Path(tok_dir)
+    if is_raw_gpt2_bpe(tok_dir):
+        return GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
 def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     if size not in SIZES:
         raise LorafitError(f"--config {size!r}: choose one of {', '.join(SIZES)}")
     tok_dir = Path(tokenizer_dir)
     if not tok_dir.is_dir():
         raise LorafitError(f"--tokenizer '{tokenizer_dir}' is not a directory (expected tokenizer files or vocab.json + merges.txt).")
-    if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
-        # The original GPT-2 BPE files, as released.
-        tokenizer = GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = tokenizer_from_dir(tok_dir)
     if tokenizer.eos_token_id is None:
         raise LorafitError(f"The tokenizer in '{tokenizer_dir}' has no EOS token.")
     out = Path(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import LoraConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -70,7 +70,7 @@ def apply_lora(model, cfg: LoraConfig):
         try:
             peft_model = get_peft_model(model, pc)
         except ValueError as exc:  # e.g. a setting this module type does not support
-            raise LorafitError(f"PEFT cannot apply this LoRA config: {_first_line(exc)}") from None
+            raise LorafitError(f"PEFT cannot apply this LoRA config: {first_line(exc)}") from None
     for param in peft_model.parameters():  # PEFT keeps adapters fp32; make sure of it
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -104,10 +104,6 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise LorafitError(f"{path} is not valid JSON ({exc}).") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def base_signature(model) -> dict:
@@ -152,7 +148,7 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
         config.inference_mode = not is_trainable
         model = PeftModel(base_model, config)
     except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules absent from this base
-        raise mismatch(_first_line(exc)) from None
+        raise mismatch(first_line(exc)) from None
     expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
     try:
         saved = load_file(str(weights_path))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 
 NETWORK_ERROR_NAMES = (
     "OfflineModeIsEnabled",
@@ -75,7 +75,7 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
             "(pickled .bin files can run code when loaded). If you trust the model, convert it once: "
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)."
         )
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     if "trust_remote_code" in str(exc) or "custom code" in str(exc):
         return LorafitError(
             f"Could not load {what.lower()} '{name}': it needs its own Python code to load, which lorafit runs only "

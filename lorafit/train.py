@@ -26,6 +26,7 @@ from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import autocast_context, evaluate
 from lorafit.lora import apply_lora, count_parameters, format_counts, write_base_signature
 from lorafit.loss import token_nll
+from lorafit.measure import peak_memory_bytes, sync
 from lorafit.modeling import Precision, default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
@@ -346,19 +347,6 @@ class stop_signals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def default_micro_tokens(device: torch.device) -> int:

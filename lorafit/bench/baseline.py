@@ -8,7 +8,6 @@ during training), so the throughput comparison is fair.
 
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+
+from lorafit.measure import peak_memory_bytes, reset_peak_memory, sync
 
 MAX_LENGTH = 64
 BATCH_SIZE = 4
@@ -80,8 +81,7 @@ class _StepTimer(TrainerCallback):
         self.start = self.end = None
 
     def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()  # kernels are async: wait for the step to really finish
+        sync("cuda" if self.cuda else "cpu")  # kernels are async: wait for the step to really finish
         return time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -99,33 +99,13 @@ def _resolve_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _reset_peak_memory(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 resets VmHWM, so the peak covers this run, not earlier work
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # falls back to the process-lifetime peak
-
-
-def _peak_memory(cuda: bool) -> int:
-    if cuda:
-        return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+def _training_args(output_dir: str, cuda: bool, **settings) -> TrainingArguments:
+    """What both the original training and evaluation set: fp16 on GPU, and nothing that would slow the
+    timed part (no saving, logging, progress bars or loader workers)."""
+    return TrainingArguments(
+        output_dir=output_dir, fp16=cuda, use_cpu=not cuda, save_strategy="no", logging_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, **settings,
+    )
 
 
 def run_baseline(
@@ -149,7 +129,7 @@ def run_baseline(
         )
     device = _resolve_device(device)
     cuda = device.startswith("cuda")
-    _reset_peak_memory(cuda)
+    reset_peak_memory(device)
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -171,20 +151,14 @@ def run_baseline(
     collator = _CountingCollator()
     timer = _StepTimer(warmup_steps, cuda)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
+        args = _training_args(
+            tmp,
+            cuda,
             per_device_train_batch_size=BATCH_SIZE,
             gradient_accumulation_steps=GRAD_ACCUM,
             learning_rate=2e-4,
             max_steps=total_steps,  # whole optimizer steps within one pass over `texts`
-            fp16=cuda,
-            use_cpu=not cuda,
             eval_strategy="no",
-            save_strategy="no",
-            logging_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
             seed=seed,
         )
         trainer = Trainer(
@@ -211,7 +185,7 @@ def run_baseline(
         examples_per_second=examples / wall,
         real_tokens_per_second=real / wall,
         token_slots_per_second=slots / wall,
-        peak_memory_bytes=_peak_memory(cuda),
+        peak_memory_bytes=peak_memory_bytes(device),
         device=device,
     )
     return result, model
@@ -224,23 +198,13 @@ def baseline_eval_samples_per_second(model, tokenizer, texts: list[str], device:
     cuda = device.startswith("cuda")
     dataset = build_baseline_dataset(tokenizer, texts)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_eval_batch_size=EVAL_BATCH_SIZE,
-            fp16=cuda,
-            use_cpu=not cuda,
-            save_strategy="no",
-            logging_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
+        args = _training_args(tmp, cuda, per_device_eval_batch_size=EVAL_BATCH_SIZE)
         trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=default_data_collator)
         trainer.evaluate(eval_dataset=dataset[:EVAL_BATCH_SIZE])  # warm-up
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         trainer.evaluate(eval_dataset=dataset)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
     return len(dataset) / wall
 
@@ -273,11 +237,11 @@ def baseline_generation_tokens_per_second(
         pad_token_id=tokenizer.pad_token_id,
     )
     model.generate(**batches[0], **gen)  # warm-up, untimed
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     new_tokens = 0
     for batch in batches:
         out = model.generate(**batch, **gen)
         new_tokens += out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1])
-    _sync(device)
+    sync(device)
     return new_tokens / (time.perf_counter() - start)

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
-from lorafit.bench import add_arguments  # noqa: F401  (re-exported for callers)
 from lorafit.bench.baseline import (
     SideResult,
-    _peak_memory,
-    _reset_peak_memory,
     baseline_eval_samples_per_second,
     baseline_generation_tokens_per_second,
     run_baseline,
 )
+from lorafit.measure import peak_memory_bytes, reset_peak_memory, sync
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -130,8 +128,6 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
 
 def time_steps(trainer, warmup_steps: int) -> tuple[float, int, int]:
     """Run the plan's steps; (seconds, target tokens, examples) of those after the warm-up."""
-    from lorafit.train import sync
-
     start, tokens_before, examples = None, 0, 0
     for step in range(trainer.plan.total_steps):
         if step == warmup_steps:
@@ -148,14 +144,14 @@ def time_steps(trainer, warmup_steps: int) -> tuple[float, int, int]:
 def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_steps: int, device: torch.device,
                 seed: int = 42, compile: bool = False):
     """lorafit's quotes recipe on the same texts: (SideResult, trainer)."""
-    _reset_peak_memory(device.type == "cuda")
+    reset_peak_memory(device)
     trainer = build_trainer(model_dir, tokenizer_dir, texts, [f"train.compile={str(compile).lower()}"], device=device,
                             seed=seed)
     wall, real, examples = time_steps(trainer, warmup_steps)
     timed = trainer.plan.total_steps - warmup_steps
     # lorafit computes real positions only (row-end padding aside), so token slots are not reported.
     result = SideResult("lorafit", examples, timed, wall, examples / wall, real / wall, float("nan"),
-                        _peak_memory(device.type == "cuda"), str(device))
+                        peak_memory_bytes(device), str(device))
     return result, trainer
 
 
@@ -289,15 +285,14 @@ def main(args) -> int:
 
 def _tokenizer_dir(path: Path) -> str:
     """A tokenizer directory transformers can load; the raw GPT-2 BPE files are converted once."""
-    if (path / "tokenizer_config.json").is_file() or not (path / "vocab.json").is_file():
-        return str(path)
-    from transformers import GPT2Tokenizer
-
     from lorafit.data.tokenize import default_cache_dir
+    from lorafit.init_model import is_raw_gpt2_bpe, tokenizer_from_dir
 
+    if not is_raw_gpt2_bpe(path):
+        return str(path)
     out = default_cache_dir() / "tokenizers" / "gpt2"
     if not (out / "tokenizer_config.json").is_file():
-        GPT2Tokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt")).save_pretrained(str(out))
+        tokenizer_from_dir(path).save_pretrained(str(out))
     return str(out)
 
 

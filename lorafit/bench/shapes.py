@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lorafit.bench.baseline import _peak_memory, _reset_peak_memory
 from lorafit.bench.run import build_trainer, flops_per_token, time_steps
 from lorafit.data.tokenize import TokenizedSplit
+from lorafit.measure import peak_memory_bytes, reset_peak_memory
 
 MIXTURE8 = ["data.seq_len=512", "data.pack_len=512", "lora.targets=[c_attn, c_proj]", "lora.dropout=0.1",
             "train.batch_size=4", "train.grad_accum=8", "train.lr=3e-4", "train.weight_decay=0.01"]
@@ -27,7 +27,7 @@ def random_split(n: int, length: int, vocab: int, seed: int = 0) -> TokenizedSpl
 
 def mixture_shape_throughput(model_dir: str, tokenizer_dir: str, device: torch.device, *, steps: int = 30,
                              warmup_steps: int = 5, extra: list[str] = (), ceiling: float | None = None) -> dict:
-    _reset_peak_memory(device.type == "cuda")
+    reset_peak_memory(device)
     split = random_split(32 * steps, 512, vocab=50257)
     trainer = build_trainer(model_dir, tokenizer_dir, split, [*MIXTURE8, *extra], device=device, total_steps=steps)
     wall, tokens, examples = time_steps(trainer, warmup_steps)
@@ -38,7 +38,7 @@ def mixture_shape_throughput(model_dir: str, tokenizer_dir: str, device: torch.d
         "timed_steps": steps - warmup_steps,
         "real_tokens_per_second": tokens / wall,
         "examples_per_second": examples / wall,
-        "peak_memory_bytes": _peak_memory(device.type == "cuda"),
+        "peak_memory_bytes": peak_memory_bytes(device),
         "flops_per_token": fpt,
     }
     if ceiling:
