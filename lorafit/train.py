@@ -434,14 +434,18 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
     model = load_base_model(cfg.model, precision, device, hint=hint)
     data = prepare_data(cfg, tokenizer, max_positions(model))
+    return assemble(cfg, model, tokenizer, data, device, precision, run)
+
+
+def assemble(cfg: RunConfig, model, tokenizer, data: Data, device: torch.device, precision: Precision,
+             run: RunDir | None) -> Trainer:
+    """LoRA, optimizer and schedule around a loaded base and prepared data (also what `lorafit bench` times)."""
+    from lorafit.fast import prepare_for_speed
 
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
     model = apply_lora(model, cfg.lora)
     log(format_counts(*count_parameters(model)))
-    from lorafit.fast import prepare_for_speed
-
     prepare_for_speed(model, device, cfg.train.compile)
-
     plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None

@@ -95,12 +95,12 @@ def flops_per_token(model) -> float:
 
 def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides: list[str], *, device: torch.device,
                   seed: int = 42, total_steps: int | None = None):
-    """A lorafit Trainer on given texts (tokenised with the recipe's policy) or a ready TokenizedSplit."""
+    """A lorafit Trainer, assembled as `lorafit train` does, on given texts (tokenised with the recipe's
+    policy) or a ready TokenizedSplit, for `total_steps` (default: whole steps over the data once)."""
     from lorafit.config import load_config
     from lorafit.data.tokenize import TokenizedSplit, tokenize_texts
-    from lorafit.lora import apply_lora
     from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
-    from lorafit.train import Data, StepPlan, Trainer, build_optimizer, default_micro_tokens
+    from lorafit.train import Data, assemble
 
     cfg = load_config("quotes", [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
     precision = resolve_precision(cfg.model.precision, device)
@@ -109,20 +109,13 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     split = texts_or_split
     if not isinstance(split, TokenizedSplit):
         split = tokenize_texts(list(split), [0] * len(split), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
-    torch.manual_seed(seed)
-    model = apply_lora(model, cfg.lora)
-    from lorafit.fast import prepare_for_speed
-
-    prepare_for_speed(model, device, cfg.train.compile)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     total = total_steps or len(split) // per_step
-    epochs = total / math.ceil(len(split) / per_step) + 1  # enough epochs; max_steps=total caps the plan
-    plan = StepPlan(len(split), per_step, epochs, total, seed)
-    optimizer, scheduler = build_optimizer(model, cfg, total, device)
-    data = Data(split, split, ["data"], cfg.data.pack_len or cfg.data.seq_len)
-    micro = cfg.train.micro_batch_tokens or default_micro_tokens(device)
-    trainer = Trainer(cfg, model, optimizer, scheduler, data, plan, None, device, precision, tokenizer, micro, 4 * micro)
-    model.train()
+    # Enough epochs for `total` steps, which max_steps then caps exactly.
+    cfg.train.epochs, cfg.train.max_steps = total / math.ceil(len(split) / per_step) + 1, total
+    trainer = assemble(cfg, model, tokenizer, Data(split, split, ["data"], cfg.data.pack_len or cfg.data.seq_len),
+                       device, precision, run=None)
+    trainer.model.train()
     return trainer
 
 
@@ -155,17 +148,19 @@ def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_
     return result, trainer
 
 
-def lorafit_eval(trainer, val_texts: list[str], *, timed: bool) -> dict:
+def tokenize_val(trainer, val_texts: list[str]):
     from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate import evaluate
 
     d = trainer.cfg.data
-    val = tokenize_texts(val_texts, [0] * len(val_texts), trainer.tokenizer, d.seq_len, d.long_examples)
-    kwargs = dict(device=trainer.device, autocast_dtype=trainer.precision.autocast, row_len=trainer.data.row_len,
-                  batch_tokens=trainer.eval_tokens, pad_id=trainer.tokenizer.pad_token_id)
-    if timed:
-        evaluate(trainer.model, val, ["quotes"], **kwargs)  # warm-up, as the baseline gets one
-    return evaluate(trainer.model, val, ["quotes"], **kwargs)
+    return tokenize_texts(val_texts, [0] * len(val_texts), trainer.tokenizer, d.seq_len, d.long_examples)
+
+
+def evaluate_with(trainer, model, val) -> dict:
+    """lorafit's token-weighted evaluation of any PEFT model, with the trainer's device and batching."""
+    from lorafit.evaluate import evaluate
+
+    return evaluate(model, val, ["quotes"], device=trainer.device, autocast_dtype=trainer.precision.autocast,
+                    row_len=trainer.data.row_len, batch_tokens=trainer.eval_tokens, pad_id=trainer.tokenizer.pad_token_id)
 
 
 def lorafit_generation_tokens_per_second(model, tokenizer, prompts: list[str], batch_size: int) -> float:
@@ -190,7 +185,7 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sides = [s for s in ("baseline", "lorafit", "trl") if s in results]
+    sides = ["baseline", "lorafit"]
     rows = [("examples/s", "examples_per_second", ".2f"), ("real tokens/s", "real_tokens_per_second", ",.0f"),
             ("token slots/s", "token_slots_per_second", ",.0f"), ("wall s (timed)", "wall_seconds", ".1f"),
             ("peak memory MB", "peak_memory_bytes", ",.0f"), ("MFU (real tokens)", "mfu", ".1%"),
@@ -238,13 +233,14 @@ def main(args) -> int:
                                   compile=args.compile)
     fpt = flops_per_token(trainer.model.get_base_model())
 
-    from lorafit.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = trainer.tokenizer
     base_extra, lf_extra = {}, {}
     # The same metric for both: token-weighted NLL of the validation quotes (text + EOS).
-    base_extra["val_loss"] = _eval_peft_with_lorafit(base_model, trainer, val_texts)
-    lf_eval = lorafit_eval(trainer, val_texts, timed=not args.skip_eval)
+    val = tokenize_val(trainer, val_texts)
+    base_extra["val_loss"] = evaluate_with(trainer, base_model, val)["val_loss"]
+    if not args.skip_eval:
+        evaluate_with(trainer, trainer.model, val)  # warm-up, as the baseline gets one
+    lf_eval = evaluate_with(trainer, trainer.model, val)
     lf_extra["val_loss"] = lf_eval["val_loss"]
     if not args.skip_eval:
         base_extra["eval_samples_per_second"] = baseline_eval_samples_per_second(base_model, tokenizer, val_texts, str(device))
@@ -294,15 +290,3 @@ def _tokenizer_dir(path: Path) -> str:
     if not (out / "tokenizer_config.json").is_file():
         tokenizer_from_dir(path).save_pretrained(str(out))
     return str(out)
-
-
-def _eval_peft_with_lorafit(peft_model, trainer, val_texts: list[str]) -> float:
-    from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate import evaluate
-
-    d = trainer.cfg.data
-    val = tokenize_texts(val_texts, [0] * len(val_texts), trainer.tokenizer, d.seq_len, d.long_examples)
-    out = evaluate(peft_model, val, ["quotes"], device=trainer.device, autocast_dtype=trainer.precision.autocast,
-                   row_len=trainer.data.row_len, batch_tokens=trainer.eval_tokens, pad_id=trainer.tokenizer.pad_token_id)
-    return out["val_loss"]
-
