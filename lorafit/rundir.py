@@ -147,6 +147,9 @@ def _check_writable(path: Path) -> None:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        # Records in metrics.jsonl, counted as they are kept and appended (a run starts with
+        # keep_metrics), so a checkpoint need not re-read the log to know where it stands.
+        self.metrics_records = 0
 
     @property
     def adapter(self) -> Path:
@@ -211,6 +214,7 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         with open(self.file(METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(to_json(record) + "\n")
+        self.metrics_records += 1
 
     def read_metrics(self) -> list[dict]:
         path = self.file(METRICS_FILE)
@@ -226,6 +230,7 @@ class RunDir:
         """Keep the first `n` records: those a checkpoint had seen; later ones are redone after a resume."""
         kept = self.read_metrics()[:n]
         atomic_write_text(self.file(METRICS_FILE), "".join(to_json(r) + "\n" for r in kept))
+        self.metrics_records = len(kept)
 
     def write_json(self, name: str, obj: dict) -> None:
         atomic_write_text(self.file(name), json.dumps(json.loads(to_json(obj)), indent=2) + "\n")

@@ -262,7 +262,7 @@ class Trainer:
             "window": self.window.to_state(), "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
             "nonfinite_skipped": self.nonfinite_skipped, "last_train_loss": self.last_train_loss,
             # metrics.jsonl records written so far: a resume drops later ones, so none is doubled or lost
-            "metrics_records": len(self.run.read_metrics()),
+            "metrics_records": self.run.metrics_records,
             "train_examples": self.plan.n_train, "total_steps": self.plan.total_steps,
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
         }
