@@ -21,11 +21,9 @@ def test_formulas_against_hand_computed_values():
 
 
 def test_totals_are_token_weighted_not_means_of_means():
-    a, b = NllTotals(10.0, 10, 40, 1), NllTotals(1.0, 1, 4, 1)
-    combined = (a + b).metrics()["val_loss"]
-    assert combined == 11.0 / 11  # 1.0, while the mean of the two means would be (1.0 + 1.0) / 2 = 1.0 ...
-    c = NllTotals(2.0, 1, 4, 1)  # ... so use one where they differ
-    assert (a + c).metrics()["val_loss"] == 12.0 / 11 != (1.0 + 2.0) / 2
+    long, short = NllTotals(10.0, 10, 40, 1), NllTotals(2.0, 1, 4, 1)  # means 1.0 and 2.0
+    assert (long + short).metrics()["val_loss"] == 12.0 / 11  # token-weighted
+    assert (long + short).metrics()["val_loss"] != (1.0 + 2.0) / 2  # not the mean of the two means
 
 
 def test_evaluate_overall_and_per_source_sum_to_the_same_totals():
