@@ -81,7 +81,7 @@ def cmd_eval(args) -> int:
     from lorafit.config import apply_overrides, build_config, read_recipe
     from lorafit.evaluate import evaluate
     from lorafit.generate import load_for_inference, resolve_adapter_dir
-    from lorafit.modeling import max_positions, resolve_precision
+    from lorafit.modeling import resolve_precision
     from lorafit.rundir import CONFIG_FILE
     from lorafit.train import default_micro_tokens, prepare_data
 
@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
         raise ConfigError(problems)
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision)
     device = next(model.parameters()).device
-    data = prepare_data(cfg, tokenizer, max_positions(model))
+    data = prepare_data(cfg, tokenizer, model, device)
     result = evaluate(
         model, data.val, data.source_names, device=device,
         autocast_dtype=resolve_precision(cfg.model.precision, device).autocast,

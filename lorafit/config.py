@@ -62,7 +62,8 @@ class DataConfig:
     stratify: bool = True  # hold out val_fraction of every source (not of the pooled rows)
     seq_len: int = 64  # longest example in tokens, EOS included
     long_examples: str = "truncate"  # truncate | chunk | drop
-    pack_len: int | None = None  # packed row length; None = seq_len
+    pack_len: int | None = None  # packed row length (rows packing); None = seq_len
+    packing: str = "auto"  # auto | segments | rows: see lorafit/attention.py; auto = segments on CPU
     cache_dir: str | None = None  # tokenised-data cache; None = ~/.cache/lorafit
 
 
@@ -127,6 +128,7 @@ class RunConfig:
 CHOICES = {
     "model.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.long_examples": ("truncate", "chunk", "drop"),
+    "data.packing": ("auto", "segments", "rows"),
     "lora.bias": ("none", "all", "lora_only"),
     "train.schedule": ("linear", "cosine", "constant"),
     "source.format": ("auto", "hub", "jsonl", "json", "csv", "txt", "parquet"),
@@ -259,6 +261,7 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
 
     choice("model.precision", cfg.model.precision)
     choice("data.long_examples", cfg.data.long_examples)
+    choice("data.packing", cfg.data.packing)
     choice("lora.bias", cfg.lora.bias)
     choice("train.schedule", cfg.train.schedule)
     need(bool(cfg.model.name), "model.name: must name a hub model id or a local directory")

@@ -1,8 +1,9 @@
-"""Opt-in speed-ups for training on a GPU that leave the arithmetic unchanged up to rounding.
+"""Speed-ups for training that leave the arithmetic unchanged up to rounding.
 
-- GPT-2's `gelu_new` is written as seven elementwise kernels (pow, mul, add, tanh, ...); on a
-  GPU each one is a full pass over the (tokens x 3072) MLP activations. `F.gelu(x, approximate=
-  "tanh")` is the same function in one kernel.
+- GPT-2's `gelu_new` is written as seven elementwise ops (pow, mul, add, tanh, ...), each a full
+  pass over the (tokens x 3072) MLP activations, forward and backward. `F.gelu(x, approximate=
+  "tanh")` is the same function in one kernel: 3.4x faster forward + backward on CPU too (6.6 vs
+  2.0 ms for one quotes step's activations, ~5% of the step), so it is used on every device.
 - `train.compile`: the backbone goes through `torch.compile`, which fuses the remaining casts,
   layer norms and dropouts. `Module.compile()` compiles in place, so parameter names (and so the
   saved adapter) are unchanged.
@@ -32,9 +33,8 @@ def fuse_gelu(model) -> int:
     return replaced
 
 
-def prepare_for_speed(model, device: torch.device, compile: bool) -> None:
+def prepare_for_speed(model, compile: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if device.type == "cuda":
-        fuse_gelu(base)
+    fuse_gelu(base)
     if compile:
         getattr(base, base.base_model_prefix).compile(dynamic=None)

@@ -14,10 +14,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from lorafit.attention import segment_attention
 from lorafit.data.packing import IGNORE, PackedBatch
 
 DEFAULT_CHUNK = 2048
+CPU_CHUNK = 512  # rows of logits a chunk on CPU, where the chunk's buffer is kept (512 x 50257 fp32: 103 MB)
 VOCAB_ALIGN = 64  # tensor-core GEMMs need aligned sizes; 50257 is not, and costs ~2x on the LM head
+
+_cpu_scratch: dict[torch.dtype, torch.Tensor] = {}
 
 
 def _aligned_head(weight: torch.Tensor) -> torch.Tensor:
@@ -29,6 +33,19 @@ def _aligned_head(weight: torch.Tensor) -> torch.Tensor:
     return F.pad(weight, (0, 0, 0, -vocab % VOCAB_ALIGN))
 
 
+def _logits(h: torch.Tensor, weight: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk's logits in acc_dtype. On CPU they go into a buffer kept across chunks and steps:
+    a fresh 50 MB tensor is a fresh mmap, and page-faulting it in cost ~19 ms, twice a quotes step."""
+    if h.device.type != "cpu" or h.dtype != acc_dtype:
+        return (h @ weight.t()).to(acc_dtype)
+    rows, cols = h.shape[0], weight.shape[0]
+    buf = _cpu_scratch.get(acc_dtype)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # a normal tensor: evaluation (inference mode) and training share it
+            buf = _cpu_scratch[acc_dtype] = torch.empty(rows * cols, dtype=acc_dtype)
+    return torch.mm(h, weight.t(), out=buf[: rows * cols].view(rows, cols))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
@@ -38,19 +55,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for half inputs, fp64 stays fp64
         nll = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = (h @ weight.t()).to(acc_dtype)
+        n = hidden.shape[0]
+        chunk = -(-n // -(-n // chunk)) if n else 1  # equal chunks: a small last one makes a slow GEMM
+        for start in range(0, n, chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk].unsqueeze(1)
+            logits = _logits(h, weight, acc_dtype)
             if logits.shape[1] != vocab:
                 logits[:, vocab:] = float("-inf")  # padded rows: probability exactly 0
-            # One fused log-softmax pass; the gradient's softmax is its exp, taken in place.
-            logp = torch.log_softmax(logits, dim=1)
-            del logits
-            nll[start : start + chunk] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
+            # Softmax in place (the gradient needs the probabilities, not the logits):
+            # nll = max + log(sum exp(logits - max)) - logit[target].
+            target_logit = logits.gather(1, t)
+            peak = logits.amax(1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            total = probs.sum(1, keepdim=True)
+            nll[start : start + chunk] = (peak + total.log() - target_logit).squeeze(1)
             if need_grad:
-                probs = logp.exp_()
-                probs.scatter_add_(1, t.unsqueeze(1), torch.full_like(t, -1, dtype=probs.dtype).unsqueeze(1))
+                probs.div_(total).scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
                 grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, probs
         if need_grad:
             ctx.save_for_backward(grad_hidden)
         return nll
@@ -61,10 +83,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_nll.unsqueeze(1).to(grad_hidden.dtype), None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK):
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None):
     """NLL of each target (N,) given hidden states (N, d) and a frozen, bias-free head weight (V, d)."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the head weight; it must be frozen")
+    chunk = chunk or (CPU_CHUNK if hidden.device.type == "cpu" else DEFAULT_CHUNK)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
@@ -98,7 +121,7 @@ def _head_is_plain(model) -> bool:
     return plain and not softcap and getattr(model.config, "logit_scale", None) is None
 
 
-def token_nll(model, batch: PackedBatch, chunk: int = DEFAULT_CHUNK, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model, batch: PackedBatch, chunk: int | None = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL of every scored target in a packed batch, and the example index of each.
 
     `model` is the transformers causal LM (PEFT-wrapped or not). Only scored positions reach the
@@ -112,13 +135,15 @@ def token_nll(model, batch: PackedBatch, chunk: int = DEFAULT_CHUNK, fused: bool
 
 
 def _token_nll(base, batch: PackedBatch, mask, targets, chunk: int, fused: bool):
-    if fused and _head_is_plain(base):
-        backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state
-        nll = linear_cross_entropy(hidden[mask], base.get_output_embeddings().weight, targets, chunk)
-    else:
-        logits = base(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        nll = plain_cross_entropy(logits[mask], targets)
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    attention = contextlib.nullcontext()
+    if batch.segments is not None:  # one row: attention example by example (lorafit.attention)
+        inputs["segment_bounds"] = batch.segments
+        attention = segment_attention(base.config)
+    with attention:
+        if fused and _head_is_plain(base):
+            hidden = getattr(base, base.base_model_prefix)(**inputs).last_hidden_state
+            nll = linear_cross_entropy(hidden[mask], base.get_output_embeddings().weight, targets, chunk)
+        else:
+            nll = plain_cross_entropy(base(**inputs).logits[mask], targets)
     return nll, batch.example_ids[mask]

@@ -45,18 +45,20 @@ class Data:
     train: TokenizedSplit
     val: TokenizedSplit
     source_names: list[str]
-    row_len: int
+    row_len: int | None  # None: segment layout
 
 
-def prepare_data(cfg: RunConfig, tokenizer, model_max_positions: int | None) -> Data:
+def prepare_data(cfg: RunConfig, tokenizer, model, device: torch.device, compiled: bool = False) -> Data:
     from lorafit.data.sources import load_corpus
 
     d = cfg.data
+    model_max_positions = max_positions(model)
     if model_max_positions is not None and d.seq_len > model_max_positions:
         raise LorafitError(
             f"data.seq_len={d.seq_len} is longer than the maximum of {model_max_positions} positions of model "
             f"'{cfg.model.name}'; set data.seq_len={model_max_positions} or less."
         )
+    row_len = row_length(cfg, model, device, compiled)  # checks data.packing before any data is read
     corpus = load_corpus(d)
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     train, hit_t = tokenize_cached(
@@ -69,14 +71,24 @@ def prepare_data(cfg: RunConfig, tokenizer, model_max_positions: int | None) -> 
         val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
     if len(train) == 0 or len(val) == 0:
         raise LorafitError("No training or validation examples are left after tokenisation; check the data and seq_len.")
-    row_len = d.pack_len or d.seq_len  # rows no longer than an example may be: masked attention stays cheap
-    if model_max_positions is not None:
-        row_len = max(d.seq_len, min(row_len, model_max_positions))
     log(
         f"data: {len(train):,} train / {len(val):,} val examples, {train.n_targets:,} train target tokens"
         f"{' (tokenised data from cache)' if hit_t and hit_v else ''}; {int(train.truncated.sum()):,} truncated"
     )
     return Data(train, val, corpus.source_names, row_len)
+
+
+def row_length(cfg: RunConfig, model, device: torch.device, compiled: bool) -> int | None:
+    """Packed row length, or None for the segment layout (one row a micro-batch; see lorafit.attention)."""
+    from lorafit.attention import use_segments
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if use_segments(cfg.data.packing, device, compiled, base.config):
+        return None
+    d = cfg.data
+    row_len = d.pack_len or d.seq_len  # rows no longer than an example may be: masked attention stays cheap
+    limit = max_positions(base)
+    return row_len if limit is None else max(d.seq_len, min(row_len, limit))
 
 
 @dataclass
@@ -433,7 +445,7 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
     model = load_base_model(cfg.model, precision, device, hint=hint)
-    data = prepare_data(cfg, tokenizer, max_positions(model))
+    data = prepare_data(cfg, tokenizer, model, device, compiled=cfg.train.compile)
     return assemble(cfg, model, tokenizer, data, device, precision, run)
 
 
@@ -445,7 +457,7 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, device: torch.device,
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
     model = apply_lora(model, cfg.lora)
     log(format_counts(*count_parameters(model)))
-    prepare_for_speed(model, device, cfg.train.compile)
+    prepare_for_speed(model, cfg.train.compile)
     plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None

@@ -216,6 +216,24 @@ def test_fused_cross_entropy_matches_full_logits_in_float64(chunk):
     torch.testing.assert_close(grad_fused, h.grad, atol=1e-12, rtol=1e-12)
 
 
+def test_cpu_logits_buffer_is_shared_by_evaluation_and_training():
+    import lorafit.loss as loss_mod
+
+    loss_mod._cpu_scratch.clear()
+    torch.manual_seed(2)
+    w = torch.randn(40, 16, dtype=torch.float64)
+    t = torch.randint(0, 40, (90,))
+    with torch.inference_mode():  # evaluation comes first in a run, so it creates the buffer
+        evaluated = linear_cross_entropy(torch.randn(90, 16, dtype=torch.float64), w, t, chunk=64)
+    assert loss_mod._cpu_scratch[torch.float64].numel() == 45 * 40  # two equal chunks of 45, not 64 + 26
+    h = torch.randn(90, 16, dtype=torch.float64, requires_grad=True)
+    linear_cross_entropy(h, w, t, chunk=64).sum().backward()  # training writes into the same buffer
+    ref = h.detach().clone().requires_grad_()
+    plain_cross_entropy(ref @ w.t(), t).sum().backward()
+    torch.testing.assert_close(h.grad, ref.grad, atol=1e-12, rtol=1e-12)
+    assert evaluated.shape == (90,) and torch.isfinite(evaluated).all()
+
+
 def test_fused_and_plain_model_paths_agree_on_loss_and_lora_gradients():
     split = make_split(random_examples(6, seed=10))
     batch = pack(split, np.arange(6), row_len=64, pad_id=EOS)
@@ -276,7 +294,7 @@ def test_compiled_backbone_matches_eager_loss_and_gradients():
         if compiled:
             from lorafit.fast import prepare_for_speed
 
-            prepare_for_speed(model, torch.device("cpu"), compile=True)
+            prepare_for_speed(model, compile=True)
         nll, _ = token_nll(model, batch)
         nll.sum().backward()
         results.append((nll.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
@@ -295,3 +313,89 @@ def test_model_dropout_override_reaches_every_base_dropout():
     with torch.no_grad():  # no dropout left: train mode now equals eval mode exactly
         train_out = model(ids).logits
         assert torch.equal(train_out, model.eval()(ids).logits)
+
+
+# ---------------------------------------------------------------- segment layout (data.packing=segments)
+
+
+def _nll_and_lora_grads(model, batches, n_targets):
+    model.zero_grad(set_to_none=True)
+    per_example = {}
+    for b in batches:
+        nll, ex = token_nll(model, b)
+        (nll.sum() / n_targets).backward()
+        for i, v in zip(ex.tolist(), nll.detach().tolist()):
+            per_example[i] = per_example.get(i, 0.0) + v
+    return per_example, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_segment_layout_has_no_padding_and_marks_each_example():
+    split = make_split(random_examples(9, seed=15))
+    (batch,) = micro_batches(split, np.arange(9), row_len=None, max_tokens=10_000, pad_id=EOS)
+    assert batch.input_ids.shape == (1, batch.n_targets)  # every slot is a scored position
+    seg = batch.segments
+    assert seg[0] == 0 and seg[-1] == batch.n_targets and len(seg) == 10
+    for s, e in zip(seg[:-1], seg[1:]):
+        assert batch.position_ids[0, s:e].tolist() == list(range(e - s))
+        assert len(set(batch.example_ids[0, s:e].tolist())) == 1
+    padded = pack(split, np.arange(9), row_len=None, pad_id=EOS, multiple=8)
+    assert padded.n_slots % 8 == 0 and padded.segments[-2] == batch.n_targets  # padding: a last segment
+    assert not (padded.targets[0, batch.n_targets:] != IGNORE).any()
+
+
+def test_segment_layout_equals_each_example_alone_in_loss_and_gradients():
+    examples = random_examples(10, seed=16, hi=40)
+    split = make_split(examples)
+    n_targets = split.n_targets
+    model = lora_model(seed=16, dtype=torch.float64)  # PEFT keeps the adapter itself in fp32
+    nll, grads = _nll_and_lora_grads(model, micro_batches(split, np.arange(10), None, 150, EOS), n_targets)
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # switched back after each forward
+    model.zero_grad(set_to_none=True)
+    for i, e in enumerate(examples):  # reference: each example alone, unpacked, standard shifted loss
+        x = torch.tensor([e])
+        alone = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum")
+        assert abs(nll[i] - alone.item()) <= 1e-10 * max(1.0, abs(alone.item())), i
+        (alone / n_targets).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-8, rtol=1e-5)
+
+
+def test_segment_attention_handles_grouped_query_heads_as_the_model_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(17)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=EOS, pad_token_id=EOS)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).double().eval()
+    examples = random_examples(7, seed=17)
+    (batch,) = micro_batches(make_split(examples), np.arange(7), None, 10_000, EOS)
+    with torch.no_grad():
+        nll, ex = token_nll(model, batch)
+        for i, e in enumerate(examples):
+            x = torch.tensor([e])
+            alone = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="none")
+            torch.testing.assert_close(nll[ex == i], alone, atol=1e-10, rtol=1e-10)
+
+
+def test_packing_auto_is_segments_on_cpu_only_and_bad_explicit_choices_are_refused():
+    from lorafit.attention import segment_sdpa, use_segments
+    from lorafit.errors import LorafitError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    config = tiny_gpt2().config
+    assert use_segments("auto", cpu, False, config)
+    assert not use_segments("auto", cuda, False, config)  # per-example kernel launches add up on a GPU
+    assert not use_segments("auto", cpu, True, config)  # boundaries change every batch: compile would retrace
+    assert not use_segments("rows", cpu, False, config)
+    assert use_segments("segments", cuda, False, config)
+    with pytest.raises(LorafitError, match="train.compile"):
+        use_segments("segments", cpu, True, config)
+    config._attn_implementation = "flash_attention_2"
+    assert not use_segments("auto", cpu, False, config)
+    with pytest.raises(LorafitError, match="attn_implementation is 'flash_attention_2'"):
+        use_segments("segments", cpu, False, config)
+    q = torch.randn(1, 2, 10, 4)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        segment_sdpa(None, q, q, q, None, segment_bounds=(0, 3, 10), sliding_window=5)

@@ -100,7 +100,7 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     from lorafit.config import load_config
     from lorafit.data.tokenize import TokenizedSplit, tokenize_texts
     from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
-    from lorafit.train import Data, assemble
+    from lorafit.train import Data, assemble, row_length
 
     cfg = load_config("quotes", [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
     precision = resolve_precision(cfg.model.precision, device)
@@ -113,8 +113,8 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     total = total_steps or len(split) // per_step
     # Enough epochs for `total` steps, which max_steps then caps exactly.
     cfg.train.epochs, cfg.train.max_steps = total / math.ceil(len(split) / per_step) + 1, total
-    trainer = assemble(cfg, model, tokenizer, Data(split, split, ["data"], cfg.data.pack_len or cfg.data.seq_len),
-                       device, precision, run=None)
+    row_len = row_length(cfg, model, device, cfg.train.compile)
+    trainer = assemble(cfg, model, tokenizer, Data(split, split, ["data"], row_len), device, precision, run=None)
     trainer.model.train()
     return trainer
 

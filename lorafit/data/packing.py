@@ -35,6 +35,9 @@ class PackedBatch:
     example_ids: torch.Tensor  # (B, L) int64, index into the split, -1 on padding
     n_targets: int
     n_examples: int
+    # Segment layout (one row): where each example, and the end padding, start and end in the row;
+    # attention then runs on each slice alone (lorafit.attention). None: rows with a block mask.
+    segments: tuple[int, ...] | None = None
 
     @property
     def n_slots(self) -> int:
@@ -44,7 +47,7 @@ class PackedBatch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(
             move(self.input_ids), move(self.position_ids), move(self.targets), move(self.example_ids),
-            self.n_targets, self.n_examples,
+            self.n_targets, self.n_examples, self.segments,
         )
 
 
@@ -69,13 +72,21 @@ def balance_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
     return [row for row in rows if row]
 
 
-def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int, multiple: int = 1) -> PackedBatch:
+def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int | None, pad_id: int, multiple: int = 1) -> PackedBatch:
     """One batch of rows holding the given examples; L is the longest row (rounded up to `multiple`,
-    which keeps the number of distinct shapes a GPU sees small), not row_len."""
+    which keeps the number of distinct shapes a GPU sees small), not row_len.
+
+    row_len None is the segment layout: one row of all the examples back to back, with their
+    boundaries in `segments` (padding to `multiple`, if any, is a last segment of its own)."""
     positions_per_example = split.lengths()[indices] - 1  # inputs are tokens[:-1]
-    rows = balance_rows(positions_per_example, row_len)
-    width = max(int(sum(positions_per_example[j] for j in row)) for row in rows)
-    width = min(-(-width // multiple) * multiple, max(row_len, width))
+    if row_len is None:
+        rows = [list(range(len(indices)))]
+        width = int(positions_per_example.sum())
+        width = -(-width // multiple) * multiple
+    else:
+        rows = balance_rows(positions_per_example, row_len)
+        width = max(int(sum(positions_per_example[j] for j in row)) for row in rows)
+        width = min(-(-width // multiple) * multiple, max(row_len, width))
     shape = (len(rows), width)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     targets = np.full(shape, IGNORE, dtype=np.int64)
@@ -92,6 +103,10 @@ def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int, 
             example_ids[r, col : col + n] = indices[j]
             col += n
         position_ids[r, col:] = np.arange(width - col)  # padding: a block of its own
+    segments = None
+    if row_len is None:
+        bounds = [0, *np.cumsum(positions_per_example).tolist(), width]
+        segments = tuple(b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1])  # no empty slices
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),
@@ -99,13 +114,15 @@ def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int, pad_id: int, 
         example_ids=torch.from_numpy(example_ids),
         n_targets=int(positions_per_example.sum()),
         n_examples=len(indices),
+        segments=segments,
     )
 
 
 def micro_batches(
-    split: TokenizedSplit, indices: np.ndarray, row_len: int, max_tokens: int, pad_id: int, multiple: int = 1
+    split: TokenizedSplit, indices: np.ndarray, row_len: int | None, max_tokens: int, pad_id: int, multiple: int = 1
 ) -> list[PackedBatch]:
-    """Split a set of examples into packed micro-batches of at most ~max_tokens slots each.
+    """Split a set of examples into packed micro-batches of at most ~max_tokens slots each
+    (row_len None: each micro-batch is one row in the segment layout, see `pack`).
 
     Examples are grouped by length (longest first) so each micro-batch packs tightly; the
     grouping never changes the step's loss, which is normalised by the step's total targets.
@@ -113,7 +130,7 @@ def micro_batches(
     if len(indices) == 0:
         return []
     positions = split.lengths()[indices] - 1
-    budget = max(max_tokens, row_len)
+    budget = max(max_tokens, row_len or 0)
     order = np.argsort(-positions, kind="stable")
     groups, current, used = [], [], 0
     for i in order:
