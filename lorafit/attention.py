@@ -23,7 +23,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 SEGMENTS = "lorafit_segments"
-PACKINGS = ("auto", "segments", "rows")
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")  # what segment attention stands in for
 
 

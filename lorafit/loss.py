@@ -10,6 +10,7 @@ frozen head gets no gradient, so this costs the same matmuls as the plain path.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,28 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, acc_dtype: torch.dtype) -> to
     return torch.mm(h, weight.t(), out=buf[: rows * cols].view(rows, cols))
 
 
+def _nll_and_grad_logits(logits: torch.Tensor, t: torch.Tensor, need_grad: bool, in_place: bool):
+    """(nll, d nll / d logits = softmax - onehot, or None) of one chunk; may overwrite `logits`.
+
+    in_place (CPU): the softmax is taken in the logits buffer, with no second 50 MB tensor to
+    fault in. Otherwise (GPU) one fused log_softmax kernel reads the logits once, which there
+    beats the extra passes of the in-place form."""
+    if in_place:
+        target_logit = logits.gather(1, t)
+        peak = logits.amax(1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        total = probs.sum(1, keepdim=True)
+        nll = (peak + total.log() - target_logit).squeeze(1)  # log-sum-exp minus the target's logit
+        probs = probs.div_(total) if need_grad else None
+    else:
+        logp = torch.log_softmax(logits, dim=1)
+        nll = -logp.gather(1, t).squeeze(1)
+        probs = logp.exp_() if need_grad else None
+    if need_grad:
+        probs.scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
+    return nll, probs
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
@@ -53,26 +76,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab = weight.shape[0]
         weight = _aligned_head(weight)
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for half inputs, fp64 stays fp64
-        nll = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
         n = hidden.shape[0]
-        chunk = -(-n // -(-n // chunk)) if n else 1  # equal chunks: a small last one makes a slow GEMM
+        nll = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        pieces = max(1, math.ceil(n / chunk))
+        chunk = max(1, math.ceil(n / pieces))  # equal chunks: a small last one makes a slow GEMM
         for start in range(0, n, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk].unsqueeze(1)
             logits = _logits(h, weight, acc_dtype)
             if logits.shape[1] != vocab:
                 logits[:, vocab:] = float("-inf")  # padded rows: probability exactly 0
-            # Softmax in place (the gradient needs the probabilities, not the logits):
-            # nll = max + log(sum exp(logits - max)) - logit[target].
-            target_logit = logits.gather(1, t)
-            peak = logits.amax(1, keepdim=True)
-            probs = logits.sub_(peak).exp_()
-            total = probs.sum(1, keepdim=True)
-            nll[start : start + chunk] = (peak + total.log() - target_logit).squeeze(1)
+            nll[start : start + chunk], grad_logits = _nll_and_grad_logits(
+                logits, t, need_grad, in_place=logits.device.type == "cpu"
+            )
             if need_grad:
-                probs.div_(total).scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
-                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            del logits, probs
+                grad_hidden[start : start + chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, grad_logits
         if need_grad:
             ctx.save_for_backward(grad_hidden)
         return nll

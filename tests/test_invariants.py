@@ -216,6 +216,22 @@ def test_fused_cross_entropy_matches_full_logits_in_float64(chunk):
     torch.testing.assert_close(grad_fused, h.grad, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_both_head_softmax_forms_match_autograd_in_float64(in_place):
+    from lorafit.loss import _nll_and_grad_logits
+
+    torch.manual_seed(3)
+    logits = (torch.randn(20, 40, dtype=torch.float64) * 30).requires_grad_()  # large logits: stability matters
+    t = torch.randint(0, 40, (20, 1))
+    nll, grad = _nll_and_grad_logits(logits.detach().clone(), t, need_grad=True, in_place=in_place)
+    ref = plain_cross_entropy(logits, t.squeeze(1))
+    ref.sum().backward()
+    torch.testing.assert_close(nll, ref.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, logits.grad, atol=1e-12, rtol=1e-12)
+    nll_only, none = _nll_and_grad_logits(logits.detach().clone(), t, need_grad=False, in_place=in_place)
+    assert none is None and torch.equal(nll_only, nll)
+
+
 def test_cpu_logits_buffer_is_shared_by_evaluation_and_training():
     import lorafit.loss as loss_mod
 
