@@ -27,13 +27,14 @@ def test_overrides_are_typed_and_nested():
 def test_every_problem_is_collected_with_the_nearest_name():
     with pytest.raises(ConfigError) as err:
         load_config("quotes", ["lora.rank=4", "train.lr=abc", "lora.dropout=1.0", "lora.alpha=-1",
-                               "data.sources.quotes.text_feild=q", "train.batch_size=2.5", "nokey"])
+                               "data.sources.quotes.text_feild=q", "train.batch_size=2.5", "nokey", "data.packing=tight"])
     text = str(err.value)
     assert "did you mean 'r'" in text and "did you mean 'text_field'" in text
     assert "train.lr: expected a number" in text and "train.batch_size: expected an integer" in text
     assert "lora.dropout: must be in [0, 1)" in text and "lora.alpha: must be positive" in text
     assert "override 'nokey'" in text
-    assert len(err.value.problems) == 7
+    assert "data.packing: 'tight' is not one of auto, segments, rows" in text
+    assert len(err.value.problems) == 8
 
 
 def test_unknown_recipe_suggests_and_lists():
