@@ -91,18 +91,50 @@ def segments_unsupported(config) -> str | None:
     return None
 
 
-def use_segments(packing: str, device: torch.device, compile: bool, config) -> bool:
-    """Resolve data.packing: `auto` is segments on CPU (eager), rows on GPU or when compiled."""
+def segments_probe(model) -> str | None:
+    """Check on the model itself that a packed row under segment attention gives each example the
+    log-probabilities it gets alone (two short examples, no dropout): a model whose code does not
+    route attention through transformers' interface would otherwise attend across examples
+    silently. Returns what went wrong, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    param = next(base.parameters())
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, base.config.vocab_size, (n,), generator=gen).to(param.device) for n in (5, 3))
+    row = torch.cat([first, second])[None]
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=param.device)
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            with segment_attention(base.config):
+                packed = base(input_ids=row, position_ids=positions, segment_bounds=(0, 5, 8), use_cache=False).logits
+            alone = torch.cat([base(input_ids=x[None], use_cache=False).logits for x in (first, second)], dim=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use segments with this model
+        return f"a packed forward failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    finally:
+        base.train(was_training)
+    gap = (packed.float().log_softmax(-1) - alone.float().log_softmax(-1)).abs().max().item()
+    tolerance = 1e-3 if param.dtype in (torch.float32, torch.float64) else 5e-2
+    if not gap <= tolerance:
+        return f"packed examples do not get the log-probabilities they get alone (max gap {gap:.3g})"
+    return None
+
+
+def use_segments(packing: str, device: torch.device, compile: bool, model) -> tuple[bool, str | None]:
+    """Resolve data.packing: (segments?, why not where `auto` wanted them). `auto` is segments on CPU
+    (eager), rows on GPU or when compiled, and rows for a model segment attention cannot serve;
+    an explicit `segments` there is an error."""
     from lorafit.errors import LorafitError
 
-    reason = segments_unsupported(config)
-    if packing == "segments":
-        if reason:
-            raise LorafitError(f"data.packing=segments: {reason}. Use data.packing=rows (or auto).")
-        if compile:
-            raise LorafitError(
-                "data.packing=segments cannot be compiled (example boundaries change every batch, so "
-                "torch.compile would recompile); use data.packing=rows with train.compile=true."
-            )
-        return True
-    return packing == "auto" and device.type == "cpu" and not compile and reason is None
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    if packing == "rows" or (packing == "auto" and (device.type != "cpu" or compile)):
+        return False, None
+    if packing == "segments" and compile:
+        raise LorafitError(
+            "data.packing=segments cannot be compiled (example boundaries change every batch, so "
+            "torch.compile would recompile); use data.packing=rows with train.compile=true."
+        )
+    reason = segments_unsupported(config) or segments_probe(model)
+    if reason and packing == "segments":
+        raise LorafitError(f"data.packing=segments: {reason}. Use data.packing=rows (or auto).")
+    return reason is None, reason

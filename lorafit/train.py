@@ -82,12 +82,14 @@ def row_length(cfg: RunConfig, model, device: torch.device, compiled: bool) -> i
     """Packed row length, or None for the segment layout (one row a micro-batch; see lorafit.attention)."""
     from lorafit.attention import use_segments
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if use_segments(cfg.data.packing, device, compiled, base.config):
+    segments, why_not = use_segments(cfg.data.packing, device, compiled, model)
+    if segments:
         return None
+    if why_not:
+        log(f"data.packing=auto: packing rows, as segment attention cannot serve this model: {why_not}")
     d = cfg.data
     row_len = d.pack_len or d.seq_len  # rows no longer than an example may be: masked attention stays cheap
-    limit = max_positions(base)
+    limit = max_positions(model)
     return row_len if limit is None else max(d.seq_len, min(row_len, limit))
 
 

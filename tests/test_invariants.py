@@ -400,18 +400,49 @@ def test_packing_auto_is_segments_on_cpu_only_and_bad_explicit_choices_are_refus
     from lorafit.errors import LorafitError
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    config = tiny_gpt2().config
-    assert use_segments("auto", cpu, False, config)
-    assert not use_segments("auto", cuda, False, config)  # per-example kernel launches add up on a GPU
-    assert not use_segments("auto", cpu, True, config)  # boundaries change every batch: compile would retrace
-    assert not use_segments("rows", cpu, False, config)
-    assert use_segments("segments", cuda, False, config)
+    model = tiny_gpt2()
+    assert use_segments("auto", cpu, False, model) == (True, None)
+    assert use_segments("auto", cuda, False, model) == (False, None)  # per-example kernel launches add up on a GPU
+    assert use_segments("auto", cpu, True, model) == (False, None)  # boundaries change every batch: compile would retrace
+    assert use_segments("rows", cpu, False, model) == (False, None)
+    assert use_segments("segments", cuda, False, model) == (True, None)
     with pytest.raises(LorafitError, match="train.compile"):
-        use_segments("segments", cpu, True, config)
-    config._attn_implementation = "flash_attention_2"
-    assert not use_segments("auto", cpu, False, config)
+        use_segments("segments", cpu, True, model)
+    model.config._attn_implementation = "flash_attention_2"
+    use, why = use_segments("auto", cpu, False, model)
+    assert not use and "attn_implementation is 'flash_attention_2'" in why
     with pytest.raises(LorafitError, match="attn_implementation is 'flash_attention_2'"):
-        use_segments("segments", cpu, False, config)
+        use_segments("segments", cpu, False, model)
     q = torch.randn(1, 2, 10, 4)
     with pytest.raises(NotImplementedError, match="sliding window"):
         segment_sdpa(None, q, q, q, None, segment_bounds=(0, 3, 10), sliding_window=5)
+
+
+def test_segments_are_refused_for_a_model_whose_attention_would_cross_examples():
+    """A model whose code ignores the segments (custom code, say) would attend across examples
+    silently; the probe on the model itself catches it, and auto falls back to rows."""
+    from transformers import AttentionInterface
+
+    from lorafit.attention import SEGMENTS, segment_sdpa, segments_probe, use_segments
+    from lorafit.errors import LorafitError
+
+    def whole_row(module, q, k, v, mask, dropout=0.0, scaling=None, segment_bounds=None, **kwargs):
+        return segment_sdpa(module, q, k, v, mask, dropout, scaling, segment_bounds=(0, q.shape[2]))
+
+    def no_bounds(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
+        return segment_sdpa(module, q, k, v, mask, dropout, scaling)
+
+    model = tiny_gpt2(seed=18).train()
+    assert segments_probe(model) is None and model.training  # the real one passes, and the mode is kept
+    try:
+        AttentionInterface.register(SEGMENTS, whole_row)
+        assert "do not get the log-probabilities they get alone" in segments_probe(model)
+        use, why = use_segments("auto", torch.device("cpu"), False, model)
+        assert not use and "log-probabilities" in why
+        with pytest.raises(LorafitError, match="data.packing=segments: packed examples"):
+            use_segments("segments", torch.device("cpu"), False, model)
+        AttentionInterface.register(SEGMENTS, no_bounds)
+        assert "a packed forward failed (RuntimeError" in segments_probe(model)
+    finally:
+        AttentionInterface.register(SEGMENTS, segment_sdpa)
+    assert model.config._attn_implementation == "sdpa"
