@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from lorafit.errors import LorafitError, first_line
+
 SEGMENTS = "lorafit_segments"
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")  # what segment attention stands in for
 
@@ -95,7 +97,10 @@ def segments_probe(model) -> str | None:
     """Check on the model itself that a packed row under segment attention gives each example the
     log-probabilities it gets alone (two short examples, no dropout): a model whose code does not
     route attention through transformers' interface would otherwise attend across examples
-    silently. Returns what went wrong, or None."""
+    silently. Returns what went wrong, or None.
+
+    The gap is judged against rounding and against the gap of the wrong answer itself: the same
+    row with attention crossing examples."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     param = next(base.parameters())
     gen = torch.Generator().manual_seed(0)
@@ -109,14 +114,21 @@ def segments_probe(model) -> str | None:
             with segment_attention(base.config):
                 packed = base(input_ids=row, position_ids=positions, segment_bounds=(0, 5, 8), use_cache=False).logits
             alone = torch.cat([base(input_ids=x[None], use_cache=False).logits for x in (first, second)], dim=1)
+            # An explicit mask turns off transformers' packed-sequence detection: attention crosses examples.
+            crossed = base(input_ids=row, position_ids=positions, attention_mask=torch.ones_like(row), use_cache=False).logits
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use segments with this model
-        return f"a packed forward failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return f"a packed forward failed ({type(exc).__name__}: {first_line(exc)})"
     finally:
         base.train(was_training)
-    gap = (packed.float().log_softmax(-1) - alone.float().log_softmax(-1)).abs().max().item()
-    tolerance = 1e-3 if param.dtype in (torch.float32, torch.float64) else 5e-2
-    if not gap <= tolerance:
-        return f"packed examples do not get the log-probabilities they get alone (max gap {gap:.3g})"
+
+    def gap(a: torch.Tensor) -> float:
+        return (a.float().log_softmax(-1) - alone.float().log_softmax(-1)).abs().max().item()
+
+    # Right within rounding, or at least ten times closer than attention that crosses examples (a
+    # fixed tolerance alone fails bf16, whose rounding of large logits is large). Measured on random
+    # GPT-2s: segments are 5e-7 to 6e-6 off in fp32 and 0 in bf16; crossing is 0.06 to 2.4 off.
+    if not (gap(packed) <= 1e-4 or gap(packed) <= 0.1 * gap(crossed)):
+        return f"packed examples do not get the log-probabilities they get alone (max gap {gap(packed):.3g})"
     return None
 
 
@@ -124,8 +136,6 @@ def use_segments(packing: str, device: torch.device, compile: bool, model) -> tu
     """Resolve data.packing: (segments?, why not where `auto` wanted them). `auto` is segments on CPU
     (eager), rows on GPU or when compiled, and rows for a model segment attention cannot serve;
     an explicit `segments` there is an error."""
-    from lorafit.errors import LorafitError
-
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     if packing == "rows" or (packing == "auto" and (device.type != "cpu" or compile)):
         return False, None

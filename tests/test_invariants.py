@@ -434,9 +434,12 @@ def test_segments_are_refused_for_a_model_whose_attention_would_cross_examples()
 
     model = tiny_gpt2(seed=18).train()
     assert segments_probe(model) is None and model.training  # the real one passes, and the mode is kept
+    half = tiny_gpt2(seed=18, dtype=torch.bfloat16)
+    assert segments_probe(half) is None
     try:
         AttentionInterface.register(SEGMENTS, whole_row)
         assert "do not get the log-probabilities they get alone" in segments_probe(model)
+        assert "do not get the log-probabilities they get alone" in segments_probe(half)
         use, why = use_segments("auto", torch.device("cpu"), False, model)
         assert not use and "log-probabilities" in why
         with pytest.raises(LorafitError, match="data.packing=segments: packed examples"):
