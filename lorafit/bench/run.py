@@ -9,6 +9,7 @@ like with like. Evaluation and generation throughput are measured too.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import math
 import platform
@@ -148,19 +149,25 @@ def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_
     return result, trainer
 
 
-def tokenize_val(trainer, val_texts: list[str]):
+def quotes_evaluator(tokenizer, val_texts: list[str], device: torch.device, compiled: bool = False):
+    """lorafit's token-weighted evaluation, set up as the quotes recipe runs it (length policy, layout,
+    batching, precision): a function of any PEFT model, so both sides are measured the same way."""
+    from lorafit.config import load_config
     from lorafit.data.tokenize import tokenize_texts
-
-    d = trainer.cfg.data
-    return tokenize_texts(val_texts, [0] * len(val_texts), trainer.tokenizer, d.seq_len, d.long_examples)
-
-
-def evaluate_with(trainer, model, val) -> dict:
-    """lorafit's token-weighted evaluation of any PEFT model, with the trainer's device and batching."""
     from lorafit.evaluate import evaluate
+    from lorafit.modeling import resolve_precision
+    from lorafit.train import default_micro_tokens, row_length
 
-    return evaluate(model, val, ["quotes"], device=trainer.device, autocast_dtype=trainer.precision.autocast,
-                    row_len=trainer.data.row_len, batch_tokens=trainer.eval_tokens, pad_id=trainer.tokenizer.pad_token_id)
+    cfg = load_config("quotes", [])
+    val = tokenize_texts(val_texts, [0] * len(val_texts), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
+    autocast = resolve_precision(cfg.model.precision, device).autocast
+
+    def run(model) -> dict:
+        return evaluate(model, val, ["quotes"], device=device, autocast_dtype=autocast,
+                        row_len=row_length(cfg, model, device, compiled), batch_tokens=4 * default_micro_tokens(device),
+                        pad_id=tokenizer.pad_token_id)
+
+    return run
 
 
 def lorafit_generation_tokens_per_second(model, tokenizer, prompts: list[str], batch_size: int) -> float:
@@ -226,29 +233,37 @@ def main(args) -> int:
     texts = train_texts[: args.examples]
     fpt, (ceiling, ceiling_what) = None, matmul_ceiling(device)
 
+    from lorafit.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    evaluate_quotes = quotes_evaluator(tokenizer, val_texts, device, compiled=args.compile)
+    prompts16 = [GEN_PROMPTS[i % len(GEN_PROMPTS)] for i in range(32)]
+    generation = ((1, GEN_PROMPTS[:2]), (16, prompts16))
+
     print(f"baseline: {len(texts)} examples ...", file=sys.stderr)
     base_res, base_model = run_baseline(model_dir, tok_dir, texts, warmup_steps=args.warmup_steps, device=str(device))
+    # The same metric for both: token-weighted NLL of the validation quotes (text + EOS).
+    base_extra = {"val_loss": evaluate_quotes(base_model)["val_loss"]}
+    if not args.skip_eval:
+        base_extra["eval_samples_per_second"] = baseline_eval_samples_per_second(base_model, tokenizer, val_texts, str(device))
+    if not args.skip_generation:
+        for bs, prompts in generation:
+            base_extra[f"generation_tokens_per_second_batch{bs}"] = baseline_generation_tokens_per_second(base_model, tokenizer, prompts, bs)
+    del base_model  # measured: lorafit's peak memory should not hold the baseline's model too
+    gc.collect()
+
     print(f"lorafit: {len(texts)} examples ...", file=sys.stderr)
     lf_res, trainer = run_lorafit(model_dir, tok_dir, texts, warmup_steps=args.warmup_steps, device=device,
                                   compile=args.compile)
     fpt = flops_per_token(trainer.model.get_base_model())
-
-    tokenizer = trainer.tokenizer
-    base_extra, lf_extra = {}, {}
-    # The same metric for both: token-weighted NLL of the validation quotes (text + EOS).
-    val = tokenize_val(trainer, val_texts)
-    base_extra["val_loss"] = evaluate_with(trainer, base_model, val)["val_loss"]
     if not args.skip_eval:
-        evaluate_with(trainer, trainer.model, val)  # warm-up, as the baseline gets one
-    lf_eval = evaluate_with(trainer, trainer.model, val)
-    lf_extra["val_loss"] = lf_eval["val_loss"]
+        evaluate_quotes(trainer.model)  # warm-up, as the baseline gets one
+    lf_eval = evaluate_quotes(trainer.model)
+    lf_extra = {"val_loss": lf_eval["val_loss"]}
     if not args.skip_eval:
-        base_extra["eval_samples_per_second"] = baseline_eval_samples_per_second(base_model, tokenizer, val_texts, str(device))
         lf_extra["eval_samples_per_second"] = lf_eval["eval_samples_per_second"]
     if not args.skip_generation:
-        prompts16 = [GEN_PROMPTS[i % len(GEN_PROMPTS)] for i in range(32)]
-        for bs, prompts in ((1, GEN_PROMPTS[:2]), (16, prompts16)):
-            base_extra[f"generation_tokens_per_second_batch{bs}"] = baseline_generation_tokens_per_second(base_model, tokenizer, prompts, bs)
+        for bs, prompts in generation:
             lf_extra[f"generation_tokens_per_second_batch{bs}"] = lorafit_generation_tokens_per_second(trainer.model, tokenizer, prompts, bs)
 
     results = {
