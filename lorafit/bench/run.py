@@ -219,6 +219,7 @@ def print_table(results: dict) -> None:
 
 def main(args) -> int:
     from lorafit.errors import LorafitError
+    from lorafit.modeling import load_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else DEFAULT_TOKENIZER
@@ -232,8 +233,6 @@ def main(args) -> int:
         raise LorafitError(f"--examples {args.examples}: the training split has only {len(train_texts)}.")
     texts = train_texts[: args.examples]
     fpt, (ceiling, ceiling_what) = None, matmul_ceiling(device)
-
-    from lorafit.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
     evaluate_quotes = quotes_evaluator(tokenizer, val_texts, device, compiled=args.compile)
