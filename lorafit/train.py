@@ -166,11 +166,15 @@ class Trainer:
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
 
     # -- one optimizer step
-    def train_step(self) -> torch.Tensor:
-        batches = micro_batches(
-            self.data.train, self.plan.examples(self.step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id,
+    def step_batches(self, step: int) -> list:
+        """The packed micro-batches of optimizer step `step` (a function of the step alone)."""
+        return micro_batches(
+            self.data.train, self.plan.examples(step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id,
             shape_multiple(self.device),
         )
+
+    def train_step(self) -> torch.Tensor:
+        batches = self.step_batches(self.step)
         n_targets = sum(b.n_targets for b in batches)
         step_nll = torch.zeros((), device=self.device, dtype=torch.float64)
         for batch in batches:

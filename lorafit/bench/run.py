@@ -142,9 +142,10 @@ def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_
     trainer = build_trainer(model_dir, tokenizer_dir, texts, [f"train.compile={str(compile).lower()}"], device=device,
                             seed=seed)
     wall, real, examples = time_steps(trainer, warmup_steps)
-    timed = trainer.plan.total_steps - warmup_steps
-    # lorafit computes real positions only (row-end padding aside), so token slots are not reported.
-    result = SideResult("lorafit", examples, timed, wall, examples / wall, real / wall, float("nan"),
+    timed = range(warmup_steps, trainer.plan.total_steps)
+    # Positions computed, padding included (none in the segment layout), counted after the timing.
+    slots = sum(b.n_slots for step in timed for b in trainer.step_batches(step))
+    result = SideResult("lorafit", examples, len(timed), wall, examples / wall, real / wall, slots / wall,
                         peak_memory_bytes(device), str(device))
     return result, trainer
 
