@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from lorafit.errors import LorafitError, first_line
+from lorafit.lora import unwrapped
 
 SEGMENTS = "lorafit_segments"
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")  # what segment attention stands in for
@@ -101,7 +102,7 @@ def segments_probe(model) -> str | None:
 
     The gap is judged against rounding and against the gap of the wrong answer itself: the same
     row with attention crossing examples."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     param = next(base.parameters())
     gen = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, base.config.vocab_size, (n,), generator=gen).to(param.device) for n in (5, 3))
@@ -127,8 +128,9 @@ def segments_probe(model) -> str | None:
     # Right within rounding, or at least ten times closer than attention that crosses examples (a
     # fixed tolerance alone fails bf16, whose rounding of large logits is large). Measured on random
     # GPT-2s: segments are 5e-7 to 6e-6 off in fp32 and 0 in bf16; crossing is 0.06 to 2.4 off.
-    if not (gap(packed) <= 1e-4 or gap(packed) <= 0.1 * gap(crossed)):
-        return f"packed examples do not get the log-probabilities they get alone (max gap {gap(packed):.3g})"
+    off = gap(packed)
+    if not (off <= 1e-4 or off <= 0.1 * gap(crossed)):
+        return f"packed examples do not get the log-probabilities they get alone (max gap {off:.3g})"
     return None
 
 
@@ -136,7 +138,7 @@ def use_segments(packing: str, device: torch.device, compile: bool, model) -> tu
     """Resolve data.packing: (segments?, why not where `auto` wanted them). `auto` is segments on CPU
     (eager), rows on GPU or when compiled, and rows for a model segment attention cannot serve;
     an explicit `segments` there is an error."""
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = unwrapped(model).config
     if packing == "rows" or (packing == "auto" and (device.type != "cpu" or compile)):
         return False, None
     if packing == "segments" and compile:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorafit.lora import unwrapped
+
 
 class FusedTanhGELU(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ def fuse_gelu(model) -> int:
 
 
 def prepare_for_speed(model, compile: bool) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     fuse_gelu(base)
     if compile:
         getattr(base, base.base_model_prefix).compile(dynamic=None)

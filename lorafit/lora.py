@@ -17,6 +17,11 @@ BASE_SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_la
 LINEAR_LIKE = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d")
 
 
+def unwrapped(model):
+    """The transformers model inside a PEFT wrapper (with its LoRA layers), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def linear_module_names(model) -> list[str]:
     """Distinct last-name components of the modules LoRA can wrap (e.g. c_attn, c_proj, c_fc)."""
     return sorted({name.rsplit(".", 1)[-1] for name in _wrappable(model)})

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lorafit.attention import segment_attention
 from lorafit.data.packing import IGNORE, PackedBatch
+from lorafit.lora import unwrapped
 
 DEFAULT_CHUNK = 2048
 CPU_CHUNK = 512  # rows of logits a chunk on CPU, where the chunk's buffer is kept (512 x 50257 fp32: 103 MB)
@@ -146,7 +147,7 @@ def token_nll(model, batch: PackedBatch, chunk: int | None = None, fused: bool =
     `model` is the transformers causal LM (PEFT-wrapped or not). Only scored positions reach the
     head: padding is neither scored nor computed there.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     mask = batch.targets != IGNORE
     targets = batch.targets[mask]
     with _no_adapter_input_casts(model, batch.input_ids.device):
