@@ -80,6 +80,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from lorafit.config import apply_overrides, build_config, read_recipe
     from lorafit.evaluate import evaluate
+    from lorafit.fastpath import fast_paths_for
     from lorafit.generate import load_for_inference, resolve_adapter_dir
     from lorafit.modeling import resolve_precision
     from lorafit.rundir import CONFIG_FILE
@@ -104,14 +105,15 @@ def cmd_eval(args) -> int:
         from lorafit.errors import ConfigError
 
         raise ConfigError(problems)
-    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision)
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
+                                                     attn_implementation=args.attn_implementation)
     device = next(model.parameters()).device
-    data = prepare_data(cfg, tokenizer, model, device)
+    autocast = resolve_precision(cfg.model.precision, device).autocast
+    fast = fast_paths_for(model, cfg, device, autocast, log=lambda m: print(m, file=sys.stderr))
+    data = prepare_data(cfg, tokenizer)
     result = evaluate(
-        model, data.val, data.source_names, device=device,
-        autocast_dtype=resolve_precision(cfg.model.precision, device).autocast,
-        row_len=data.row_len, batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
-        pad_id=tokenizer.pad_token_id,
+        model, data.val, data.source_names, device=device, autocast_dtype=autocast, fast=fast,
+        batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device), pad_id=tokenizer.pad_token_id,
     )
     result = {"run": str(run), "base_model": base_name, **result}
     from lorafit.rundir import to_json
@@ -123,7 +125,8 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from lorafit.generate import SamplingConfig, load_for_inference, sample, sample_base
 
-    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision)
+    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
+                                                     attn_implementation=args.attn_implementation)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     for prompt in args.prompts:
         tuned = sample(model, tokenizer, prompt, cfg)
@@ -154,7 +157,7 @@ def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) 
 def cmd_merge(args) -> int:
     from lorafit.merge import merge
 
-    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype)
+    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -185,6 +188,11 @@ def cmd_bench(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def add_attn_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attn-implementation", default=None, metavar="NAME",
+                        help="attention implementation for the base (auto, eager, sdpa, ...; default: the one the run used)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorafit", description="Fast, honest LoRA fine-tuning of small causal language models.",
@@ -206,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_examples=100")
     e.add_argument("--recipe", help="recipe whose data to use when RUN has no config.yaml")
     e.add_argument("--base", help="base model (default: the adapter's own)")
+    add_attn_argument(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample from base + adapter")
@@ -219,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
     g.add_argument("--base", help="base model (default: the adapter's own)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the precision the run was trained in")
+    add_attn_argument(g)
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="merge the adapter into the base and save a full model")
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output directory")
     m.add_argument("--base", help="base model (default: the adapter's own)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_attn_argument(m)
     m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("init-model", help="write a randomly initialised model (offline runs, benchmarks)")

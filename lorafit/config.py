@@ -29,7 +29,7 @@ class ModelConfig:
     name: str = "gpt2"  # hub id or local directory
     revision: str | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto (transformers picks: sdpa where the model has it) | eager | sdpa | ...
     dropout: float | None = None  # the base's own dropout (GPT-2: 0.1); None keeps it, 0 turns it off
     trust_remote_code: bool = False
 
@@ -63,7 +63,7 @@ class DataConfig:
     seq_len: int = 64  # longest example in tokens, EOS included
     long_examples: str = "truncate"  # truncate | chunk | drop
     pack_len: int | None = None  # packed row length (rows packing); None = seq_len
-    packing: str = "auto"  # auto | segments | rows: see lorafit/attention.py; auto = segments on CPU
+    packing: str = "auto"  # auto | segments | rows | padded: see lorafit/fastpath.py; auto = the fastest exact one
     cache_dir: str | None = None  # tokenised-data cache; None = ~/.cache/lorafit
 
 
@@ -72,7 +72,8 @@ class LoraConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["c_attn"])
+    # auto: PEFT's default for the architecture (GPT-2: c_attn); all-linear: every linear layer but the head; or names
+    targets: str | list[str] = "auto"
     bias: str = "none"  # none | all | lora_only
     use_rslora: bool = False
     use_dora: bool = False
@@ -128,7 +129,7 @@ class RunConfig:
 CHOICES = {
     "model.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.long_examples": ("truncate", "chunk", "drop"),
-    "data.packing": ("auto", "segments", "rows"),
+    "data.packing": ("auto", "segments", "rows", "padded"),
     "lora.bias": ("none", "all", "lora_only"),
     "train.schedule": ("linear", "cosine", "constant"),
     "source.format": ("auto", "hub", "jsonl", "json", "csv", "txt", "parquet"),
@@ -298,7 +299,10 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
     need(lo.r > 0, f"lora.r: must be a positive integer, got {lo.r}")
     need(lo.alpha > 0, f"lora.alpha: must be positive, got {lo.alpha}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
-    need(len(lo.targets) > 0, "lora.targets: name at least one module (e.g. [c_attn])")
+    need(
+        (isinstance(lo.targets, str) and lo.targets != "") or (isinstance(lo.targets, list) and len(lo.targets) > 0 and all(lo.targets)),
+        "lora.targets: auto, all-linear, or at least one module name (e.g. [c_attn])",
+    )
 
     t = cfg.train
     need(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")

@@ -10,6 +10,7 @@ import torch
 
 from lorafit.data.packing import micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
+from lorafit.fastpath import FastPaths
 from lorafit.loss import token_nll
 from lorafit.metrics import NllTotals
 
@@ -21,13 +22,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, row_len: int, batch_tokens: int, pad_id: int):
-    """Summed NLL of every example (float64, on CPU)."""
+def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, fast: FastPaths, batch_tokens: int, pad_id: int):
+    """Summed NLL of every example (float64, on CPU), in the layout and head loss `fast` allows."""
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
-    for batch in micro_batches(split, np.arange(len(split)), row_len, batch_tokens, pad_id, shape_multiple(device)):
+    for batch in micro_batches(split, np.arange(len(split)), fast.layout, batch_tokens, pad_id, shape_multiple(device)):
         batch = batch.to(device)
         with autocast_context(device, autocast_dtype):
-            nll, example = token_nll(model, batch)
+            nll, example = token_nll(model, batch, fused=fast.fused_head)
         totals.index_add_(0, example, nll.double())
     return totals.cpu().numpy()
 
@@ -39,7 +40,7 @@ def evaluate(
     *,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    row_len: int,
+    fast: FastPaths,
     batch_tokens: int,
     pad_id: int,
 ) -> dict:
@@ -47,7 +48,7 @@ def evaluate(
     model.eval()
     start = time.perf_counter()
     nll = example_nll(
-        model, split, device=device, autocast_dtype=autocast_dtype, row_len=row_len, batch_tokens=batch_tokens, pad_id=pad_id
+        model, split, device=device, autocast_dtype=autocast_dtype, fast=fast, batch_tokens=batch_tokens, pad_id=pad_id
     )
     seconds = time.perf_counter() - start
     model.train(was_training)

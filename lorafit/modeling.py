@@ -76,6 +76,12 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)."
         )
     reason = first_line(exc)
+    if what == "Model" and ("attn_implementation" in str(exc) or "attention implementation" in str(exc).lower()):
+        return LorafitError(
+            f"Could not load model '{name}' with this attention implementation: {reason}\nSet model.attn_implementation "
+            "to one the model supports: auto (transformers picks), eager or sdpa (lorafit eval/generate/merge: "
+            "--attn-implementation)."
+        )
     if "trust_remote_code" in str(exc) or "custom code" in str(exc):
         return LorafitError(
             f"Could not load {what.lower()} '{name}': it needs its own Python code to load, which lorafit runs only "
@@ -112,7 +118,7 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
             cfg.name,
             revision=cfg.revision,
             dtype=precision.weights,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights: a .bin file can run code when loaded
         )
@@ -126,6 +132,20 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
         # batches change shape every step, so use the flash / memory-efficient kernels instead.
         torch.backends.cuda.enable_cudnn_sdp(False)
     return model.to(device)
+
+
+def load_settings(cfg: ModelConfig, model) -> dict:
+    """Everything needed to load this base again as it was trained: the name as the user gave it,
+    the resolved local path, and the settings (the attention implementation as resolved)."""
+    local = Path(cfg.name).expanduser()
+    return {
+        "name": cfg.name,
+        "resolved": str(local.resolve()) if local.is_dir() else None,
+        "revision": cfg.revision,
+        "precision": cfg.precision,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
 
 
 def set_dropout(model, p: float) -> None:

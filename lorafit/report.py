@@ -97,6 +97,12 @@ def _text_label(src) -> str:
     return " + ".join(f"`{f}`" for f in fields)
 
 
+def _targets(asked: str | list[str], resolved: list[str] | None) -> str:
+    """The modules LoRA wraps, and the choice that named them when it was `auto` or `all-linear`."""
+    names = ", ".join(f"`{t}`" for t in (resolved or ([asked] if isinstance(asked, str) else asked)))
+    return f"{names} (lora.targets={asked})" if isinstance(asked, str) and resolved else names
+
+
 def model_card(cfg: RunConfig, summary: dict) -> str:
     lo = cfg.lora
     weighted = any(s.weight != 1.0 for s in cfg.data.sources.values())
@@ -127,7 +133,7 @@ tags: [lora, lorafit]
 Trained with lorafit, recipe `{cfg.recipe or 'custom'}`.
 
 ## LoRA settings
-r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, targets = {', '.join(lo.targets)}
+r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, targets = {_targets(lo.targets, summary.get('lora_targets'))}
 ({summary.get('trainable_params', 0):,} trainable of {summary.get('total_params', 0):,} parameters).
 
 ## Data

@@ -24,10 +24,13 @@ from lorafit.data.packing import micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_cached
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import autocast_context, evaluate
-from lorafit.lora import apply_lora, count_parameters, format_counts, write_base_signature
+from lorafit.fastpath import FastPaths
+from lorafit.lora import apply_lora, count_parameters, format_counts, resolve_targets, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.measure import peak_memory_bytes, sync
-from lorafit.modeling import Precision, default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
+from lorafit.modeling import (
+    Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, resolve_precision,
+)
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
 )
@@ -45,20 +48,21 @@ class Data:
     train: TokenizedSplit
     val: TokenizedSplit
     source_names: list[str]
-    row_len: int | None  # None: segment layout
 
 
-def prepare_data(cfg: RunConfig, tokenizer, model, device: torch.device, compiled: bool = False) -> Data:
+def check_seq_len(cfg: RunConfig, model) -> None:
+    limit = max_positions(model)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise LorafitError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the maximum of {limit} positions of model "
+            f"'{cfg.model.name}'; set data.seq_len={limit} or less."
+        )
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> Data:
     from lorafit.data.sources import load_corpus
 
     d = cfg.data
-    model_max_positions = max_positions(model)
-    if model_max_positions is not None and d.seq_len > model_max_positions:
-        raise LorafitError(
-            f"data.seq_len={d.seq_len} is longer than the maximum of {model_max_positions} positions of model "
-            f"'{cfg.model.name}'; set data.seq_len={model_max_positions} or less."
-        )
-    row_len = row_length(cfg, model, device, compiled)  # checks data.packing before any data is read
     corpus = load_corpus(d)
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     train, hit_t = tokenize_cached(
@@ -75,22 +79,7 @@ def prepare_data(cfg: RunConfig, tokenizer, model, device: torch.device, compile
         f"data: {len(train):,} train / {len(val):,} val examples, {train.n_targets:,} train target tokens"
         f"{' (tokenised data from cache)' if hit_t and hit_v else ''}; {int(train.truncated.sum()):,} truncated"
     )
-    return Data(train, val, corpus.source_names, row_len)
-
-
-def row_length(cfg: RunConfig, model, device: torch.device, compiled: bool) -> int | None:
-    """Packed row length, or None for the segment layout (one row a micro-batch; see lorafit.attention)."""
-    from lorafit.attention import use_segments
-
-    segments, why_not = use_segments(cfg.data.packing, device, compiled, model)
-    if segments:
-        return None
-    if why_not:
-        log(f"data.packing=auto: packing rows, as segment attention cannot serve this model: {why_not}")
-    d = cfg.data
-    row_len = d.pack_len or d.seq_len  # rows no longer than an example may be: masked attention stays cheap
-    limit = max_positions(model)
-    return row_len if limit is None else max(d.seq_len, min(row_len, limit))
+    return Data(train, val, corpus.source_names)
 
 
 @dataclass
@@ -154,6 +143,8 @@ class Trainer:
     device: torch.device
     precision: Precision
     tokenizer: object
+    fast: FastPaths
+    lora_targets: list[str]
     micro_tokens: int
     eval_tokens: int
     scaler: torch.amp.GradScaler | None = None
@@ -169,7 +160,7 @@ class Trainer:
     def step_batches(self, step: int) -> list:
         """The packed micro-batches of optimizer step `step` (a function of the step alone)."""
         return micro_batches(
-            self.data.train, self.plan.examples(step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id,
+            self.data.train, self.plan.examples(step), self.fast.layout, self.micro_tokens, self.tokenizer.pad_token_id,
             shape_multiple(self.device),
         )
 
@@ -180,7 +171,7 @@ class Trainer:
         for batch in batches:
             batch = batch.to(self.device)
             with autocast_context(self.device, self.precision.autocast):
-                nll, _ = token_nll(self.model, batch)
+                nll, _ = token_nll(self.model, batch, fused=self.fast.fused_head)
             nll_sum = nll.sum()
             loss = nll_sum / n_targets  # normalised by the whole step's targets, not the micro-batch's
             (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -255,7 +246,7 @@ class Trainer:
             self.data.source_names,
             device=self.device,
             autocast_dtype=self.precision.autocast,
-            row_len=self.data.row_len,
+            fast=self.fast,
             batch_tokens=self.eval_tokens,
             pad_id=self.tokenizer.pad_token_id,
         )
@@ -390,23 +381,13 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.devic
     return optimizer, scheduler
 
 
-def save_adapter(model, tokenizer, path: Path, base_name: str) -> None:
+def save_adapter(model, tokenizer, path: Path, load: dict) -> None:
+    """The adapter in PEFT's format (its config names the base as the user gave it), the tokenizer,
+    and lorafit's metadata: the base's signature and how to load it again (`load`)."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        _set_adapter_base(tmp, base_name)
-        write_base_signature(tmp, model.get_base_model())
-
-
-def _set_adapter_base(adapter_dir: Path, base_name: str) -> None:
-    """PEFT records the base as given; a local base is recorded as an absolute path so the adapter loads from anywhere."""
-    import json
-
-    cfg_path = adapter_dir / "adapter_config.json"
-    config = json.loads(cfg_path.read_text())
-    local = Path(base_name).expanduser()
-    config["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else base_name
-    atomic_write_text(cfg_path, json.dumps(config, indent=2))
+        write_base_signature(tmp, model.get_base_model(), load)
 
 
 RESUME_MAY_CHANGE = ("recipe", "output_dir", "data.cache_dir")  # where things live, not what is computed
@@ -442,7 +423,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def setup(cfg: RunConfig, run: RunDir) -> Trainer:
-    """Tokenizer, model, data, LoRA and optimizer: every input is checked here, and nothing is written."""
+    """Tokenizer, model, LoRA, fast paths, data and optimizer: every input is checked here, the model's
+    before any data is read, and nothing is written."""
     from lorafit.data.sources import offline_hint
 
     device = default_device()
@@ -451,24 +433,37 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
     model = load_base_model(cfg.model, precision, device, hint=hint)
-    data = prepare_data(cfg, tokenizer, model, device, compiled=cfg.train.compile)
-    return assemble(cfg, model, tokenizer, data, device, precision, run)
+    check_seq_len(cfg, model)
+    model, targets, fast = prepare_model(cfg, model, device, precision)
+    data = prepare_data(cfg, tokenizer)
+    return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
 
 
-def assemble(cfg: RunConfig, model, tokenizer, data: Data, device: torch.device, precision: Precision,
-             run: RunDir | None) -> Trainer:
-    """LoRA, optimizer and schedule around a loaded base and prepared data (also what `lorafit bench` times)."""
+def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precision):
+    """LoRA on the resolved targets and the speed-ups, then the fast paths checked on the result:
+    (PEFT model, LoRA target names, FastPaths). Also what `lorafit bench` times."""
     from lorafit.fast import prepare_for_speed
+    from lorafit.fastpath import fast_paths_for
 
+    targets, note = resolve_targets(model, cfg.lora.targets)
+    if note:
+        log(note)
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
-    model = apply_lora(model, cfg.lora)
-    log(format_counts(*count_parameters(model)))
+    model = apply_lora(model, cfg.lora, targets)
+    log(f"LoRA on {', '.join(targets)}: {format_counts(*count_parameters(model))}")
     prepare_for_speed(model, cfg.train.compile)
+    fast = fast_paths_for(model, cfg, device, precision.autocast, log=log)
+    return model, targets, fast
+
+
+def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targets: list[str], device: torch.device,
+             precision: Precision, run: RunDir | None) -> Trainer:
+    """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times)."""
     plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
     return Trainer(
-        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer,
+        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, fast, targets,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
         eval_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
         scaler=scaler,
@@ -519,13 +514,16 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     after = trainer.run_eval("final")
     advice = f"Training itself is saved in {run.checkpoints}; free space, then run the same command with --resume."
     with saving(f"the adapter in {run.adapter}", advice):
-        save_adapter(trainer.model, trainer.tokenizer, run.adapter, cfg.model.name)
+        save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()))
     trainable, total = count_parameters(trainer.model)
     summary = {
         "recipe": cfg.recipe,
         "base_model": cfg.model.name,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": str(trainer.precision.weights).replace("torch.", ""),
+        "lora_targets": trainer.lora_targets,
+        "packing": trainer.fast.layout.kind,
+        "fast_paths": trainer.fast.record(),
         "trainable_params": trainable,
         "total_params": total,
         "train_examples": len(trainer.data.train),
