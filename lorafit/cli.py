@@ -64,17 +64,48 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from lorafit.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)  # a bad config stops here, before any process starts
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    from lorafit import distributed as dist
     from lorafit.errors import Stopped
     from lorafit.train import train
 
-    cfg = load_config(args.recipe, args.overrides)
+    world = dist.init()
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (Stopped, KeyboardInterrupt) as exc:
-        command = shlex.join(["lorafit", "train", args.recipe, *args.overrides, "--resume"])
-        print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
+        if world.is_main:
+            command = shlex.join(["lorafit", "train", args.recipe, *args.overrides, "--resume"])
+            print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+    except torch_distributed_errors() as exc:  # a peer died: this rank cannot go on alone
+        print(f"error: rank {world.rank}: another process of this job stopped ({type(exc).__name__}); the newest "
+              f"complete checkpoint in {cfg.output_dir}/checkpoints stays resumable: run the same command with --resume.",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        dist.shutdown()
     return 0
+
+
+def torch_distributed_errors() -> tuple[type, ...]:
+    import torch.distributed as td
+
+    return tuple(e for e in (getattr(td, "DistBackendError", None), getattr(td, "DistNetworkError", None),
+                             getattr(td, "DistError", None)) if e is not None)
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: the same command as N data-parallel processes on this machine, started by torchrun."""
+    import subprocess
+
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+            and not (i > 0 and argv[i - 1] == "--nproc")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lorafit", *rest]
+    return subprocess.call(command)
 
 
 def cmd_eval(args) -> int:
@@ -207,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train data parallel in N processes on this machine (through torchrun; one per GPU, or CPU processes)")
+    t.set_defaults(func=cmd_train, argv=None)
 
     e = sub.add_parser("eval", help="evaluate a run on its validation data; prints JSON")
     e.add_argument("run", help="run directory (or adapter directory with --recipe)")
@@ -268,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if strays:
         args.overrides = list(args.overrides) + strays
+    if getattr(args, "nproc", 1) < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if argv is not None and hasattr(args, "argv"):
+        args.argv = list(argv)  # what --nproc relaunches
     if args.command in ("train", "eval", "generate", "merge", "bench"):
         _offline_if_hub_unreachable()
     _quiet_libraries()
