@@ -32,6 +32,7 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto (transformers picks: sdpa where the model has it) | eager | sdpa | ...
     dropout: float | None = None  # the base's own dropout (GPT-2: 0.1); None keeps it, 0 turns it off
     trust_remote_code: bool = False
+    quantize: str | None = None  # nf4 | int8: the frozen base quantised by bitsandbytes (QLoRA; CUDA only)
 
 
 @dataclass
@@ -101,6 +102,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     compile: bool = False
     skip_nonfinite: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more compute
+    fsdp: bool = False  # data parallel with the frozen base sharded over the ranks (torch FSDP2 fully_shard)
 
 
 @dataclass
@@ -261,6 +264,7 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         need(value in options, f"{key}: {value!r} is not one of {', '.join(options)}")
 
     choice("model.precision", cfg.model.precision)
+    need(cfg.model.quantize in (None, "nf4", "int8"), f"model.quantize: {cfg.model.quantize!r} is not one of nf4, int8 (or null)")
     choice("data.long_examples", cfg.data.long_examples)
     choice("data.packing", cfg.data.packing)
     choice("lora.bias", cfg.lora.bias)

@@ -51,18 +51,19 @@ def rows_length(pack_len: int | None, seq_len: int, max_positions: int | None) -
     return row_len if max_positions is None else max(seq_len, min(row_len, max_positions))
 
 
-def preference(packing: str, device: torch.device, compile: bool) -> list[str]:
+def preference(packing: str, device: torch.device, compile: bool, checkpointing: bool = False) -> list[str]:
     """Layouts to try, best first. Segments: no padding slot at all, but one attention call per
-    example, which costs kernel launches on a GPU and retraces under compile."""
+    example, which costs kernel launches on a GPU, retraces under compile, and is not in force when
+    gradient checkpointing recomputes a layer in the backward (it is switched on for the forward only)."""
     if packing != "auto":
         return [packing]
-    if compile:
+    if compile or checkpointing:
         return ["rows", "padded"]
     return ["segments", "rows", "padded"] if device.type == "cpu" else ["rows", "segments", "padded"]
 
 
 def choose_fast_paths(model, *, packing: str, device: torch.device, compile: bool, seq_len: int, row_len: int,
-                      autocast_dtype: torch.dtype | None = None, log=None) -> FastPaths:
+                      autocast_dtype: torch.dtype | None = None, log=None, checkpointing: bool = False) -> FastPaths:
     """Check the fused head and the layouts on `model` (its base, LoRA and speed-ups as trained) and
     pick: the first layout of `preference` that is exact; an explicit `packing` that is not exact is an
     error. `log` gets one line when a fallback is taken."""
@@ -71,13 +72,18 @@ def choose_fast_paths(model, *, packing: str, device: torch.device, compile: boo
             "data.packing=segments cannot be compiled (example boundaries change every batch, so "
             "torch.compile would recompile); use data.packing=rows with train.compile=true."
         )
+    if packing == "segments" and checkpointing:
+        raise LorafitError(
+            "data.packing=segments cannot be used with train.gradient_checkpointing (the layers recomputed in the "
+            "backward would not attend example by example); use data.packing=rows or auto."
+        )
     probe = _Probe(model, device, seq_len, autocast_dtype)
     with probe.evaluating():
         why_not = {}
         fused = probe.head_reason()
         if fused:
             why_not["fused_head"] = fused
-        for kind in preference(packing, device, compile):
+        for kind in preference(packing, device, compile, checkpointing):
             layout = Layout(kind, row_len if kind == "rows" else None)
             reason = probe.layout_reason(layout, fused_head=not fused)
             if reason is None:
@@ -205,4 +211,5 @@ def fast_paths_for(model, cfg, device: torch.device, autocast_dtype: torch.dtype
     return choose_fast_paths(
         model, packing=d.packing, device=device, compile=cfg.train.compile, seq_len=d.seq_len,
         row_len=rows_length(d.pack_len, d.seq_len, max_positions(unwrapped(model))), autocast_dtype=autocast_dtype, log=log,
+        checkpointing=cfg.train.gradient_checkpointing,
     )

@@ -27,11 +27,11 @@ from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_ca
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import autocast_context, evaluate
 from lorafit.fastpath import FastPaths
-from lorafit.lora import apply_lora, count_parameters, format_counts, resolve_targets, write_base_signature
+from lorafit.lora import apply_lora, count_parameters, format_counts, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.measure import peak_memory_bytes, sync
 from lorafit.modeling import (
-    Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, resolve_precision,
+    Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
@@ -509,6 +509,9 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
     model = apply_lora(model, cfg.lora, targets)
     log(f"LoRA on {', '.join(targets)}: {format_counts(*count_parameters(model))}")
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
+        unwrapped(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_for_speed(model, cfg.train.compile)
     fast = fast_paths_for(model, cfg, device, precision.autocast, log=log)
     return model, targets, fast
@@ -580,14 +583,19 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if run.is_finished():
             log(f"The run in {run.path} has already finished; nothing to do.")
             return run.read_json(SUMMARY_FILE)
-    trainer = setup(cfg, run)
-    # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
-    claim = run.claim(overwrite=overwrite and not resume) if dist.world().is_main else contextlib.nullcontext()
-    with claim:
-        dist.barrier()  # the directory is claimed (and emptied for --overwrite) before any rank reads it
-        before = start(trainer, resume)
-        trainer.fit(progress=progress)
-        return finish(trainer, before)
+    try:
+        trainer = setup(cfg, run)
+        # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
+        claim = run.claim(overwrite=overwrite and not resume) if dist.world().is_main else contextlib.nullcontext()
+        with claim:
+            dist.barrier()  # the directory is claimed (and emptied for --overwrite) before any rank reads it
+            before = start(trainer, resume)
+            trainer.fit(progress=progress)
+            return finish(trainer, before)
+    except torch.OutOfMemoryError:
+        newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
+        kept = f" The newest complete checkpoint, {newest[0][1]}, resumes with --resume." if newest else ""
+        raise LorafitError(str(out_of_memory(default_device(), "training")) + kept) from None
 
 
 def finish(trainer: Trainer, before: dict | None) -> dict:
