@@ -30,9 +30,10 @@ def wants_comparison(args) -> bool:
     for names, main, example in ((DATA_ONLY, "data", "--data FILE --text-field text"),
                                  (TASKS_ONLY, "tasks", "--tasks hellaswag --limit 100")):
         stray = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
-        if stray and not getattr(args, main, None):
-            raise LorafitError(f"{', '.join(stray)} only apply with --{main}, e.g. lorafit eval RUN {example}.")
-    return bool(getattr(args, "data", None) or getattr(args, "tasks", None))
+        if stray and getattr(args, main, None) is None:
+            verb = "applies" if len(stray) == 1 else "apply"
+            raise LorafitError(f"{', '.join(stray)} only {verb} with --{main}, e.g. lorafit eval RUN {example}.")
+    return getattr(args, "data", None) is not None or getattr(args, "tasks", None) is not None
 
 
 def run_config(run: Path, recipe: str | None, overrides: list[str]):
@@ -69,18 +70,23 @@ def eval_command(args) -> int:
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
     cfg = run_config(run, args.recipe, args.overrides)
-    result: dict = {}
-    if args.data:
-        result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base))
-    if args.tasks:
-        from lorafit.lm_eval_bridge import compare_on_tasks
+    plan = None
+    if args.tasks is not None:  # flags, the extra and the task names are checked before anything runs
+        from lorafit.lm_eval_bridge import plan_tasks
 
-        tasks = compare_on_tasks(
-            run, adapter_dir, cfg, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-            batch_size=args.batch_size, include_path=args.include_path, base=args.base,
-        )
-        result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
-    refresh_model_card(run)
+        plan = plan_tasks(args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                          include_path=args.include_path)
+    result: dict = {}
+    try:
+        if args.data:
+            result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base))
+        if plan is not None:
+            from lorafit.lm_eval_bridge import compare_on_tasks
+
+            tasks = compare_on_tasks(run, adapter_dir, cfg, plan, base=args.base)
+            result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
+    finally:
+        refresh_model_card(run)  # whatever was written to eval/, also before a failure
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0
 
@@ -103,12 +109,12 @@ def read_texts(source: str, src, seed: int, cache_dir: Path) -> list[str]:
 
     try:
         return read_source(source, src, None, seed, cache_dir)
-    except DataError as exc:
-        message = str(exc)
+    except LorafitError as exc:
+        message = str(exc).replace(" (relative paths are resolved against data.root)", "")
         for key, flag in (("path", "--data"), ("text_field", "--text-field"), ("max_examples", "--max-examples")):
             message = message.replace(f"data.sources.{source}.{key}=", f"{flag} ").replace(f"data.sources.{source}.{key}", flag)
         message = message.replace("Set text_field", "Set --text-field")
-        raise DataError(message) from None
+        raise (DataError if isinstance(exc, DataError) else LorafitError)(message) from None
 
 
 def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_field: str | None,

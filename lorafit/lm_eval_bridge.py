@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -152,18 +153,36 @@ def hf_model_args(cfg, base_name: str) -> dict:
 # ---------------------------------------------------------------- running lm-eval
 
 
-def compare_on_tasks(run: Path, adapter_dir: Path, cfg, tasks_spec: str, *, limit: str | None, num_fewshot: int | None,
-                     batch_size: str | None, include_path: str | None, base: str | None) -> dict:
-    from lorafit.forgetting import eval_dir
-    from lorafit.lora import read_adapter_config
-    from lorafit.modeling import default_device
+@dataclass
+class TaskPlan:
+    """What --tasks and its options ask for, checked: lm-eval importable, task names known."""
 
+    lm_eval: object
+    manager: object
+    tasks: list[str]
+    limit: int | float | None
+    num_fewshot: int | None
+    batch_size: int | str
+    include_path: str | None
+
+
+def plan_tasks(tasks_spec: str, *, limit: str | None, num_fewshot: int | None, batch_size: str | None,
+               include_path: str | None) -> TaskPlan:
     lm_eval = import_lm_eval()
     tasks = parse_tasks(tasks_spec)
     limit_value, batch = parse_limit(limit), parse_batch_size(batch_size)
     if num_fewshot is not None and num_fewshot < 0:
         raise LorafitError(f"--num-fewshot {num_fewshot}: give 0 or more examples.")
     manager, tasks = task_manager(include_path, tasks)
+    return TaskPlan(lm_eval, manager, tasks, limit_value, num_fewshot, batch, include_path)
+
+
+def compare_on_tasks(run: Path, adapter_dir: Path, cfg, plan: TaskPlan, base: str | None = None) -> dict:
+    """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison."""
+    from lorafit.forgetting import eval_dir
+    from lorafit.lora import read_adapter_config
+    from lorafit.modeling import default_device
+
     base_name = base or read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base_name:
         raise LorafitError(f"{adapter_dir} names no base model; pass --base MODEL.")
@@ -173,10 +192,9 @@ def compare_on_tasks(run: Path, adapter_dir: Path, cfg, tasks_spec: str, *, limi
     results = {}
     for side in SIDES:
         args = model_args if side == "base" else {**model_args, "peft": str(Path(adapter_dir).resolve())}
-        print(f"lm-eval: {', '.join(tasks)} on the {side} ({'pretrained=' + base_name if side == 'base' else 'peft=' + args['peft']})",
-              file=sys.stderr, flush=True)
-        results[side] = run_side(lm_eval, side, args, tasks, manager, out_dir, num_fewshot=num_fewshot, limit=limit_value,
-                                 batch_size=batch, device=device, include_path=include_path)
+        print(f"lm-eval: {', '.join(plan.tasks)} on the {side} "
+              f"({'pretrained=' + base_name if side == 'base' else 'peft=' + args['peft']})", file=sys.stderr, flush=True)
+        results[side] = run_side(plan, side, args, out_dir, device)
     rows = compare(results["base"], results["adapter"])
     show_task_table(rows)
     by_task: dict = {}
@@ -186,14 +204,13 @@ def compare_on_tasks(run: Path, adapter_dir: Path, cfg, tasks_spec: str, *, limi
         "run": str(run), "base_model": base_name, "adapter": str(adapter_dir),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "lm_eval_version": results["adapter"].get("lm_eval_version"),
-        "model_args": model_args, "num_fewshot": num_fewshot, "limit": limit_value,
+        "model_args": model_args, "num_fewshot": plan.num_fewshot, "limit": plan.limit,
         "tasks": by_task,
         "files": sorted(str(p) for p in out_dir.glob("lm_eval_*")),
     }
 
 
-def run_side(lm_eval, side: str, model_args: dict, tasks: list[str], manager, out_dir: Path, *, num_fewshot, limit,
-             batch_size, device: str, include_path: str | None) -> dict:
+def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device: str) -> dict:
     """One lm-eval run, saved by lm-eval's own EvaluationTracker and renamed into place; its results file."""
     from lm_eval.loggers import EvaluationTracker
 
@@ -203,12 +220,13 @@ def run_side(lm_eval, side: str, model_args: dict, tasks: list[str], manager, ou
     try:
         tracker = EvaluationTracker(output_path=str(tmp / results_file(side)))
         try:
-            res = lm_eval.simple_evaluate(
-                model="hf", model_args=model_args, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
-                limit=limit, batch_size=batch_size, device=device, log_samples=True, evaluation_tracker=tracker,
+            res = plan.lm_eval.simple_evaluate(
+                model="hf", model_args=model_args, tasks=plan.tasks, task_manager=plan.manager,
+                num_fewshot=plan.num_fewshot, limit=plan.limit, batch_size=plan.batch_size, device=device,
+                log_samples=True, evaluation_tracker=tracker,
             )
         except Exception as exc:
-            explained = explain_failure(exc, tasks, model_args, include_path, is_network_error(exc))
+            explained = explain_failure(exc, plan.tasks, model_args, plan.include_path, is_network_error(exc))
             if explained is exc:
                 raise  # not the user's to fix: a bug keeps its traceback
             raise explained from None
@@ -217,17 +235,15 @@ def run_side(lm_eval, side: str, model_args: dict, tasks: list[str], manager, ou
         tracker.save_results_aggregated(results=res, samples=samples)
         for task in res["configs"]:
             tracker.save_results_samples(task_name=task, samples=samples[task])
-        written = {p.name: p for p in tmp.iterdir()}
-        aggregated = [p for name, p in written.items() if name.startswith(f"lm_eval_{side}_") and name.endswith(".json")]
-        if len(aggregated) != 1 or any(not any(n.startswith(f"samples_{t}_") for n in written) for t in res["configs"]):
+        # lm-eval names its files NAME_DATE.json and samples_TASK_DATE.jsonl; lorafit's names have no date.
+        moves = {tmp / f"{Path(results_file(side)).stem}_{tracker.date_id}.json": out_dir / results_file(side)}
+        moves.update({tmp / f"samples_{t}_{tracker.date_id}.jsonl": out_dir / samples_file(side, t) for t in res["configs"]})
+        if not all(src.is_file() for src in moves):
             raise LorafitError(f"lm-evaluation-harness did not write its results under {out_dir} (see its warnings above); "
                                "free space or fix the permissions, then run again.")
-        keep = {results_file(side)} | {samples_file(side, t) for t in res["configs"]}
-        for name, path in written.items():
-            if name.startswith("samples_"):
-                task = next(t for t in res["configs"] if name.startswith(f"samples_{t}_"))
-                os.replace(path, out_dir / samples_file(side, task))
-        os.replace(aggregated[0], out_dir / results_file(side))
+        for src, dst in sorted(moves.items(), key=lambda m: m[1].suffix == ".json"):  # the results file last
+            os.replace(src, dst)
+        keep = {dst.name for dst in moves.values()}
         for old in out_dir.glob(f"lm_eval_{side}_samples_*.jsonl"):  # samples of tasks this run did not have
             if old.name not in keep:
                 old.unlink()
@@ -326,7 +342,7 @@ def show_task_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="lm-evaluation-harness: base vs base + adapter",
-                  caption="difference = adapter - base; stderr: base / adapter; ↑ higher is better, ↓ lower")
+                  caption="difference = adapter - base; stderr: base / adapter; ↑/↓: higher/lower is better")
     for column in ("task", "metric", "base", "adapter", "difference", "stderr"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right", no_wrap=column != "task")
     for r in rows:
