@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run on its validation data; prints JSON")
+    e = sub.add_parser("eval", help="evaluate a run on its validation data, or base vs adapter (--data, --tasks); prints JSON")
     e.add_argument("run", help="run directory (or adapter directory with --recipe)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_examples=100")
     e.add_argument("--recipe", help="recipe whose data to use when RUN has no config.yaml")

@@ -180,12 +180,14 @@ def show_data_table(source: str, row: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from lorafit.lm_eval_bridge import fmt
+
     table = Table(title=f"{source}: {row['examples']:,} examples, {row['tokens']:,} tokens (lower is better)")
     for column in ("metric", "base", "adapter", "difference"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key, label in METRICS:
         b, a, diff = row["base"][key], row["adapter"][key], row["difference"][key]
-        table.add_row(label, f"{b:.4f}", f"{a:.4f}", f"{diff:+.4f}")
+        table.add_row(label, fmt(b), fmt(a), fmt(diff, "+.4f"))
     Console(stderr=True).print(table)
 
 

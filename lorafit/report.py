@@ -118,12 +118,14 @@ def evaluation_section(evaluations: dict) -> str:
     parts = []
     forgetting = evaluations.get("forgetting")
     if forgetting and forgetting.get("data"):
+        from lorafit.lm_eval_bridge import fmt
+
         rows = []
         for source, r in forgetting["data"].items():
             for key, label in (("loss", "loss"), ("ppl", "perplexity"), ("bits_per_byte", "bits/byte")):
                 b, a, d = (r[side].get(key) for side in ("base", "adapter", "difference"))
                 if None not in (b, a, d):
-                    rows.append(f"| {_cell(f'`{source}`')} | {label} | {b:.4f} | {a:.4f} | {d:+.4f} |")
+                    rows.append(f"| {_cell(f'`{source}`')} | {label} | {fmt(b)} | {fmt(a)} | {fmt(d, '+.4f')} |")
         parts.append(
             f"Scored with lorafit's evaluator ({forgetting.get('date', '')}; at most {forgetting.get('seq_len')} tokens an "
             "example, EOS appended; lower is better):\n\n| data | metric | base | adapter | difference |\n|---|---|---|---|---|\n"
