@@ -139,7 +139,8 @@ def hf_model_args(cfg, base_name: str) -> dict:
 
     device = default_device()
     weights = resolve_precision(cfg.model.precision, device).weights if device.type == "cuda" else torch.float32
-    args = {"pretrained": base_name, "dtype": str(weights).replace("torch.", "")}
+    # use_safetensors: as lorafit loads every model, weights never come from pickles (lorafit's bases have safetensors)
+    args = {"pretrained": base_name, "dtype": str(weights).replace("torch.", ""), "use_safetensors": True}
     m = cfg.model
     if m.revision:
         args["revision"] = m.revision

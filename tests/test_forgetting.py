@@ -183,6 +183,15 @@ def test_without_lm_eval_the_message_names_the_extra(tuned_run, task_dir, capsys
     assert 'pip install -e ".[lm-eval]"' in capsys.readouterr().err
 
 
+def test_bad_data_sources_name_the_flags(tuned_run, tmp_path, capsys):
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"body": "some text"}) + "\n", encoding="utf-8")
+    assert main(["eval", str(tuned_run), "--data", str(records)]) == 2
+    assert "no field 'text'" in (err := capsys.readouterr().err) and "--text-field" in err
+    assert main(["eval", str(tuned_run), "--data", "lorafit-tests/not-on-this-machine"]) == 2
+    assert "--data FILE" in (err := capsys.readouterr().err) and "Traceback" not in err
+
+
 def test_task_options_need_tasks(tuned_run, capsys):
     assert main(["eval", str(tuned_run), "--limit", "5"]) == 2
     assert "--limit only applies with --tasks" in capsys.readouterr().err
