@@ -86,7 +86,8 @@ def eval_command(args) -> int:
             tasks = compare_on_tasks(run, adapter_dir, cfg, plan, base=args.base)
             result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
     finally:
-        refresh_model_card(run)  # whatever was written to eval/, also before a failure
+        if (run / EVAL_DIR).is_dir():
+            refresh_model_card(run)  # whatever is in eval/, also when a later part failed
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0
 
