@@ -15,6 +15,7 @@ USAGE_EXAMPLES = """examples:
   lorafit train quotes
   lorafit train quotes lora.r=16 train.max_steps=100 output_dir=runs/r16
   lorafit eval runs/quotes
+  lorafit eval runs/quotes --data general.txt --tasks hellaswag,arc_easy --limit 200
   lorafit generate runs/quotes "The secret to happiness is" --compare-base
   lorafit merge runs/quotes models/gpt2-quotes
   lorafit init-model --config gpt2 --tokenizer ../shared/assets/gpt2-tokenizer models/gpt2-random
@@ -109,6 +110,10 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_eval(args) -> int:
+    from lorafit.forgetting import eval_command, wants_comparison
+
+    if wants_comparison(args):  # --data / --tasks: base vs base + adapter (lorafit/forgetting.py)
+        return eval_command(args)
     from lorafit.config import apply_overrides, build_config, read_recipe
     from lorafit.evaluate import evaluate
     from lorafit.fastpath import fast_paths_for
@@ -242,12 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train data parallel in N processes on this machine (through torchrun; one per GPU, or CPU processes)")
     t.set_defaults(func=cmd_train, argv=None)
 
-    e = sub.add_parser("eval", help="evaluate a run on its validation data; prints JSON")
+    e = sub.add_parser("eval", help="evaluate a run on its validation data, or base vs adapter (--data, --tasks); prints JSON")
     e.add_argument("run", help="run directory (or adapter directory with --recipe)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_examples=100")
     e.add_argument("--recipe", help="recipe whose data to use when RUN has no config.yaml")
     e.add_argument("--base", help="base model (default: the adapter's own)")
     add_attn_argument(e)
+    f = e.add_argument_group("did it forget? base vs base + adapter (results in RUN/eval/ and the model card)")
+    f.add_argument("--data", action="append", metavar="SOURCE",
+                   help="score this text with lorafit's evaluator: a local file (jsonl, json, csv, tsv, txt, parquet) "
+                        "or a Hub dataset id; repeatable")
+    f.add_argument("--text-field", help="--data: the field holding the text (default: text)")
+    f.add_argument("--max-examples", type=int, help="--data: score a seeded sample of at most N examples a source")
+    f.add_argument("--tasks", metavar="T1,T2", help="run these lm-evaluation-harness tasks (extra lm-eval)")
+    f.add_argument("--limit", help="--tasks: at most N examples a task (or a fraction below 1)")
+    f.add_argument("--num-fewshot", type=int, metavar="K", help="--tasks: few-shot examples (default: the task's)")
+    f.add_argument("--batch-size", metavar="B", help="--tasks: lm-eval batch size, or auto (default: 1)")
+    f.add_argument("--include-path", metavar="DIR", help="--tasks: a directory of task YAML files of your own")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample from base + adapter")
