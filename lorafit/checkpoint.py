@@ -65,16 +65,19 @@ def set_rng_state(json_part: dict, tensor_part: dict) -> None:
         torch.cuda.set_rng_state_all(tensor_part["cuda"])
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoints/step-N atomically, then drop all but the newest `keep`."""
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    gathered: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep`. `gathered`: the weights and
+    optimizer state already gathered whole from a sharded model (train.fsdp); else this process's own."""
     final = Path(directory) / f"step-{step}"
     previous = list_checkpoints(directory)
     kept = f"the newest complete checkpoint is still {previous[-1][1]}" if previous else "no checkpoint was saved yet"
     json_rng, tensor_rng = rng_state()
     with saving(f"checkpoint {final}", f"Nothing was lost: {kept}. Free space, then continue with --resume."):
         with atomic_dir(final) as tmp:
-            save_file(trainable_state(model), str(tmp / WEIGHTS))
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            weights, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            torch.save(optimizer_state, tmp / OPTIMIZER)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             torch.save(tensor_rng, tmp / RNG)
             (tmp / STATE).write_text(json.dumps({"step": step, "rng": json_rng, **state}), encoding="utf-8")
@@ -101,8 +104,9 @@ def prune(directory: Path, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNGs in place; return the rest of state.json."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, apply=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNGs in place; return the rest of state.json. `apply(weights,
+    optimizer_state)` puts them into a sharded model instead (train.fsdp)."""
     path = Path(path)
     try:
         weights = load_file(str(path / WEIGHTS))
@@ -116,11 +120,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             "previous checkpoint, or start again with --overwrite."
         ) from None
     check_weights(path, model, weights)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for k, v in weights.items():
-            params[k].copy_(v)
-    optimizer.load_state_dict(optimizer_state)
+    if apply is not None:
+        apply(weights, optimizer_state)
+    else:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for k, v in weights.items():
+                params[k].copy_(v)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     set_rng_state(state.pop("rng"), tensor_rng)
     return state

@@ -66,10 +66,10 @@ def init() -> World:
 
 
 def shutdown() -> None:
-    global _world
+    global _world, _sharded
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _world = World()
+    _world, _sharded = World(), False
 
 
 def device() -> torch.device:
@@ -159,3 +159,81 @@ def main_first():
     else:
         barrier()
         yield
+
+
+# ---------------------------------------------------------------- FSDP2: the frozen base sharded over the ranks
+
+_sharded = False
+
+
+def sharded() -> bool:
+    """Whether the model is sharded (train.fsdp): then every forward is a collective, which all ranks
+    must make the same number of times."""
+    return _sharded
+
+
+def shard(model) -> None:
+    """torch's FSDP2 `fully_shard` on each decoder block (the classes transformers keeps whole on one
+    device, `_no_split_modules`) and on the whole model: frozen base and LoRA weights both sharded,
+    gathered a block at a time in the forward; gradients reduce-scattered."""
+    global _sharded
+    from torch.distributed.fsdp import fully_shard
+
+    from lorafit.lora import unwrapped
+
+    base = unwrapped(model)
+    block_names = set(getattr(base, "_no_split_modules", None) or [])
+    for module in [m for m in base.modules() if type(m).__name__ in block_names]:
+        fully_shard(module)
+    fully_shard(base)
+    _sharded = True
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """The trainable weights (and optimizer state, keyed by parameter name) gathered whole, on rank 0's
+    CPU (empty on the others). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        weights, optimizer_state = get_model_state_dict(model, options=_state_options(cpu_offload=True)), None
+    else:
+        weights, optimizer_state = get_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # A head tied to the frozen embeddings comes back under its own name too: keep the trainable ones only.
+    return {k: v for k, v in weights.items() if k in trainable}, optimizer_state
+
+
+def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Whole trainable weights and optimizer state (as `full_state` gave them: keyed by parameter name)
+    into the sharded model: each rank keeps its own shard of every tensor. A collective."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(model.named_parameters())
+
+    def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        full = full.to(device=like.device, dtype=like.dtype)
+        return distribute_tensor(full, like.device_mesh, like.placements) if hasattr(like, "device_mesh") else full
+
+    with torch.no_grad():
+        for name, full in weights.items():
+            params[name].copy_(shard_like(full, params[name]))
+    for name, state in optimizer_state["state"].items():
+        p = params[name]
+        optimizer.state[p] = {k: shard_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
+    for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def common_count(n: int) -> int:
+    """The largest `n` over the ranks (n itself on one process)."""
+    if not _world.parallel:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())

@@ -28,11 +28,17 @@ def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, fast: F
     parallel: each rank scores its token-balanced share and the sums are reduced (exact: disjoint shares)."""
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
     mine = dist.my_share(np.arange(len(split)), split.lengths() - 1)
-    for batch in micro_batches(split, mine, fast.layout, batch_tokens, pad_id, shape_multiple(device)):
-        batch = batch.to(device)
+    batches = micro_batches(split, mine, fast.layout, batch_tokens, pad_id, shape_multiple(device))
+    if dist.sharded():  # every forward is a collective: as many on every rank, the extra ones not counted
+        idle = micro_batches(split, np.arange(1), fast.layout, batch_tokens, pad_id, shape_multiple(device))
+        batches += [None] * (dist.common_count(len(batches)) - len(batches))
+    for batch in batches:
+        counted = batch is not None
+        batch = (batch if counted else idle[0]).to(device)
         with autocast_context(device, autocast_dtype):
             nll, example = token_nll(model, batch, fused=fast.fused_head)
-        totals.index_add_(0, example, nll.double())
+        if counted:
+            totals.index_add_(0, example, nll.double())
     return dist.all_reduce_sum(totals).cpu().numpy()
 
 

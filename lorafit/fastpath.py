@@ -63,7 +63,8 @@ def preference(packing: str, device: torch.device, compile: bool, checkpointing:
 
 
 def choose_fast_paths(model, *, packing: str, device: torch.device, compile: bool, seq_len: int, row_len: int,
-                      autocast_dtype: torch.dtype | None = None, log=None, checkpointing: bool = False) -> FastPaths:
+                      autocast_dtype: torch.dtype | None = None, log=None, checkpointing: bool = False,
+                      sharded: bool = False) -> FastPaths:
     """Check the fused head and the layouts on `model` (its base, LoRA and speed-ups as trained) and
     pick: the first layout of `preference` that is exact; an explicit `packing` that is not exact is an
     error. `log` gets one line when a fallback is taken."""
@@ -80,7 +81,7 @@ def choose_fast_paths(model, *, packing: str, device: torch.device, compile: boo
     probe = _Probe(model, device, seq_len, autocast_dtype)
     with probe.evaluating():
         why_not = {}
-        fused = probe.head_reason()
+        fused = probe.head_reason(sharded)
         if fused:
             why_not["fused_head"] = fused
         for kind in preference(packing, device, compile, checkpointing):
@@ -178,10 +179,12 @@ class _Probe:
             nll[offsets[i] : offsets[i + 1]] = values[sel].double()
         return float((nll - self.alone).abs().max())
 
-    def head_reason(self) -> str | None:
+    def head_reason(self, sharded: bool = False) -> str | None:
         """Why the fused head loss may not be used (None: it gives the model's own logits' NLL)."""
         from lorafit.loss import head_is_linear
 
+        if sharded:  # the fused loss calls the backbone alone, outside the sharded model's gathering forward
+            return "train.fsdp: the model is sharded, and its forward gathers the head's weight"
         if not head_is_linear(self.base):
             return "the output head is not one frozen bias-free linear layer"
         try:
@@ -211,5 +214,5 @@ def fast_paths_for(model, cfg, device: torch.device, autocast_dtype: torch.dtype
     return choose_fast_paths(
         model, packing=d.packing, device=device, compile=cfg.train.compile, seq_len=d.seq_len,
         row_len=rows_length(d.pack_len, d.seq_len, max_positions(unwrapped(model))), autocast_dtype=autocast_dtype, log=log,
-        checkpointing=cfg.train.gradient_checkpointing,
+        checkpointing=cfg.train.gradient_checkpointing, sharded=cfg.train.fsdp,
     )

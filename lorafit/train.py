@@ -180,9 +180,12 @@ class Trainer:
         examples, targets = self.step_examples(self.step)
         n_targets = int(targets.sum())  # the whole step's, over every rank: the loss is normalised by it
         batches = self.step_batches(self.step)
-        # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0.
-        work = batches or micro_batches(self.data.train, examples[:1], self.fast.layout, self.micro_tokens,
-                                        self.tokenizer.pad_token_id, shape_multiple(self.device))
+        # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0; with a
+        # sharded model every forward is a collective, so each rank runs as many micro-batches as the busiest.
+        idle = micro_batches(self.data.train, examples[:1], self.fast.layout, self.micro_tokens,
+                             self.tokenizer.pad_token_id, shape_multiple(self.device))
+        n_work = dist.common_count(len(batches)) if dist.sharded() else max(1, len(batches))
+        work = batches + idle * (n_work - len(batches))
         world = dist.world()
         scale = world.size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
         forward = self.ddp or (lambda b: token_nll(self.model, b, fused=self.fast.fused_head)[0])
@@ -193,7 +196,7 @@ class Trainer:
                 batch = batch.to(self.device)
                 with autocast_context(self.device, self.precision.autocast):
                     nll = forward(batch)
-                nll_sum = nll.sum() if batches else nll.sum() * 0.0
+                nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0
                 loss = nll_sum * scale  # normalised by the whole step's targets, not the micro-batch's
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_nll += nll_sum.detach().double()
@@ -207,6 +210,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         if self.apply_update(step_nll, grad_norm, n_targets):
             self.window.nll = self.window.nll + step_nll
             self.window.tokens += n_targets
@@ -280,7 +285,8 @@ class Trainer:
             pad_id=self.tokenizer.pad_token_id,
         )
         record = {"step": self.step, **result}
-        prompt = self.cfg.eval.sample_prompt if dist.world().is_main else None
+        # Rank 0 samples; with a sharded model every rank does (each forward is a collective), alike.
+        prompt = self.cfg.eval.sample_prompt if dist.world().is_main or dist.sharded() else None
         if prompt:
             from lorafit.generate import SamplingConfig, sample
 
@@ -298,6 +304,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes; every rank holds the same weights and optimizer state (the gradients were all-reduced)."""
+        gathered = dist.full_state(self.model, self.optimizer) if dist.sharded() else None  # a collective
         if not dist.world().is_main:
             return self.run.checkpoints / f"step-{self.step}"
         state = {
@@ -309,10 +316,11 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
         }
         return ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler, state,
-                                    self.cfg.train.keep_checkpoints)
+                                    self.cfg.train.keep_checkpoints, gathered)
 
     def restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        apply = (lambda w, o: dist.load_full_state(self.model, self.optimizer, w, o)) if dist.sharded() else None
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, apply)
         then, now = (state["train_examples"], state["total_steps"]), (self.plan.n_train, self.plan.total_steps)
         if then != now:
             raise LorafitError(
@@ -425,11 +433,12 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.devic
     return optimizer, scheduler
 
 
-def save_adapter(model, tokenizer, path: Path, load: dict) -> None:
+def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None = None) -> None:
     """The adapter in PEFT's format (its config names the base as the user gave it), the tokenizer,
-    and lorafit's metadata: the base's signature and how to load it again (`load`)."""
+    and lorafit's metadata: the base's signature and how to load it again (`load`). `weights`: the
+    trainable weights gathered whole from a sharded model."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         write_base_signature(tmp, model.get_base_model(), load)
 
@@ -476,7 +485,8 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     local_model = Path(cfg.model.name).expanduser().exists()
     hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
-    model = load_base_model(cfg.model, precision, device, hint=hint)
+    # Sharded: the base is loaded on the CPU and each rank moves only its shard to its device.
+    model = load_base_model(cfg.model, precision, torch.device("cpu") if cfg.train.fsdp else device, hint=hint)
     check_seq_len(cfg, model)
     model, targets, fast = prepare_model(cfg, model, device, precision)
     data = share_data(prepare_data(cfg, tokenizer) if dist.world().is_main else None)  # read and tokenised once
@@ -513,6 +523,8 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
         # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
         unwrapped(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_for_speed(model, cfg.train.compile)
+    if cfg.train.fsdp:
+        dist.shard(model)  # onto this rank's device, a shard of every block each
     fast = fast_paths_for(model, cfg, device, precision.autocast, log=log)
     return model, targets, fast
 
@@ -528,7 +540,7 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
         eval_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
         scaler=scaler,
-        ddp=data_parallel(model, fast) if dist.world().parallel else None,
+        ddp=data_parallel(model, fast) if dist.world().parallel and not dist.sharded() else None,
     )
 
 
@@ -602,11 +614,13 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     """Final eval, the adapter, and the reports; summary.json last, so its presence means finished."""
     cfg, run, device = trainer.cfg, trainer.run, trainer.device
     after = trainer.run_eval("final")
+    lora_weights = dist.full_state(trainer.model)[0] if dist.sharded() else None  # a collective: every rank
     if not dist.world().is_main:
         return after
     advice = f"Training itself is saved in {run.checkpoints}; free space, then run the same command with --resume."
     with saving(f"the adapter in {run.adapter}", advice):
-        save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()))
+        save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
+                     lora_weights)
     trainable, total = count_parameters(trainer.model)
     summary = {
         "recipe": cfg.recipe,

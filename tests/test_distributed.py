@@ -125,3 +125,32 @@ def test_step_shares_are_disjoint_complete_and_token_balanced():
     loads = [int(lengths[p].sum()) for p in parts]
     assert max(loads) - min(loads) <= lengths.max()
     assert [len(p) for p in shares(lengths[:1], 2)] == [1, 0]  # fewer examples than ranks: one rank idles
+
+
+def test_fsdp_on_two_processes_trains_as_one_saves_a_peft_adapter_and_resumes(one_process_run, tiny_model_dir, texts_file,
+                                                                             tmp_path):
+    """train.fsdp: the base sharded over 2 gloo processes (torch FSDP2). A rank killed mid-run, then a
+    sharded resume: the same per-step losses and adapter as one process, and PEFT loads the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fsdp"
+    args = train_args(tiny_model_dir, texts_file, out, "train.fsdp=true")
+    assert torchrun(tmp_path, args, env={"KILL_RANK_AT": "1:2"}).returncode != 0
+    assert not (out / "summary.json").exists()
+    proc = torchrun(tmp_path, [*args, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fast_paths"]["fused_head"] is False and "train.fsdp" in summary["fast_paths"]["why_not"]["fused_head"]
+    one_steps = [r for r in records(one_process_run) if "loss" in r]
+    steps = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for a, b in zip(one_steps, steps):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    for name, w in adapter(one_process_run).items():
+        torch.testing.assert_close(adapter(out)[name], w, atol=1e-6, rtol=1e-4)
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out / "adapter"))
+        ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(one_process_run / "adapter"))
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-4)
