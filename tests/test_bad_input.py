@@ -57,6 +57,7 @@ def existing_run(tmp_path) -> Path:
     """A run directory that a failed `--overwrite` must leave exactly as it was."""
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
+    (run / ".lorafit-run.json").write_text('{"lorafit_run": 1}\n')  # so --overwrite would delete it
     (run / "config.yaml").write_text("recipe: quotes\n")
     (run / "metrics.jsonl").write_text('{"step": 2, "loss": 3.0}\n')
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
