@@ -105,10 +105,23 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             f"'{adapter_dir}' is not a LoRA adapter: {ADAPTER_CONFIG} is missing. "
             "Give a lorafit run directory or a PEFT adapter directory."
         )
+    return read_adapter_json(path)
+
+
+def read_adapter_json(path: Path) -> dict:
+    """A JSON object file of an adapter; a damaged one is an error saying how to get the adapter back."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LorafitError(f"{path} is not valid JSON ({exc}).") from None
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"it holds a {type(value).__name__}, not an object")
+        return value
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise LorafitError(
+            f"{path} is unreadable ({detail}); the adapter cannot be used. If it belongs to a lorafit run, delete the "
+            "run's adapter/ and summary.json and run the same train command with --resume: the adapter is written "
+            "again from the last checkpoint. Otherwise restore the adapter from a copy."
+        ) from None
 
 
 def base_signature(model) -> dict:
@@ -144,7 +157,7 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
 
     signature_path = adapter_dir / BASE_SIGNATURE
     if signature_path.is_file():  # written by lorafit; a plain PEFT adapter has only keys and shapes to check
-        saved_sig, given_sig = json.loads(signature_path.read_text(encoding="utf-8")), base_signature(base_model)
+        saved_sig, given_sig = read_adapter_json(signature_path), base_signature(base_model)
         differ = [f"{k} {saved_sig[k]} vs {given_sig.get(k)}" for k in saved_sig if saved_sig[k] != given_sig.get(k)]
         if differ:
             raise mismatch(", ".join(differ))

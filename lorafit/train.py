@@ -299,7 +299,7 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         try:
             self._restore_state(path, state)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a tampered state.json
+        except ckpt.TAMPERED as exc:  # a tampered state.json
             raise ckpt.unreadable(path / ckpt.STATE, exc) from None
 
     def _restore_state(self, path: Path, state: dict) -> None:
