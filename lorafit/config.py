@@ -414,8 +414,8 @@ def load_yaml(text: str, what: str) -> Any:
         node = loader.get_single_node()
         if node is not None and _expanded_nodes(node, {}, set()) > YAML_MAX_NODES:
             raise LorafitError(
-                f"{what}: its aliases (*name) expand it beyond {YAML_MAX_NODES:,} values; a run configuration is "
-                "far smaller. Write the values out, or use fewer aliases."
+                f"{what} holds more than {YAML_MAX_NODES:,} values (counting each alias, *name, as what it stands "
+                "for); a run configuration is far smaller. Remove the bulk, or use fewer aliases."
             )
         return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:

@@ -70,8 +70,8 @@ def check_generation(model, tokenizer, prompt: str, max_new_tokens: int, tokens_
         )
     if n + max_new_tokens > limit:
         raise LorafitError(
-            f"{tokens_name}={max_new_tokens:,} with {prompt_name} of {n:,} tokens exceeds the model's context of "
-            f"{limit:,} positions; set {tokens_name}={limit - n:,} or less."
+            f"{tokens_name}={max_new_tokens} with {prompt_name} of {n:,} tokens exceeds the model's context of "
+            f"{limit:,} positions; set {tokens_name}={limit - n} or less."
         )
 
 

@@ -534,7 +534,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     """Final eval, the adapter, and the reports; summary.json last, so its presence means finished."""
     cfg, run, device = trainer.cfg, trainer.run, trainer.device
     after = trainer.run_eval("final")
-    advice = f"Training itself is saved in {run.checkpoints}; free space, then run the same command with --resume."
+    advice = resume_advice(run)  # the last step is checkpointed: a resume redoes only the eval and the saves
     with saving(f"the adapter in {run.adapter}", advice):
         save_adapter(trainer.model, trainer.tokenizer, run.adapter, cfg.model.name)
     trainable, total = count_parameters(trainer.model)
