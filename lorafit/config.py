@@ -279,7 +279,7 @@ def _allows_none(tp: Any) -> bool:
 # ---------------------------------------------------------------- validation of values
 
 
-def _check_values(cfg: RunConfig, problems: list[str]) -> None:
+def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             problems.append(msg)
@@ -363,11 +363,12 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
     need(e.batch_tokens is None or e.batch_tokens > 0, f"eval.batch_tokens: must be positive, got {e.batch_tokens}")
     need(e.sample_max_new_tokens > 0, f"eval.sample_max_new_tokens: must be positive, got {e.sample_max_new_tokens}")
 
-    from lorafit.rundir import forbidden_output_dir
+    if output_dir:  # for a run to train (`lorafit eval` reads a saved config whose output_dir may be anything now)
+        from lorafit.rundir import forbidden_output_dir
 
-    why = forbidden_output_dir(cfg.output_dir)
-    need(why is None, f"output_dir: {_short(cfg.output_dir)} can never hold a run: {why}. Give a directory of its own, "
-                      "e.g. output_dir=runs/NAME")
+        why = forbidden_output_dir(cfg.output_dir)
+        need(why is None, f"output_dir: {_short(cfg.output_dir)} can never hold a run: {why}. Give a directory of its "
+                          "own, e.g. output_dir=runs/NAME")
 
 
 # ---------------------------------------------------------------- recipes and overrides
@@ -485,14 +486,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: list[st
     return raw
 
 
-def build_config(raw: dict[str, Any]) -> RunConfig:
+def build_config(raw: dict[str, Any], check_output_dir: bool = False) -> RunConfig:
     problems: list[str] = []
     cfg = _build(RunConfig, raw, "", problems)
     if cfg.output_dir.strip():
         cfg.output_dir = str(Path(cfg.output_dir).expanduser())
     if cfg.data.cache_dir:
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser())
-    _check_values(cfg, problems)  # fields with a bad type fell back to defaults, which pass
+    _check_values(cfg, problems, check_output_dir)  # fields with a bad type fell back to defaults, which pass
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -506,11 +507,11 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     if problems:
         # Report override syntax problems together with everything else that is wrong.
         try:
-            build_config(raw)
+            build_config(raw, check_output_dir=True)
         except ConfigError as exc:
             problems += exc.problems
         raise ConfigError(problems)
-    return build_config(raw)
+    return build_config(raw, check_output_dir=True)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

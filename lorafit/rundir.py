@@ -248,6 +248,9 @@ class RunDir:
         """Refuse to clobber an existing run (or any other directory) unless told to, and to delete anything that
         is not recognisably a lorafit run even when told to; check writability. Changes nothing."""
         path = self.path
+        why = forbidden_output_dir(str(path))
+        if why:
+            raise LorafitError(f"output_dir '{path}' can never hold a run: {why}. Give a directory of its own.")
         if path.exists() and not path.is_dir():
             raise LorafitError(f"output_dir '{path}' exists and is a file; choose another output_dir.")
         if not self.content():
