@@ -244,7 +244,7 @@ class RunDir:
                         if not (re.fullmatch(r"step-\d+", p.name) or is_temporary(p.name))]
         return sorted(foreign)
 
-    def check_new_run(self, resume: bool, overwrite: bool) -> None:
+    def check_new_run(self, resume: bool, overwrite: bool, locked: bool = False) -> None:
         """Refuse to clobber an existing run (or any other directory) unless told to, and to delete anything that
         is not recognisably a lorafit run even when told to; check writability. Changes nothing."""
         path = self.path
@@ -266,6 +266,8 @@ class RunDir:
                 f"output_dir '{path}' already holds a run. Add --resume to continue it, --overwrite to "
                 "replace it, or choose another output_dir=..."
             )
+        if not locked:
+            self._check_not_in_use()
         if overwrite and not resume:
             foreign = self.foreign_entries()
             why = (f"it has no {MARKER_FILE} (the mark lorafit leaves in a directory it made for a run)"
@@ -279,6 +281,23 @@ class RunDir:
                     "yourself if it can go, or choose another output_dir."
                 )
         _check_writable(path)
+
+    def _check_not_in_use(self) -> None:
+        """Fail early (before minutes of set-up) when another process holds the run; claim() decides for good."""
+        import fcntl
+
+        try:
+            with open(self.path / LOCK_FILE, "rb") as probe:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file is closed
+        except FileNotFoundError:
+            return
+        except BlockingIOError:
+            raise self._in_use() from None
+
+    def _in_use(self) -> LorafitError:
+        return LorafitError(
+            f"Another lorafit process is using '{self.path}'. Wait for it to finish (or stop it), then retry."
+        )
 
     @contextlib.contextmanager
     def claim(self, resume: bool = False, overwrite: bool = False):
@@ -297,10 +316,8 @@ class RunDir:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LorafitError(
-                    f"Another lorafit process is using '{self.path}'. Wait for it to finish (or stop it), then retry."
-                ) from None
-            self.check_new_run(resume, overwrite)  # again: another process may have written a run meanwhile
+                raise self._in_use() from None
+            self.check_new_run(resume, overwrite, locked=True)  # again: another process may have written a run meanwhile
             with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
                 if overwrite and not resume:
                     for p in self.content():

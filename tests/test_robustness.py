@@ -98,9 +98,9 @@ def test_overwrite_refuses_a_run_directory_that_holds_other_files_too(run, tmp_p
 def test_overwrite_replaces_a_run_with_a_fresh_one(run, tmp_path, tiny_model_dir, texts_file):
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    assert main(train_args(tiny_model_dir, texts_file, out, "--overwrite", "train.max_steps=2")) == 0
-    assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 2
-    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1, 2]  # none of the old run's step-3
+    assert main(train_args(tiny_model_dir, texts_file, out, "--overwrite", "train.max_steps=1")) == 0
+    assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 1
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1]  # none of the old run's
     assert (out / MARKER_FILE).is_file()
 
 
@@ -155,7 +155,7 @@ def test_a_run_that_arrives_during_set_up_is_seen_under_the_lock(tmp_path, tiny_
         trainer = real_setup(cfg, run)
         if not other:  # the other process wins the race while this one loads the model
             monkeypatch.setattr(lorafit.train, "setup", real_setup)
-            other["code"] = main(train_args(tiny_model_dir, texts_file, out, "train.max_steps=2"))
+            other["code"] = main(train_args(tiny_model_dir, texts_file, out, "train.max_steps=1"))
             other["files"] = snapshot(out)
         return trainer
 
@@ -164,7 +164,7 @@ def test_a_run_that_arrives_during_set_up_is_seen_under_the_lock(tmp_path, tiny_
     assert other["code"] == 0
     refused(code, capsys.readouterr().err, "already holds a run")
     assert snapshot(out) == other["files"]
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 1
 
 
 # ---------------------------------------------------------------- 4. a full disk while saving
@@ -192,9 +192,9 @@ def test_a_full_disk_during_the_adapter_save_names_the_newest_checkpoint(writer,
 
     monkeypatch.setattr(owner, name, writes)
     out = tmp_path / "run"
-    args = train_args(tiny_model_dir, texts_file, out)
+    args = train_args(tiny_model_dir, texts_file, out, "train.max_steps=1")
     code = main(args)
-    refused(code, capsys.readouterr().err, "the disk is full", f"{out / 'checkpoints' / 'step-3'}", "--resume")
+    refused(code, capsys.readouterr().err, "the disk is full", f"{out / 'checkpoints' / 'step-1'}", "--resume")
     assert not (out / "adapter").exists() and not [p for p in out.iterdir() if ".tmp-" in p.name]
     disk["full"] = False
     assert main([*args, "--resume"]) == 0 and (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -364,6 +364,11 @@ def test_a_huge_line_is_cut_before_tokenising_and_keeps_exactly_the_first_tokens
             full = [*real_call(tiny_tokenizer, text, add_special_tokens=False)["input_ids"], tiny_tokenizer.eos_token_id]
             assert got.example(i).tolist() == full[:seq_len], (seq_len, i)
         assert got.truncated.all()
+        seen.clear()
+        kept = tk.tokenize_texts([huge, *texts], [0] * (len(texts) + 1), tiny_tokenizer, seq_len, "drop")
+        assert max(seen) <= seq_len * tk.CHARS_PER_TOKEN
+        assert kept.ids.tolist() == [t for text in texts if len(full := [*real_call(
+            tiny_tokenizer, text, add_special_tokens=False)["input_ids"], tiny_tokenizer.eos_token_id]) <= seq_len for t in full]
 
 
 # ---------------------------------------------------------------- 10. tampered files, Ctrl-C twice, init-model

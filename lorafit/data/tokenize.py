@@ -10,11 +10,11 @@ Length policies for examples longer than `seq_len` tokens:
   of the document is scored exactly once;
 - drop: leave the example out.
 
-Under truncate a text longer than seq_len * CHARS_PER_TOKEN characters is cut before it is tokenised
-(a 50 MB line would otherwise take gigabytes to keep 64 tokens). The cut is exact: it falls at a
+Under truncate and drop a text longer than seq_len * CHARS_PER_TOKEN characters is cut before it is
+tokenised (a 50 MB line would otherwise take gigabytes to keep 64 tokens, or none). The cut is exact: it falls at a
 pre-token boundary well inside the prefix (the BPE model encodes each pre-token on its own, so every
 token before the cut is the one full tokenisation gives), and when the cut text gives fewer than
-seq_len tokens the whole text is tokenised instead. Tokenizers with a normaliser, or without a
+seq_len tokens the whole text is tokenised instead (so a dropped text is one of more than seq_len tokens). Tokenizers with a normaliser, or without a
 pre-tokeniser, are never cut.
 
 Speed: the fast (Rust) tokenizer encodes each batch of texts on all cores (unless
@@ -139,7 +139,7 @@ def tokenize_texts(
     for start in range(0, len(texts), TOKENIZE_BATCH):
         # One call a batch: the fast tokenizer spreads a batch over all cores.
         chunk = texts[start : start + TOKENIZE_BATCH]
-        cut = cut_long_texts(chunk, tokenizer, seq_len) if policy == "truncate" else {}
+        cut = cut_long_texts(chunk, tokenizer, seq_len) if policy in ("truncate", "drop") else {}
         batch = tokenizer([cut.get(j, t) for j, t in enumerate(chunk)], add_special_tokens=False)["input_ids"]
         for j in [j for j in cut if len(batch[j]) < seq_len]:  # the cut gave too few tokens: use the whole text
             batch[j] = tokenizer(chunk[j], add_special_tokens=False)["input_ids"]
