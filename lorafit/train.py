@@ -31,7 +31,7 @@ from lorafit.modeling import Precision, default_device, load_base_model, load_to
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
 )
-from lorafit.runcheck import check_before_training, config_changes, data_fingerprint, flatten, same_data  # noqa: F401
+from lorafit.runcheck import check_before_training, config_changes, data_fingerprint, same_data
 
 
 def log(msg: str) -> None:
