@@ -35,6 +35,8 @@ def check_sampling(cfg: SamplingConfig) -> None:
         problems.append(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.top_k is not None and cfg.top_k < 0:
         problems.append(f"--top-k must be >= 0 (0 = no top-k), got {cfg.top_k}")
+    if not 0 <= cfg.seed < 2**63:
+        problems.append(f"--seed must be in [0, 2^63), got {cfg.seed}")
     if cfg.num_return_sequences < 1:
         problems.append(f"--num-return-sequences must be at least 1, got {cfg.num_return_sequences}")
     elif cfg.num_return_sequences > 1 and cfg.temperature == 0:

@@ -351,9 +351,12 @@ class RunDir:
         if not path.is_file():
             return []
         records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash is dropped
-                records.append(json.loads(line))
+        # A line cut by a crash is dropped, and so is anything else that is not a record (damaged bytes included).
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError, RecursionError):
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
         return records
 
     def keep_metrics(self, n: int) -> None:
@@ -367,3 +370,16 @@ class RunDir:
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.file(name).read_text(encoding="utf-8"))
+
+    def read_summary(self) -> dict:
+        """summary.json of a finished run; a damaged one is an error that says how to write it again."""
+        try:
+            summary = self.read_json(SUMMARY_FILE)
+            if not isinstance(summary, dict):
+                raise ValueError(f"it holds a {type(summary).__name__}, not an object")
+            return summary
+        except (OSError, ValueError, RecursionError) as exc:
+            raise LorafitError(
+                f"{self.file(SUMMARY_FILE)} is unreadable ({str(exc)[:200]}). Delete it and run the same command with "
+                "--resume: the final evaluation, adapter and reports are written again from the last checkpoint."
+            ) from None

@@ -510,14 +510,14 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         check_same_config(run, cfg)
         if run.is_finished():
             log(f"The run in {run.path} has already finished; nothing to do.")
-            return run.read_json(SUMMARY_FILE)
+            return run.read_summary()
     trainer = setup(cfg, run)
     check_before_training(trainer)  # values used only later (the eval sample) fail now, not after training
     with run.claim(resume, overwrite):  # decided again under the lock: another run may have come meanwhile
         changed = check_same_config(run, cfg) if resume and run.is_run() else {}
         if resume and run.is_finished():
             log(f"The run in {run.path} has already finished; nothing to do.")
-            return run.read_json(SUMMARY_FILE)
+            return run.read_summary()
         with saving(f"the run's files in {run.path}", lambda: resume_advice(run)):
             before = start(trainer, resume, changed)
             trainer.fit(progress=progress)

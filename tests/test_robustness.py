@@ -274,6 +274,7 @@ def test_resume_on_other_data_with_as_many_rows_is_refused(run, tmp_path, tiny_m
     (["--top-k", "-1"], ["--top-k must be >= 0"]),
     (["--num-return-sequences", "0"], ["--num-return-sequences must be at least 1, got 0"]),
     (["--num-return-sequences", "2", "--temperature", "0"], ["needs sampling"]),
+    (["--seed", "-1"], ["--seed must be in [0, 2^63), got -1"]),
     (["--prompt-too-long"], ["the prompt is 300 tokens", "256 positions"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_generate_refuses_what_it_cannot_do(args, fragments, run, capsys):
@@ -381,6 +382,19 @@ def test_a_tampered_state_json_is_reported_as_unreadable(content, run, tmp_path,
     (newest / ckpt.STATE).write_text(content)
     code = main(train_args(tiny_model_dir, texts_file, out, "--resume"))
     refused(code, capsys.readouterr().err, f"Checkpoint {newest} is unreadable", "Delete it")
+
+
+def test_a_tampered_summary_or_metrics_file_on_resume(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    finished = tmp_path / "finished"
+    shutil.copytree(run, finished)
+    (finished / "summary.json").write_text("{cut")
+    refused(main(train_args(tiny_model_dir, texts_file, finished, "--resume")), capsys.readouterr().err,
+            "summary.json is unreadable", "Delete it", "--resume")
+    out = unfinished_copy(run, tmp_path / "run", newest_step=3)
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\xfe[1, 2]\n[3]\n{"no": "step"}\n')  # damaged bytes, and lines that are no records
+    assert main(train_args(tiny_model_dir, texts_file, out, "--resume")) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 3]
 
 
 @pytest.mark.parametrize("name, content", [
