@@ -322,7 +322,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 @pytest.mark.parametrize("content, fragment", [
     (b"train:\n  lr: caf\xe9\n", "is not UTF-8 text (byte offset 16"),
     (b"train:\n  seed: " + b"9" * 5000 + b"\n", "a number in it has thousands of digits"),
-    (b"model:\n  name: " + b"[" * 1500 + b"]" * 1500 + b"\n", "nested too deeply"),
+    (b"model:\n  name: " + b"[" * 700 + b"]" * 700 + b"\n", "nested too deeply"),
     (b"train:\n  lr: " + b"x" * 1_000_000 + b"\n", "train.lr: expected a number, got 'xxxxxxxx"),
     (b"eval:\n  sample_prompt: [" + b"x, " * 10_001 + b"x]\n", "holds more than 10,000 values"),
 ], ids=["latin1", "huge-integer", "deep", "huge-value", "huge-list"])
@@ -345,8 +345,8 @@ def test_a_huge_line_is_cut_before_tokenising_and_keeps_exactly_the_first_tokens
 
     rng = random.Random(0)
     pieces = ["the", " a", "  ", "   ", "\n", "\n\n ", "12", " 345", ",", "é", "😀", "'s", " word", "xyz"]
-    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(50, 1500))) for _ in range(200)]
-    huge = "the quick brown fox " * 250_000  # 5 MB, one line
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(50, 1500))) for _ in range(100)]
+    huge = "the quick brown fox " * 100_000  # 2 MB, one line
     seen = []
     real_call = type(tiny_tokenizer).__call__
 
@@ -358,9 +358,9 @@ def test_a_huge_line_is_cut_before_tokenising_and_keeps_exactly_the_first_tokens
     for seq_len in (8, 64):
         seen.clear()
         got = tk.tokenize_texts([huge, *texts], [0] * (len(texts) + 1), tiny_tokenizer, seq_len, "truncate")
-        assert max(seen) <= seq_len * tk.CHARS_PER_TOKEN  # the 5 MB line never reached the tokenizer whole
+        assert max(seen) <= seq_len * tk.CHARS_PER_TOKEN  # the 2 MB line never reached the tokenizer whole
         # The reference: tokenise the whole text, then truncate (for the repeated line, a prefix of 100
-        # characters a token, cut at a word boundary, stands in for the whole: 5 MB would take seconds).
+        # characters a token, cut at a word boundary, stands in for the whole: 2 MB would take seconds).
         for i, text in enumerate([huge[: seq_len * 100], *texts]):
             full = [*real_call(tiny_tokenizer, text, add_special_tokens=False)["input_ids"], tiny_tokenizer.eos_token_id]
             assert got.example(i).tolist() == full[:seq_len], (seq_len, i)
