@@ -36,6 +36,19 @@ RNG = "rng.pt"
 STATE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 UNREADABLE = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError)
+TAMPERED = (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError)  # valid files, wrong content
+
+
+def unreadable(path: Path, exc: BaseException) -> LorafitError:
+    """A checkpoint (or one of its files) that cannot be used: say so, and how to go on without it."""
+    path = Path(path)
+    step_dir = path if STEP_DIR.match(path.name) else path.parent
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return LorafitError(
+        f"Checkpoint {step_dir} is unreadable ({path.name if path != step_dir else ''}"
+        f"{': ' if path != step_dir else ''}{type(exc).__name__}{': ' + detail if detail else ''}). Delete it to resume "
+        "from the previous checkpoint, or start again with --overwrite."
+    )
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -114,22 +127,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, apply=None) -> dict
         scheduler_state = torch.load(path / SCHEDULER, weights_only=True)
         tensor_rng = torch.load(path / RNG, weights_only=True)
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError(f"{STATE} holds a {type(state).__name__}, not an object")
     except UNREADABLE as exc:
-        raise LorafitError(
-            f"Checkpoint {path} is unreadable ({type(exc).__name__}: {exc}). Delete it to resume from the "
-            "previous checkpoint, or start again with --overwrite."
-        ) from None
+        raise unreadable(path, exc) from None
     check_weights(path, model, weights)
-    if apply is not None:
-        apply(weights, optimizer_state)
-    else:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for k, v in weights.items():
-                params[k].copy_(v)
-        optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
-    set_rng_state(state.pop("rng"), tensor_rng)
+    try:
+        if apply is not None:
+            apply(weights, optimizer_state)
+        else:
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for k, v in weights.items():
+                    params[k].copy_(v)
+            optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        set_rng_state(state.pop("rng"), tensor_rng)
+    except TAMPERED as exc:  # files that load but do not hold what lorafit wrote
+        raise unreadable(path, exc) from None
     return state
 
 

@@ -159,11 +159,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lorafit.generate import SamplingConfig, load_for_inference, sample, sample_base
+    from lorafit.generate import SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base
 
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
+    check_sampling(cfg)  # before minutes of loading
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
                                                      attn_implementation=args.attn_implementation)
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
+    for i, prompt in enumerate(args.prompts, 1):
+        check_generation(model, tokenizer, prompt, cfg.max_new_tokens,
+                         prompt_name="the prompt" if len(args.prompts) == 1 else f"prompt {i}")
     for prompt in args.prompts:
         tuned = sample(model, tokenizer, prompt, cfg)
         base = sample_base(model, tokenizer, prompt, cfg) if args.compare_base else None
@@ -174,19 +178,21 @@ def cmd_generate(args) -> int:
 def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Prompts and model output are plain text: as rich markup, "[/i]" raises and "[b]" vanishes.
     console = Console()
     if base is None:
         for i, text in enumerate(tuned):
-            console.print(f"[bold]{prompt}[/bold]{text}", highlight=False, markup=True)
+            console.print(Text.assemble((prompt, "bold"), text), highlight=False)
             if i + 1 < len(tuned):
                 console.rule(style="dim")
         return
-    table = Table(title=f"prompt: {prompt!r}", show_lines=True, expand=True)
-    table.add_column(f"base ({Path(base_name).name})", ratio=1)
+    table = Table(title=Text(f"prompt: {prompt!r}"), show_lines=True, expand=True)
+    table.add_column(Text(f"base ({Path(base_name).name})"), ratio=1)
     table.add_column("fine-tuned (base + adapter)", ratio=1)
     for b, t in zip(base, tuned):
-        table.add_row(prompt + b, prompt + t)
+        table.add_row(Text(prompt + b), Text(prompt + t))
     console.print(table)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import yaml
 from lorafit.errors import ConfigError, LorafitError
 
 RECIPE_PACKAGE = "lorafit.recipes"
+YAML_MAX_NODES = 10_000  # a recipe is a few hundred nodes; YAML aliases may not expand one beyond this
+MAX_INT = 2**63 - 1  # what torch and numpy can hold
+MAX_SEED = 2**32 - 1  # numpy's seeding limit
 
 
 @dataclass
@@ -164,6 +168,16 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value for a message, cut to `limit` characters: a value can be huge (or an alias bomb)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'thousands of'} digits"
+    if isinstance(value, list | dict) and len(value) > 20:
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...'"
+
+
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check `value` against annotation `tp`; return it converted, or record a problem."""
     origin = typing.get_origin(tp)
@@ -171,6 +185,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        trials = []
         for opt in options:  # first option that accepts the value without a problem
             if opt is type(None):
                 continue
@@ -178,8 +193,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             out = _coerce(value, opt, where, trial)
             if not trial:
                 return out
+            trials.append(trial)
+        if len(trials) == 1 and "expected" not in trials[0][0]:  # the value's type fits, its value does not
+            problems.extend(trials[0])
+            return None
         names = " or ".join(_type_name(o) for o in options)
-        problems.append(f"{where}: expected {names}, got {value!r}")
+        problems.append(f"{where}: expected {names}, got {_short(value)}")
         return None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, problems)
@@ -188,31 +207,40 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, str | int | float) and not isinstance(value, bool) and item_tp is str:
             value = [str(value)] if not isinstance(value, str) else [value]
         if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {value!r}")
+            problems.append(f"{where}: expected a list, got {_short(value)}")
             return None
         return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
+            problems.append(f"{where}: expected a mapping, got {_short(value)}")
             return None
         return {str(k): _coerce(v, val_tp, f"{where}.{k}", problems) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) <= MAX_INT:
+                return value
+            problems.append(f"{where}: {_short(value)} is too large (at most {MAX_INT})")
+            return None
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # yaml reads "2e-4" as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # yaml reads "2e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{where}: must be a finite number, got {_short(value)}")
+            return None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -220,7 +248,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return str(value)  # e.g. a hub config name like 3.0.0 is fine; 3 -> "3"
     else:
         return value
-    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    hint = " (YAML reads a bare ~ as null: quote the value)" if value is None else ""
+    problems.append(f"{where}: expected {_type_name(tp)}, got {_short(value)}{hint}")
     return None
 
 
@@ -228,7 +257,7 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{where or 'config'}: expected a mapping, got {raw!r}")
+        problems.append(f"{where or 'config'}: expected a mapping, got {_short(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -254,7 +283,7 @@ def _allows_none(tp: Any) -> bool:
 # ---------------------------------------------------------------- validation of values
 
 
-def _check_values(cfg: RunConfig, problems: list[str]) -> None:
+def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             problems.append(msg)
@@ -294,6 +323,7 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         need(len(fields) > 0 and all(str(f) != "" for f in fields), f"data.sources.{name}.text_field: required")
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(d.seq_len >= 2, f"data.seq_len: must be at least 2, got {d.seq_len}")
+    need(0 <= d.split_seed <= MAX_SEED, f"data.split_seed: must be in [0, {MAX_SEED}], got {d.split_seed}")
     need(
         d.pack_len is None or d.pack_len >= d.seq_len,
         f"data.pack_len: must be at least data.seq_len ({d.seq_len}), got {d.pack_len}",
@@ -310,6 +340,10 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
 
     t = cfg.train
     need(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")
+    need(0.0 <= t.adam_beta1 < 1.0, f"train.adam_beta1: must be in [0, 1), got {t.adam_beta1}")
+    need(0.0 <= t.adam_beta2 < 1.0, f"train.adam_beta2: must be in [0, 1), got {t.adam_beta2}")
+    need(t.adam_eps > 0, f"train.adam_eps: must be positive, got {t.adam_eps}")
+    need(0 <= t.seed <= MAX_SEED, f"train.seed: must be in [0, {MAX_SEED}], got {t.seed}")
     need(t.max_steps is None or t.max_steps > 0, f"train.max_steps: must be positive, got {t.max_steps}")
     need(t.lr > 0, f"train.lr: must be positive, got {t.lr}")
     need(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
@@ -329,6 +363,21 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         f"train.max_grad_norm: must be positive (or null to disable), got {t.max_grad_norm}",
     )
 
+    e = cfg.eval
+    need(
+        e.max_examples is None or e.max_examples > 0,
+        f"eval.max_examples: must be positive (or null to evaluate on every validation example), got {e.max_examples}",
+    )
+    need(e.batch_tokens is None or e.batch_tokens > 0, f"eval.batch_tokens: must be positive, got {e.batch_tokens}")
+    need(e.sample_max_new_tokens > 0, f"eval.sample_max_new_tokens: must be positive, got {e.sample_max_new_tokens}")
+
+    if output_dir:  # for a run to train (`lorafit eval` reads a saved config whose output_dir may be anything now)
+        from lorafit.rundir import forbidden_output_dir
+
+        why = forbidden_output_dir(cfg.output_dir)
+        need(why is None, f"output_dir: {_short(cfg.output_dir)} can never hold a run: {why}. Give a directory of its "
+                          "own, e.g. output_dir=runs/NAME")
+
 
 # ---------------------------------------------------------------- recipes and overrides
 
@@ -344,7 +393,12 @@ def read_recipe(name_or_path: str) -> tuple[dict[str, Any], str | None]:
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise LorafitError(f"Recipe file not found: {path}. Give a shipped recipe name ({', '.join(list_recipes())}) or an existing YAML file.")
-        text, recipe_name = path.read_text(encoding="utf-8"), path.stem
+        try:
+            text, recipe_name = path.read_text(encoding="utf-8"), path.stem
+        except UnicodeDecodeError as exc:
+            raise LorafitError(
+                f"Recipe file {path} is not UTF-8 text (byte offset {exc.start}: {exc.reason}). Save it as UTF-8."
+            ) from None
     else:
         if name_or_path not in list_recipes():
             close = difflib.get_close_matches(name_or_path, list_recipes(), n=1)
@@ -355,13 +409,60 @@ def read_recipe(name_or_path: str) -> tuple[dict[str, Any], str | None]:
             )
         text = resources.files(RECIPE_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
         recipe_name = name_or_path
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise LorafitError(f"Recipe {name_or_path} is not valid YAML: {exc}") from None
+    raw = load_yaml(text, f"Recipe {name_or_path}") or {}
     if not isinstance(raw, dict):
         raise LorafitError(f"Recipe {name_or_path} must be a YAML mapping at the top level.")
     return raw, recipe_name
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, refusing what would take minutes or gigabytes: aliases that expand the document beyond
+    YAML_MAX_NODES nodes (the "billion laughs"), nesting too deep for the parser, numbers too long to read."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, {}, set()) > YAML_MAX_NODES:
+            raise LorafitError(
+                f"{what} holds more than {YAML_MAX_NODES:,} values (counting each alias, *name, as what it stands "
+                "for); a run configuration is far smaller. Remove the bulk, or use fewer aliases."
+            )
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        raise LorafitError(f"{what} is not valid YAML: {_first_chars(exc)}") from None
+    except RecursionError:
+        raise LorafitError(f"{what}: nested too deeply to read; a run configuration is a few levels deep.") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        why = "a number in it has thousands of digits" if "digits" in str(exc) else _first_chars(exc)
+        raise LorafitError(f"{what}: a value cannot be read ({why}).") from None
+    finally:
+        loader.dispose()
+
+
+def _first_chars(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _expanded_nodes(node, memo: dict, active: set) -> int:
+    """How many nodes the document has once every alias is expanded (capped just above the limit)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:  # a recursive alias expands without end
+        return YAML_MAX_NODES + 1
+    active.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total = min(total + _expanded_nodes(child, memo, active), YAML_MAX_NODES + 1)
+    active.discard(key)
+    memo[key] = total
+    return total
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: list[str]) -> dict[str, Any]:
@@ -372,8 +473,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: list[st
             continue
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
+            value = load_yaml(text, f"override '{_short(item)}'") if text != "" else ""
+        except LorafitError as exc:
+            if "not valid YAML" not in str(exc):
+                problems.append(str(exc))
+                continue
             value = text
         node = raw
         parts = key.strip().split(".")
@@ -390,10 +494,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: list[st
     return raw
 
 
-def build_config(raw: dict[str, Any]) -> RunConfig:
+def build_config(raw: dict[str, Any], check_output_dir: bool = False) -> RunConfig:
     problems: list[str] = []
     cfg = _build(RunConfig, raw, "", problems)
-    _check_values(cfg, problems)  # fields with a bad type fell back to defaults, which pass
+    if cfg.output_dir.strip():
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser())
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser())
+    _check_values(cfg, problems, check_output_dir)  # fields with a bad type fell back to defaults, which pass
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -407,11 +515,11 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     if problems:
         # Report override syntax problems together with everything else that is wrong.
         try:
-            build_config(raw)
+            build_config(raw, check_output_dir=True)
         except ConfigError as exc:
             problems += exc.problems
         raise ConfigError(problems)
-    return build_config(raw)
+    return build_config(raw, check_output_dir=True)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
@@ -421,5 +529,5 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 
 def load_saved_config(path: Path) -> RunConfig:
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     return build_config(raw)

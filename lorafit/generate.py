@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,59 @@ class SamplingConfig:
     top_k: int | None = None
     num_return_sequences: int = 1
     seed: int = 0
+
+
+def check_sampling(cfg: SamplingConfig) -> None:
+    """Refuse settings generation cannot honour (named as the `lorafit generate` flags), all at once."""
+    problems = []
+    if cfg.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        problems.append(f"--temperature must be a finite number >= 0 (0 = greedy), got {cfg.temperature}")
+    if cfg.top_p is not None and not (0 < cfg.top_p <= 1):  # also refuses NaN
+        problems.append(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k is not None and cfg.top_k < 0:
+        problems.append(f"--top-k must be >= 0 (0 = no top-k), got {cfg.top_k}")
+    if not 0 <= cfg.seed < 2**63:
+        problems.append(f"--seed must be in [0, 2^63), got {cfg.seed}")
+    if cfg.num_return_sequences < 1:
+        problems.append(f"--num-return-sequences must be at least 1, got {cfg.num_return_sequences}")
+    elif cfg.num_return_sequences > 1 and cfg.temperature == 0:
+        problems.append(f"--num-return-sequences {cfg.num_return_sequences} needs sampling (--temperature > 0): "
+                        "greedy decoding has one answer")
+    if problems:
+        raise LorafitError("; ".join(problems) + ".")
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from the BOS token (EOS when there is none, as GPT-2 does)."""
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start]
+    return list(ids)
+
+
+def check_generation(model, tokenizer, prompt: str, max_new_tokens: int, tokens_name: str = "--max-new-tokens",
+                     prompt_name: str = "the prompt") -> None:
+    """The prompt and the new tokens fit in the model's context (positions beyond it do not exist)."""
+    from lorafit.lora import unwrapped
+    from lorafit.modeling import max_positions
+
+    limit = max_positions(unwrapped(model))
+    if limit is None:
+        return
+    n = len(prompt_ids(tokenizer, prompt))
+    if n >= limit:
+        raise LorafitError(
+            f"{prompt_name} is {n:,} tokens; the model's context is {limit:,} positions, which leaves no room for a "
+            f"new token. Shorten it to fewer than {limit:,} tokens."
+        )
+    if n + max_new_tokens > limit:
+        raise LorafitError(
+            f"{tokens_name}={max_new_tokens} with {prompt_name} of {n:,} tokens exceeds the model's context of "
+            f"{limit:,} positions; set {tokens_name}={limit - n} or less."
+        )
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:
@@ -81,7 +135,8 @@ def load_for_inference(run_or_adapter, base: str | None = None, precision: str |
 def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
     """Continuations of one prompt (prompt excluded); stops at EOS."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # same seed for base and fine-tuned: a fair side-by-side
         out = model.generate(
@@ -90,7 +145,7 @@ def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
             do_sample=cfg.temperature > 0,
             temperature=cfg.temperature if cfg.temperature > 0 else None,
             top_p=cfg.top_p,
-            top_k=cfg.top_k,
+            top_k=cfg.top_k or None,  # 0: no top-k
             num_return_sequences=cfg.num_return_sequences,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

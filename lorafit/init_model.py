@@ -44,7 +44,17 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
     tok_dir = Path(tokenizer_dir)
     if not tok_dir.is_dir():
         raise LorafitError(f"--tokenizer '{tokenizer_dir}' is not a directory (expected tokenizer files or vocab.json + merges.txt).")
-    tokenizer = tokenizer_from_dir(tok_dir)
+    if not any(tok_dir.iterdir()):
+        raise LorafitError(f"--tokenizer '{tokenizer_dir}' is empty (expected tokenizer files or vocab.json + merges.txt).")
+    try:
+        tokenizer = tokenizer_from_dir(tok_dir)
+    except Exception as exc:  # transformers raises ValueError/OSError/TypeError for the same problem
+        from lorafit.modeling import _whole_reason
+
+        raise LorafitError(
+            f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({_whole_reason(exc, 200)}). Give a saved "
+            "tokenizer directory (tokenizer.json, tokenizer_config.json) or GPT-2's vocab.json + merges.txt."
+        ) from None
     if tokenizer.eos_token_id is None:
         raise LorafitError(f"The tokenizer in '{tokenizer_dir}' has no EOS token.")
     out = Path(out)

@@ -152,10 +152,23 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             f"'{adapter_dir}' is not a LoRA adapter: {ADAPTER_CONFIG} is missing. "
             "Give a lorafit run directory or a PEFT adapter directory."
         )
+    return read_adapter_json(path)
+
+
+def read_adapter_json(path: Path) -> dict:
+    """A JSON object file of an adapter; a damaged one is an error saying how to get the adapter back."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LorafitError(f"{path} is not valid JSON ({exc}).") from None
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"it holds a {type(value).__name__}, not an object")
+        return value
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise LorafitError(
+            f"{path} is unreadable ({detail}); the adapter cannot be used. If it belongs to a lorafit run, delete the "
+            "run's adapter/ and summary.json and run the same train command with --resume: the adapter is written "
+            "again from the last checkpoint. Otherwise restore the adapter from a copy."
+        ) from None
 
 
 def base_signature(model) -> dict:
@@ -176,15 +189,7 @@ def write_base_signature(adapter_dir: Path, model, load: dict | None = None) -> 
 def read_base_record(adapter_dir: Path) -> dict:
     """lorafit's metadata of an adapter ({} for a plain PEFT adapter)."""
     path = Path(adapter_dir) / BASE_SIGNATURE
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LorafitError(f"{path} is unreadable ({first_line(exc)}); delete it (the adapter itself is unaffected).") from None
-    if not isinstance(record, dict):
-        raise LorafitError(f"{path} is not a JSON object; delete it (the adapter itself is unaffected).")
-    return record
+    return read_adapter_json(path) if path.is_file() else {}
 
 
 def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False):

@@ -14,7 +14,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def merge(run_or_adapter, out: Path, base: str | None = None, dtype: str = "fp32", attn_implementation: str | None = None) -> Path:
-    out = Path(out)
+    from lorafit.rundir import forbidden_output_dir
+
+    out = Path(out).expanduser()
+    why = forbidden_output_dir(str(out))
+    if why:
+        raise LorafitError(f"'{out}' cannot take the merged model: {why}. Choose a new directory.")
     if out.exists() and any(out.iterdir()):
         raise LorafitError(f"'{out}' exists and is not empty; choose a new directory for the merged model.")
     # Merge in fp32 on CPU: exact arithmetic first, then cast to the requested dtype once.

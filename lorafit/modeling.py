@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
-from lorafit.errors import LorafitError, first_line
+from lorafit.errors import LorafitError
 
 NETWORK_ERROR_NAMES = (
     "OfflineModeIsEnabled",
@@ -63,8 +63,30 @@ def is_network_error(exc: BaseException) -> bool:
     return False
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _whole_reason(exc: Exception, limit: int = 400) -> str:
+    """The exception's message on one line (a first line alone can stop mid-sentence, at a colon)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitError:
     local = Path(name).expanduser()
+    if local.is_dir() and what == "Tokenizer" and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return LorafitError(
+            f"'{name}' holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Give a directory with a saved "
+            "tokenizer (a saved transformers model has one), or GPT-2's vocab.json + merges.txt."
+        )
+    if local.is_dir() and what == "Model" and (local / "config.json").exists() and not any(local.glob("*.safetensors")) \
+            and not any(p.suffix in PICKLED_WEIGHTS for p in local.iterdir()):
+        held = ", ".join(sorted(p.name for p in local.iterdir())[:8])
+        return LorafitError(
+            f"Model directory '{name}' holds no weights (no .safetensors file; it has: {held}). Point model.name at a "
+            "complete saved model (config.json and model.safetensors), or make a random one with `lorafit init-model`."
+        )
     if local.exists() and not local.is_dir():
         return LorafitError(f"{what} '{name}' is a file; give a model directory (with config.json) or a hub id.")
     if (local.is_dir() and not (local / "config.json").exists() and what == "Model"):
@@ -75,7 +97,7 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
             "(pickled .bin files can run code when loaded). If you trust the model, convert it once: "
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)."
         )
-    reason = first_line(exc)
+    reason = _whole_reason(exc)
     if what == "Model" and ("attn_implementation" in str(exc) or "attention implementation" in str(exc).lower()):
         return LorafitError(
             f"Could not load model '{name}' with this attention implementation: {reason}\nSet model.attn_implementation "

@@ -1,6 +1,7 @@
 """The run directory and safe file writing.
 
 Layout:  adapter/  config.yaml  metrics.jsonl  summary.json  loss.png  README.md  checkpoints/
+         .lorafit-run.json (the marker: lorafit made this directory for a run)  .lorafit.lock
 Every file and directory is written to a temporary name and renamed into place, so a crash or a
 full disk never leaves a half-written file where a complete one was. Temporaries are named
 `.NAME.tmp-PID` (or `.NAME.old-PID` for a directory being replaced) and are removed when a run
@@ -14,8 +15,11 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lorafit.errors import LorafitError
@@ -28,8 +32,15 @@ LOSS_PLOT = "loss.png"
 SOURCE_PLOT = "eval_by_source.png"
 MODEL_CARD = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
+EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
+MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
 TEMP_MARKERS = (".tmp-", ".old-")
+# Everything a run directory may hold; --overwrite refuses a directory holding anything else.
+RUN_ENTRIES = frozenset({
+    ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
+    LOCK_FILE, MARKER_FILE,
+})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,24 +99,49 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and any(m in name for m in TEMP_MARKERS)
+
+
 def remove_temporaries(directory: Path) -> None:
     """Delete what an interrupted atomic write left behind in `directory`."""
     if not Path(directory).is_dir():
         return
     for p in Path(directory).iterdir():
-        if p.name.startswith(".") and any(m in p.name for m in TEMP_MARKERS):
+        if is_temporary(p.name):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+# Writers in Rust (safetensors, tokenizers) raise their own exception types for a failed write; the
+# OS error is only in the message ("No space left on device (os error 28)", "Os { code: 28, ...").
+_RUST_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+
+
+def _write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write, also when a Rust writer reported it as a plain exception."""
+    if isinstance(exc, OSError):
+        return exc
+    m = _RUST_OS_ERROR.search(str(exc))
+    if m is None:
+        return None
+    code = int(m.group(1) or m.group(2))
+    return OSError(code, os.strerror(code))
+
+
 @contextlib.contextmanager
-def saving(what: str, advice: str):
-    """Turn a failed write (disk full, permissions...) into one clear LorafitError."""
+def saving(what: str, advice: str | Callable[[], str]):
+    """Turn a failed write (disk full, permissions...) into one clear LorafitError; `advice` may be worked
+    out when it is needed (e.g. naming the newest checkpoint at that moment)."""
     try:
         yield
-    except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        reason = "the disk is full" if full else exc.strerror or str(exc)
-        where = f" ({exc.filename})" if exc.filename else ""
+    except Exception as exc:
+        failure = None if isinstance(exc, LorafitError) else _write_failure(exc)
+        if failure is None:
+            raise
+        full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full else failure.strerror or str(failure)
+        where = f" ({failure.filename})" if failure.filename else ""
+        advice = advice() if callable(advice) else advice
         raise LorafitError(f"Could not write {what}: {reason}{where}. {advice}") from None
 
 
@@ -128,6 +164,25 @@ def to_json(obj) -> str:
     return json.dumps(clean(obj), default=_json_default, indent=None)
 
 
+def forbidden_output_dir(value: str) -> str | None:
+    """Why `value` can never be a run directory (None when it may be): lorafit may one day delete it."""
+    if not str(value).strip():
+        return "it is empty (that would be the current directory)"
+    path = Path(value).expanduser()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+        return f"it cannot be resolved ({exc})"
+    home, cwd = Path.home().resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor):
+        return "it is the root of the file system"
+    if resolved == home or resolved in home.parents:
+        return "it is your home directory" if resolved == home else "it holds your home directory"
+    if resolved == cwd or resolved in cwd.parents:
+        return "it is the current directory" if resolved == cwd else "it holds the current directory"
+    return None
+
+
 def _check_writable(path: Path) -> None:
     """Create (and remove) a file where the run will go: the only honest test of writability."""
     probe = next((p for p in [path, *path.parents] if p.exists()), Path("."))
@@ -144,9 +199,13 @@ def _check_writable(path: Path) -> None:
         ) from None
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class RunDir:
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         # Records in metrics.jsonl, counted as they are kept and appended (a run starts with
         # keep_metrics), so a checkpoint need not re-read the log to know where it stands.
         self.metrics_records = 0
@@ -162,54 +221,125 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def has_marker(self) -> bool:
+        return self.file(MARKER_FILE).is_file()
+
     def is_run(self) -> bool:
-        return self.file(CONFIG_FILE).is_file()
+        return self.has_marker() or self.file(CONFIG_FILE).is_file()  # config.yaml alone: a run of an older lorafit
 
     def is_finished(self) -> bool:
         return self.file(SUMMARY_FILE).is_file()
 
-    def check_new_run(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to clobber an existing run (or any other directory) unless told to; check writability.
-        Changes nothing."""
+    def content(self) -> list[Path]:
+        """What the directory holds besides lorafit's own lock and marker."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE)]
+
+    def foreign_entries(self) -> list[str]:
+        """Entries that are no part of a run: the reason --overwrite would refuse to delete the directory."""
+        foreign = [p.name for p in self.content() if p.name not in RUN_ENTRIES and not is_temporary(p.name)]
+        if self.checkpoints.is_dir():
+            foreign += [f"{CHECKPOINTS_DIR}/{p.name}" for p in self.checkpoints.iterdir()
+                        if not (re.fullmatch(r"step-\d+", p.name) or is_temporary(p.name))]
+        return sorted(foreign)
+
+    def check_new_run(self, resume: bool, overwrite: bool, locked: bool = False) -> None:
+        """Refuse to clobber an existing run (or any other directory) unless told to, and to delete anything that
+        is not recognisably a lorafit run even when told to; check writability. Changes nothing."""
         path = self.path
+        why = forbidden_output_dir(str(path))
+        if why:
+            raise LorafitError(f"output_dir '{path}' can never hold a run: {why}. Give a directory of its own.")
         if path.exists() and not path.is_dir():
             raise LorafitError(f"output_dir '{path}' exists and is a file; choose another output_dir.")
-        has_content = path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir())
-        if has_content and not self.is_run():
+        if not self.content():
+            _check_writable(path)
+            return
+        if not self.is_run():
             raise LorafitError(
-                f"output_dir '{path}' is not empty and holds no lorafit run ({CONFIG_FILE} is missing); lorafit "
-                "never writes into or deletes such a directory. Choose a new or empty output_dir."
+                f"output_dir '{path}' is not empty and holds no lorafit run; lorafit never writes into or deletes "
+                "such a directory. Choose a new or empty output_dir."
             )
-        if has_content and not (resume or overwrite):
+        if not (resume or overwrite):
             raise LorafitError(
                 f"output_dir '{path}' already holds a run. Add --resume to continue it, --overwrite to "
                 "replace it, or choose another output_dir=..."
             )
+        if not locked:
+            self._check_not_in_use()
+        if overwrite and not resume:
+            foreign = self.foreign_entries()
+            why = (f"it has no {MARKER_FILE} (the mark lorafit leaves in a directory it made for a run)"
+                   if not self.has_marker() else
+                   f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which no run writes"
+                   if foreign else "")
+            if why:
+                raise LorafitError(
+                    f"--overwrite refused: output_dir '{path}' is not recognisably a lorafit run directory: {why}. "
+                    "lorafit deletes only directories it made that hold nothing but a run's files. Delete it "
+                    "yourself if it can go, or choose another output_dir."
+                )
         _check_writable(path)
 
-    @contextlib.contextmanager
-    def claim(self, overwrite: bool):
-        """Create the directory (emptied first with `overwrite`) and hold it for this process.
+    def _check_not_in_use(self) -> None:
+        """Fail early (before minutes of set-up) when another process holds the run; claim() decides for good."""
+        import fcntl
 
-        The lock is an flock: the OS releases it when the process ends, even on SIGKILL.
+        try:
+            with open(self.path / LOCK_FILE, "rb") as probe:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file is closed
+        except FileNotFoundError:
+            return
+        except BlockingIOError:
+            raise self._in_use() from None
+
+    def _in_use(self) -> LorafitError:
+        return LorafitError(
+            f"Another lorafit process is using '{self.path}'. Wait for it to finish (or stop it), then retry."
+        )
+
+    @contextlib.contextmanager
+    def claim(self, resume: bool = False, overwrite: bool = False):
+        """Hold the directory for this process (created if need be), decide again under the lock whether this
+        run may go there, empty it with `overwrite`, and mark it as a run directory.
+
+        The lock comes first: a run in progress is never deleted, and two runs started together cannot both
+        pass the checks. It is an flock: the OS releases it when the process ends, even on SIGKILL.
         """
         import fcntl
 
         with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
-            if overwrite and self.path.exists():
-                shutil.rmtree(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / LOCK_FILE, "a")
         with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LorafitError(
-                    f"Another lorafit process is using '{self.path}'. Wait for it to finish (or stop it), then retry."
-                ) from None
-            remove_temporaries(self.path)
-            remove_temporaries(self.checkpoints)
+                raise self._in_use() from None
+            self.check_new_run(resume, overwrite, locked=True)  # again: another process may have written a run meanwhile
+            with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
+                if overwrite and not resume:
+                    for p in self.content():
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    self.file(MARKER_FILE).unlink(missing_ok=True)
+                remove_temporaries(self.path)
+                remove_temporaries(self.checkpoints)
+                if not self.has_marker():
+                    self.write_json(MARKER_FILE, {"lorafit_run": 1, "created": _now(), "resumes": []})
             yield self
+
+    def record_resume(self, step: int, changed: dict) -> None:
+        """Note in the marker that the run was resumed at `step` with these settings changed ({key: [old, new]})."""
+        try:
+            marker = self.read_json(MARKER_FILE)
+        except (OSError, ValueError):
+            marker = {"lorafit_run": 1}
+        if not isinstance(marker, dict):
+            marker = {"lorafit_run": 1}
+        resumes = marker.get("resumes") if isinstance(marker.get("resumes"), list) else []
+        marker["resumes"] = [*resumes, {"time": _now(), "step": step, "changed": changed}]
+        self.write_json(MARKER_FILE, marker)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.file(METRICS_FILE), "a", encoding="utf-8") as f:
@@ -221,9 +351,12 @@ class RunDir:
         if not path.is_file():
             return []
         records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash is dropped
-                records.append(json.loads(line))
+        # A line cut by a crash is dropped, and so is anything else that is not a record (damaged bytes included).
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError, RecursionError):
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
         return records
 
     def keep_metrics(self, n: int) -> None:
@@ -237,3 +370,16 @@ class RunDir:
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.file(name).read_text(encoding="utf-8"))
+
+    def read_summary(self) -> dict:
+        """summary.json of a finished run; a damaged one is an error that says how to write it again."""
+        try:
+            summary = self.read_json(SUMMARY_FILE)
+            if not isinstance(summary, dict):
+                raise ValueError(f"it holds a {type(summary).__name__}, not an object")
+            return summary
+        except (OSError, ValueError, RecursionError) as exc:
+            raise LorafitError(
+                f"{self.file(SUMMARY_FILE)} is unreadable ({str(exc)[:200]}). Delete it and run the same command with "
+                "--resume: the final evaluation, adapter and reports are written again from the last checkpoint."
+            ) from None

@@ -36,6 +36,7 @@ from lorafit.modeling import (
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
 )
+from lorafit.runcheck import check_before_training, config_changes, data_fingerprint, same_data
 
 
 def log(msg: str) -> None:
@@ -161,6 +162,7 @@ class Trainer:
     last_train_loss: float | None = None
     nonfinite_skipped: int = 0
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
+    fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
 
     # -- one optimizer step
     def step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,14 +315,26 @@ class Trainer:
             # metrics.jsonl records written so far: a resume drops later ones, so none is doubled or lost
             "metrics_records": self.run.metrics_records,
             "train_examples": self.plan.n_train, "total_steps": self.plan.total_steps,
+            "data_fingerprint": self.data_fingerprint(),
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
         }
         return ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler, state,
                                     self.cfg.train.keep_checkpoints, gathered)
 
+    def data_fingerprint(self) -> dict:
+        if self.fingerprint is None:
+            self.fingerprint = data_fingerprint(self.data, self.cfg)
+        return self.fingerprint
+
     def restore(self, path: Path) -> None:
         apply = (lambda w, o: dist.load_full_state(self.model, self.optimizer, w, o)) if dist.sharded() else None
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, apply)
+        try:
+            self._restore_state(path, state)
+        except ckpt.TAMPERED as exc:  # a tampered state.json
+            raise ckpt.unreadable(path / ckpt.STATE, exc) from None
+
+    def _restore_state(self, path: Path, state: dict) -> None:
         then, now = (state["train_examples"], state["total_steps"]), (self.plan.n_train, self.plan.total_steps)
         if then != now:
             raise LorafitError(
@@ -328,6 +342,7 @@ class Trainer:
                 f"gives {now[0]:,} and {now[1]:,}. Did the data files change? Resume needs the same data, or start "
                 "again with --overwrite."
             )
+        same_data(path, state.get("data_fingerprint"), self.data_fingerprint())
         self.step = state["step"]
         w = state["window"]
         self.window = Window(torch.tensor(w["nll"], dtype=torch.float64, device=self.device), w["tokens"], w["examples"], w["seconds"], w["steps"])
@@ -443,36 +458,17 @@ def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None 
         write_base_signature(tmp, model.get_base_model(), load)
 
 
-RESUME_MAY_CHANGE = ("recipe", "output_dir", "data.cache_dir")  # where things live, not what is computed
-
-
-def check_same_config(run: RunDir, cfg: RunConfig) -> None:
-    """A resume must use the config the run started with, or it would silently train something else."""
-    import yaml
-
-    try:
-        saved = flatten(yaml.safe_load(run.file(CONFIG_FILE).read_text(encoding="utf-8")) or {})
-    except (OSError, yaml.YAMLError) as exc:
-        raise LorafitError(f"Cannot read {run.file(CONFIG_FILE)} to resume ({exc}); start again with --overwrite.") from None
-    now = flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # the same round trip the saved file made
-    changed = [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
-               for k in sorted(saved.keys() | now.keys()) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+def check_same_config(run: RunDir, cfg: RunConfig) -> dict:
+    """A resume must use the config the run started with, or it would silently train something else. Settings
+    that do not change the training (see runcheck.RESUME_MAY_CHANGE) may differ: returns them, {key: [old, new]}."""
+    allowed, changed = config_changes(run.file(CONFIG_FILE), cfg)
     if changed:
         raise LorafitError(
             f"--resume: the config differs from the one the run in '{run.path}' started with:\n"
             + "\n".join(f"  - {c}" for c in changed)
             + "\nResume with the same recipe and overrides, or start a new run (--overwrite or another output_dir)."
         )
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return allowed
 
 
 def setup(cfg: RunConfig, run: RunDir) -> Trainer:
@@ -571,13 +567,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start(trainer: Trainer, resume: bool) -> dict | None:
-    """Restore the newest checkpoint (with --resume) or begin afresh; return the eval before training."""
+def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict | None:
+    """Restore the newest checkpoint (with --resume) or begin afresh; return the eval before training.
+    `changed`: settings that differ from the run's and may (recorded in the run, config.yaml updated)."""
     run = trainer.run
     newest = ckpt.list_checkpoints(run.checkpoints)[-1:] if resume else []
     if newest:
         trainer.restore(newest[0][1])
         log(f"resumed from {newest[0][1]} (step {trainer.step} of {trainer.plan.total_steps})")
+        if changed:
+            log("settings changed on resume (they do not change the training): "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+            if dist.world().is_main:
+                run.record_resume(trainer.step, changed)
+                save_config(trainer.cfg, run.file(CONFIG_FILE))
         return next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
     if resume:
         log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
@@ -588,26 +591,41 @@ def start(trainer: Trainer, resume: bool) -> dict | None:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Check everything, then take the run's lock, then decide again under it (a new run, a resume, or an
+    overwrite: only now is an old run deleted), then train."""
     run = RunDir(Path(cfg.output_dir))
-    run.check_new_run(resume, overwrite)
+    overwrite = overwrite and not resume  # --resume wins: it never deletes
+    run.check_new_run(resume, overwrite)  # cheap and read-only: a plain mistake fails before minutes of set-up
     if resume and run.is_run():
         check_same_config(run, cfg)
         if run.is_finished():
             log(f"The run in {run.path} has already finished; nothing to do.")
-            return run.read_json(SUMMARY_FILE)
+            return run.read_summary()
     try:
         trainer = setup(cfg, run)
+        check_before_training(trainer)  # values used only later (the eval sample) fail now, not after training
         # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
-        claim = run.claim(overwrite=overwrite and not resume) if dist.world().is_main else contextlib.nullcontext()
-        with claim:
+        claim = run.claim(resume, overwrite) if dist.world().is_main else contextlib.nullcontext()
+        with claim:  # decided again under the lock: another run may have come meanwhile
             dist.barrier()  # the directory is claimed (and emptied for --overwrite) before any rank reads it
-            before = start(trainer, resume)
-            trainer.fit(progress=progress)
+            changed = check_same_config(run, cfg) if resume and run.is_run() else {}
+            if resume and run.is_finished():
+                log(f"The run in {run.path} has already finished; nothing to do.")
+                return run.read_summary()
+            with saving(f"the run's files in {run.path}", lambda: resume_advice(run)):
+                before = start(trainer, resume, changed)
+                trainer.fit(progress=progress)
             return finish(trainer, before)
     except torch.OutOfMemoryError:
         newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
         kept = f" The newest complete checkpoint, {newest[0][1]}, resumes with --resume." if newest else ""
         raise LorafitError(str(out_of_memory(default_device(), "training")) + kept) from None
+
+
+def resume_advice(run: RunDir) -> str:
+    newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
+    kept = f"The newest complete checkpoint is {newest[0][1]}" if newest else "No checkpoint was saved yet"
+    return f"{kept}; free space, then run the same command with --resume."
 
 
 def finish(trainer: Trainer, before: dict | None) -> dict:
@@ -617,7 +635,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     lora_weights = dist.full_state(trainer.model)[0] if dist.sharded() else None  # a collective: every rank
     if not dist.world().is_main:
         return after
-    advice = f"Training itself is saved in {run.checkpoints}; free space, then run the same command with --resume."
+    advice = resume_advice(run)  # the last step is checkpointed: a resume redoes only the eval and the saves
     with saving(f"the adapter in {run.adapter}", advice):
         save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
                      lora_weights)

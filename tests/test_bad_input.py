@@ -37,6 +37,25 @@ CASES = [
     ("dropout-out-of-range", ["lora.dropout=1.0"], ["lora.dropout: must be in [0, 1), got 1.0"]),
     ("unknown-config-key", ["train.epoch=3"], ["train.epoch: unknown key; did you mean 'epochs'?"]),
     ("wrong-type", ["train.batch_size=four"], ["train.batch_size: expected an integer, got 'four'"]),
+    # data files that once ended in tracebacks (issue 11)
+    ("lone-surrogate", ["data.sources.quotes.path={d}/surrogate.jsonl"], ["surrogate.jsonl line 2", "lone surrogate"]),
+    ("huge-integer", ["data.sources.quotes.path={d}/bigint.jsonl"], ["bigint.jsonl line 1", "thousands of digits"]),
+    ("deep-nesting", ["data.sources.quotes.path={d}/deep.jsonl"], ["deep.jsonl line 1", "nested too deeply"]),
+    ("symlink-loop", ["data.sources.quotes.path={d}/loop.jsonl"], ["loop.jsonl is a symbolic link loop"]),
+    ("boolean-as-text", ["data.sources.quotes.path={d}/bool.jsonl"], ["bool.jsonl line 2", "holds true, not text"]),
+    # a value used only at the end of training is checked before anything is touched
+    ("sample-beyond-context", ["data.sources.quotes.path={data}", "eval.sample_prompt=a", "eval.sample_max_new_tokens=1000"],
+     ["eval.sample_max_new_tokens=1000", "256 positions", "eval.sample_max_new_tokens=255 or less"]),
+    # values that once were accepted, or ended in tracebacks
+    ("adam-beta", ["train.adam_beta2=1.0"], ["train.adam_beta2: must be in [0, 1), got 1.0"]),
+    ("adam-eps", ["train.adam_eps=0"], ["train.adam_eps: must be positive, got 0.0"]),
+    ("negative-seed", ["train.seed=-1"], ["train.seed: must be in [0, 4294967295], got -1"]),
+    ("infinite-epochs", ["train.epochs=.inf"], ["train.epochs: must be a finite number, got inf"]),
+    ("infinite-lr", ["train.lr=.inf", "train.skip_nonfinite=true"], ["train.lr: must be a finite number, got inf"]),
+    ("nan-lr", ["train.lr=.nan"], ["train.lr: must be a finite number, got nan"]),
+    ("infinite-weight", ["data.sources.quotes.weight=.inf"], ["data.sources.quotes.weight: must be a finite number"]),
+    ("eval-max-examples-zero", ["eval.max_examples=0"], ["eval.max_examples: must be positive", "null"]),
+    ("empty-output-dir", ["output_dir="], ["output_dir: '' can never hold a run", "it is empty"]),
 ]
 
 
@@ -49,6 +68,12 @@ def bad_files(tmp_path_factory) -> Path:
     (d / "latin1.jsonl").write_bytes(b'{"quote": "fine"}\n{"quote": "caf\xe9"}\n')
     (d / "broken.jsonl").write_text('{"quote": "a"}\n{"quote": "b"}\n{"quote": "c",\n')
     (d / "table.csv").write_text("title,body\nA,first\nB,second\n")
+    (d / "surrogate.jsonl").write_text('{"quote": "fine"}\n{"quote": "a\\ud800b"}\n')
+    (d / "bigint.jsonl").write_text('{"quote": "fine", "n": ' + "9" * 5000 + "}\n")
+    (d / "deep.jsonl").write_text('{"quote": "fine", "n": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
+    (d / "bool.jsonl").write_text('{"quote": "fine"}\n{"quote": true}\n')
+    (d / "loop.jsonl").symlink_to(d / "loop-back.jsonl")
+    (d / "loop-back.jsonl").symlink_to(d / "loop.jsonl")
     return d
 
 
@@ -57,6 +82,7 @@ def existing_run(tmp_path) -> Path:
     """A run directory that a failed `--overwrite` must leave exactly as it was."""
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
+    (run / ".lorafit-run.json").write_text('{"lorafit_run": 1}\n')  # so --overwrite would delete it
     (run / "config.yaml").write_text("recipe: quotes\n")
     (run / "metrics.jsonl").write_text('{"step": 2, "loss": 3.0}\n')
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")

@@ -10,7 +10,9 @@ reported with its offset and line, and line-based formats are streamed (files ca
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +36,8 @@ EXTENSIONS = {
 BOM = b"\xef\xbb\xbf"
 SNIFF_BYTES = 8192  # NUL bytes here mean binary (or UTF-16), not UTF-8 text
 CHUNK_BYTES = 1 << 20
+MAX_JSON_DEPTH = 500  # Python's parser gives up near 1,000 levels; a record is a few levels deep
+_numbers_as_text = [0]  # numeric field values used as text in the current read (reported once, see read_local_texts)
 
 
 def read_local_texts(path: Path, src: SourceConfig, source_name: str) -> list[str]:
@@ -41,7 +45,11 @@ def read_local_texts(path: Path, src: SourceConfig, source_name: str) -> list[st
     path = Path(path)
     fmt = _format(path, src, source_name)
     _check_file(path, fmt, source_name)
+    _numbers_as_text[0] = 0
     texts = READERS[fmt](path, src, source_name)
+    if _numbers_as_text[0]:  # said once, so a numeric column used as text by mistake is noticed
+        print(f"source '{source_name}': {_numbers_as_text[0]:,} numeric value(s) in {path} were used as text "
+              "(written as Python prints them, e.g. 3 and 2.5)", file=sys.stderr)
     if not texts:
         raise DataError(
             f"Source '{source_name}': {path} holds no records ({fmt}). "
@@ -71,6 +79,15 @@ def _format(path: Path, src: SourceConfig, name: str) -> str:
 
 
 def _check_file(path: Path, fmt: str, name: str) -> None:
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+            why = "a symbolic link that cannot be followed"
+        except RuntimeError:  # Python 3.11 reports a loop this way
+            why = "a symbolic link loop"
+        except OSError as exc:
+            why = "a symbolic link loop" if exc.errno == errno.ELOOP else f"a broken symbolic link (to {path.readlink()})"
+        raise DataError(f"Source '{name}': {path} is {why}. Fix the link, or point data.sources.{name}.path at the file itself.")
     if not path.exists():
         raise DataError(
             f"Source '{name}': file not found: {path}. "
@@ -142,7 +159,13 @@ def _text(values: list[tuple[Any, Any]], src: SourceConfig, where: Callable[[], 
             out.append("")
         elif isinstance(value, str):
             out.append(value)
+        elif isinstance(value, bool):
+            raise DataError(
+                f"{where()}: field '{field}' holds {str(value).lower()}, not text. "
+                f"Set text_field to fields that hold strings."
+            )
         elif isinstance(value, int | float):
+            _numbers_as_text[0] += 1
             out.append(str(value))
         else:
             kind = {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
@@ -166,7 +189,49 @@ def _record_text(record: Any, fields: list, src: SourceConfig, where: Callable[[
             f"{where()}: no field '{missing[0]}'; this record has fields: "
             f"{', '.join(map(str, record)) or '(none)'}. Set text_field to one of them."
         )
-    return _text([(f, record[f]) for f in fields], src, where)
+    text = _text([(f, record[f]) for f in fields], src, where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a "\ud800" escape: valid JSON, but no character; the tokenizer would fail on it
+        raise DataError(
+            f"{where()}: the text holds a lone surrogate {text[e.start]!r} (from a \\u escape), which is not a character. "
+            "Fix the escape (a pair like \\ud83d\\ude00 is one character) or remove the record."
+        ) from None
+    return text
+
+
+def _json_failure(exc: Exception, where: str) -> DataError:
+    """What json.loads raises beyond JSONDecodeError: a number too long to read, nesting too deep."""
+    if isinstance(exc, RecursionError):
+        return DataError(f"{where}: JSON nested too deeply to read (over {MAX_JSON_DEPTH} levels). A record is a few "
+                         "levels deep; fix or remove it.")
+    if "digits" in str(exc):
+        return DataError(f"{where}: a number has thousands of digits, too long to read. Fix or remove it.")
+    return DataError(f"{where}: cannot be read as JSON ({str(exc)[:200]}). Fix or remove it.")
+
+
+def _line_of(text: str, pattern: str) -> int | None:
+    m = re.search(pattern, text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def _too_deep_line(text: str) -> int | None:
+    """The line where JSON nesting first goes beyond MAX_JSON_DEPTH (strings skipped); only run on a failure."""
+    depth, in_string, escaped, line = 0, False, False, 1
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_string:
+            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 # ---------------------------------------------------------------- one reader per format
@@ -221,6 +286,8 @@ def _read_jsonl(path: Path, src: SourceConfig, name: str) -> list[str]:
                 f"Source '{name}': {path} line {lineno} is not valid JSON: {e.msg} at column "
                 f"{e.colno}. Each line of a JSON-lines file must be one JSON object; fix or remove it."
             ) from None
+        except (ValueError, RecursionError) as e:
+            raise _json_failure(e, f"Source '{name}': {path} line {lineno}") from None
         texts.append(_record_text(record, fields, src, lambda: f"Source '{name}': {path} line {lineno}"))
     return texts
 
@@ -237,6 +304,9 @@ def _read_json(path: Path, src: SourceConfig, name: str) -> list[str]:
             f"Source '{name}': {path} is not valid JSON: {e.msg} at line {e.lineno} column "
             f"{e.colno}{hint}. Fix the file, or set data.sources.{name}.format to match it."
         ) from None
+    except (ValueError, RecursionError) as e:
+        line = _too_deep_line(text) if isinstance(e, RecursionError) else _line_of(text, r"\d{4000,}")
+        raise _json_failure(e, f"Source '{name}': {path}{f' line {line}' if line else ''}") from None
     records = _records(root, src.records_path, path, name)
     fields = _fields(src)
     where = f"records_path '{src.records_path}'" if src.records_path else "the top-level list"

@@ -10,6 +10,13 @@ Length policies for examples longer than `seq_len` tokens:
   of the document is scored exactly once;
 - drop: leave the example out.
 
+Under truncate and drop a text longer than seq_len * CHARS_PER_TOKEN characters is cut before it is
+tokenised (a 50 MB line would otherwise take gigabytes to keep 64 tokens, or none). The cut is exact: it falls at a
+pre-token boundary well inside the prefix (the BPE model encodes each pre-token on its own, so every
+token before the cut is the one full tokenisation gives), and when the cut text gives fewer than
+seq_len tokens the whole text is tokenised instead (so a dropped text is one of more than seq_len tokens). Tokenizers with a normaliser, or without a
+pre-tokeniser, are never cut.
+
 Speed: the fast (Rust) tokenizer encodes each batch of texts on all cores (unless
 TOKENIZERS_PARALLELISM=false); the bytes of the scored text, for bits per byte, come from a
 table of each token's byte length for byte-level BPE (exact, also across chunk boundaries that
@@ -28,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 TOKENIZE_BATCH = 1000
+CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
 PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
 CACHE_VERSION = 2
 
@@ -130,7 +138,11 @@ def tokenize_texts(
         bar = tqdm(total=len(texts), desc="tokenising", unit="doc", unit_scale=True, dynamic_ncols=True)
     for start in range(0, len(texts), TOKENIZE_BATCH):
         # One call a batch: the fast tokenizer spreads a batch over all cores.
-        batch = tokenizer(texts[start : start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
+        chunk = texts[start : start + TOKENIZE_BATCH]
+        cut = cut_long_texts(chunk, tokenizer, seq_len) if policy in ("truncate", "drop") else {}
+        batch = tokenizer([cut.get(j, t) for j, t in enumerate(chunk)], add_special_tokens=False)["input_ids"]
+        for j in [j for j in cut if len(batch[j]) < seq_len]:  # the cut gave too few tokens: use the whole text
+            batch[j] = tokenizer(chunk[j], add_special_tokens=False)["input_ids"]
         for j, ids in enumerate(batch):
             parts, lost = apply_length_policy([*ids, eos], seq_len, policy)
             parts = [p for p in parts if len(p) >= 2]  # an example needs at least one target
@@ -151,6 +163,23 @@ def tokenize_texts(
         n_bytes=target_bytes(ids, offsets, tokenizer),
         truncated=np.array(truncated, dtype=bool),
     )
+
+
+def cut_long_texts(texts: list[str], tokenizer, seq_len: int) -> dict[int, str]:
+    """{index: prefix} for the texts long enough to cut before truncation to seq_len tokens (see the module doc)."""
+    limit = seq_len * CHARS_PER_TOKEN
+    long = [j for j, t in enumerate(texts) if len(t) > limit]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not long or backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
+        return {}
+    cut = {}
+    for j in long:
+        pieces = backend.pre_tokenizer.pre_tokenize_str(texts[j][:limit])
+        # The last pre-tokens may end differently in the full text (a word or a run of spaces cut short):
+        # cut before the last two, so every pre-token kept is one the full text has.
+        if len(pieces) >= 3:
+            cut[j] = texts[j][: pieces[-2][1][0]]
+    return cut
 
 
 def target_bytes(ids: np.ndarray, offsets: np.ndarray, tokenizer) -> np.ndarray:

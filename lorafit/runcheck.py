@@ -1,0 +1,113 @@
+"""Checks that decide whether a run may start or continue: values used only late in a run, settings that
+may change on --resume, and a fingerprint of the data a checkpoint was trained on.
+
+All of them run before the run directory is touched (or, for a resume, before training goes on), so a
+mistake costs seconds, not a training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lorafit.config import RunConfig, load_yaml
+from lorafit.errors import LorafitError
+
+# Settings that change what is logged, evaluated, sampled or kept, never the weights: a resume may change them
+# (recorded in the run's marker, config.yaml updated). A trailing dot means the whole section.
+RESUME_MAY_CHANGE = (
+    "recipe", "output_dir", "data.cache_dir", "eval.",
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+)
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
+    """(settings that differ and may: {key: [old, new]}, descriptions of those that differ and may not)."""
+    try:
+        saved = load_yaml(Path(saved_path).read_text(encoding="utf-8"), str(saved_path)) or {}
+    except (OSError, UnicodeDecodeError, LorafitError) as exc:
+        raise LorafitError(f"Cannot read {saved_path} to resume ({exc}); start again with --overwrite.") from None
+    if not isinstance(saved, dict):
+        raise LorafitError(f"{saved_path} is not a run configuration (a YAML mapping); start again with --overwrite.")
+    saved = flatten(saved)
+    now = flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # the same round trip the saved file made
+    allowed, refused = {}, []
+    for k in sorted(saved.keys() | now.keys()):
+        if saved.get(k) == now.get(k):
+            continue
+        if may_change_on_resume(k):
+            allowed[k] = [saved.get(k), now.get(k)]
+        else:
+            refused.append(f"{k}: {_short(saved.get(k))} in the run, {_short(now.get(k))} now")
+    return allowed, refused
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:75] + " ...'"
+
+
+# ---------------------------------------------------------------- the data a checkpoint was trained on
+
+
+def split_fingerprint(split) -> str:
+    """sha256 of a tokenised split's arrays: any change of text, tokenizer, order or length policy shows."""
+    h = hashlib.sha256()
+    for array in (split.ids, split.offsets, split.sources):
+        h.update(str(array.dtype).encode())
+        h.update(np.ascontiguousarray(array))
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(data, cfg: RunConfig) -> dict:
+    # eval.max_examples may change on resume and cuts the validation set: the val fingerprint holds for that cut.
+    return {"train": split_fingerprint(data.train), "val": split_fingerprint(data.val),
+            "eval_max_examples": cfg.eval.max_examples}
+
+
+def same_data(checkpoint: Path, saved: dict | None, now: dict) -> None:
+    """Refuse to resume on data other than the checkpoint's (a checkpoint of an older lorafit has no fingerprint)."""
+    if saved is None:
+        return
+    which = None
+    if saved["train"] != now["train"]:
+        which = "training"
+    elif saved.get("eval_max_examples") == now["eval_max_examples"] and saved["val"] != now["val"]:
+        which = "validation"
+    if which:
+        raise LorafitError(
+            f"Checkpoint {checkpoint} was trained on other data: the tokenised {which} examples differ from those "
+            "the data gives now (same number of examples, different text or tokenizer). Did the data files change? "
+            "Resume needs the same data; restore it, or start again with --overwrite."
+        )
+
+
+# ---------------------------------------------------------------- values used only late in a run
+
+
+def check_before_training(trainer) -> None:
+    """The eval sample is generated after every eval: a prompt plus new tokens beyond the model's context
+    would fail only then, after the training."""
+    from lorafit.generate import check_generation
+
+    e = trainer.cfg.eval
+    if e.sample_prompt:
+        check_generation(trainer.model, trainer.tokenizer, e.sample_prompt, e.sample_max_new_tokens,
+                         tokens_name="eval.sample_max_new_tokens", prompt_name="eval.sample_prompt")
