@@ -517,7 +517,12 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
     log(f"LoRA on {', '.join(targets)}: {format_counts(*count_parameters(model))}")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
-        unwrapped(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = unwrapped(model)
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_for_speed(model, cfg.train.compile)
     if cfg.train.fsdp:
         dist.shard(model)  # onto this rank's device, a shard of every block each

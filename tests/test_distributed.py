@@ -154,3 +154,82 @@ def test_fsdp_on_two_processes_trains_as_one_saves_a_peft_adapter_and_resumes(on
         theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out / "adapter"))
         ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(one_process_run / "adapter"))
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- memory options
+
+
+def _one_step(tiny_model_dir, checkpointing: bool):
+    """Loss, LoRA gradients and the bytes autograd saves for the backward, for one long-sequence step."""
+    from lorafit.config import load_config
+    from lorafit.data.packing import micro_batches
+    from lorafit.loss import token_nll
+    from lorafit.modeling import load_base_model, resolve_precision
+    from lorafit.train import prepare_model
+    from test_invariants import make_split
+
+    cpu = torch.device("cpu")
+    cfg = load_config("quotes", [f"model.name={tiny_model_dir}", "data.seq_len=256", "lora.dropout=0", "model.dropout=0",
+                                 f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+    model, _, fast = prepare_model(cfg, load_base_model(cfg.model, resolve_precision("fp32", cpu), cpu), cpu,
+                                   resolve_precision("fp32", cpu))
+    rng = np.random.default_rng(0)
+    split = make_split([list(rng.integers(0, 250, size=256)) for _ in range(2)])
+    (batch,) = micro_batches(split, np.arange(2), fast.layout, 10_000, 0)
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nll, _ = token_nll(model, batch, fused=fast.fused_head)
+    loss = nll.sum() / batch.n_targets
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, saved[0], fast
+
+
+def test_gradient_checkpointing_keeps_the_step_and_saves_less_for_the_backward(tiny_model_dir):
+    loss, grads, saved, _ = _one_step(tiny_model_dir, False)
+    loss_ckpt, grads_ckpt, saved_ckpt, fast = _one_step(tiny_model_dir, True)
+    assert fast.layout.kind != "segments"  # recomputed layers would not attend example by example
+    assert abs(loss - loss_ckpt) <= 1e-6 * abs(loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, atol=1e-7, rtol=1e-5)
+    assert saved_ckpt < 0.6 * saved  # activations are recomputed, not kept
+
+
+def test_quantized_bases_need_cuda_and_say_so(tiny_model_dir, texts_file, tmp_path, capsys):
+    code = main(["train", "quotes", f"model.name={tiny_model_dir}", f"data.sources.quotes.path={texts_file}",
+                 f"output_dir={tmp_path / 'run'}", "model.quantize=nf4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.quantize=nf4 needs a CUDA GPU" in err and not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_is_one_line_naming_the_memory_knobs(tiny_model_dir, texts_file, tmp_path, capsys, monkeypatch):
+    from lorafit import train
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "train_step", no_memory)
+    code = main(["train", "quotes", f"model.name={tiny_model_dir}", f"data.sources.quotes.path={texts_file}",
+                 f"output_dir={tmp_path / 'run'}", "eval.before_training=false", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    for knob in ("train.micro_batch_tokens", "train.gradient_checkpointing", "model.quantize"):
+        assert knob in err
+
+
+def test_nproc_relaunches_the_same_command_through_torchrun(monkeypatch):
+    import lorafit.cli as cli
+
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("subprocess.call", lambda command: launched.append(command) or 0)
+    assert cli.main(["train", "quotes", "--nproc", "3", "train.max_steps=2", "--resume"]) == 0
+    (command,) = launched
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
+    assert command[6:] == ["lorafit", "train", "quotes", "train.max_steps=2", "--resume"]
