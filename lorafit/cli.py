@@ -128,21 +128,28 @@ def cmd_generate(args) -> int:
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
                                                      attn_implementation=args.attn_implementation)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
+    template = None
+    if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
+        from lorafit.data.templates import generation_prompt, resolve_template
+
+        template = resolve_template(args.template)
     for prompt in args.prompts:
-        tuned = sample(model, tokenizer, prompt, cfg)
-        base = sample_base(model, tokenizer, prompt, cfg) if args.compare_base else None
-        show(prompt, tuned, base, base_name)
+        segments = generation_prompt(template, tokenizer, prompt) if template else None
+        tuned = sample(model, tokenizer, prompt, cfg, segments)
+        base = sample_base(model, tokenizer, prompt, cfg, segments) if args.compare_base else None
+        show("".join(segments) if segments else prompt, tuned, base, base_name)
     return 0
 
 
 def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     if base is None:
         for i, text in enumerate(tuned):
-            console.print(f"[bold]{prompt}[/bold]{text}", highlight=False, markup=True)
+            console.print(f"[bold]{escape(prompt)}[/bold]{escape(text)}", highlight=False, markup=True)  # "[INST]" is text
             if i + 1 < len(tuned):
                 console.rule(style="dim")
         return
@@ -227,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
+    g.add_argument("--template", metavar="NAME|FILE", default=None,
+                   help="render each prompt as a prompt_completion or chat source was in training: plain, alpaca, "
+                        "chat (the model's chat template; PROMPT is the user's message), roles, or a file holding a "
+                        "format string with {prompt}")
     g.add_argument("--base", help="base model (default: the adapter's own)")
     g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the precision the run was trained in")

@@ -78,10 +78,16 @@ def load_for_inference(run_or_adapter, base: str | None = None, precision: str |
 
 
 @torch.inference_mode()
-def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
-    """Continuations of one prompt (prompt excluded); stops at EOS."""
+def sample(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[str] | None = None) -> list[str]:
+    """Continuations of one prompt (prompt excluded); stops at EOS. `segments`: the prompt as a template
+    rendered it (lorafit/data/templates.py), each encoded on its own as in training."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    if segments is not None:
+        ids = [i for seg in segments for i in tokenizer(seg, add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor([ids], dtype=torch.long)
+        enc = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    else:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # same seed for base and fine-tuned: a fair side-by-side
         out = model.generate(
@@ -110,6 +116,6 @@ def merged_copy(model):
     return fast.eval()
 
 
-def sample_base(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
+def sample_base(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[str] | None = None) -> list[str]:
     with model.disable_adapter():
-        return sample(model, tokenizer, prompt, cfg)
+        return sample(model, tokenizer, prompt, cfg, segments)
