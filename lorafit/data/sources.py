@@ -22,7 +22,8 @@ LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parque
 
 @dataclass
 class Corpus:
-    """Texts of every source after filtering, capping and splitting."""
+    """Examples of every source after filtering, capping and splitting: texts, or for prompt_completion
+    and chat sources the dicts of lorafit/data/examples.py (rendered with the tokenizer, later)."""
 
     source_names: list[str]
     train_texts: list[str] = field(default_factory=list)

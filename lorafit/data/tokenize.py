@@ -243,14 +243,17 @@ def tokenize_texts(
         for j, (item, segs) in enumerate(zip(items, segments)):
             source = sources[start + j]
             c = counts.setdefault(source, {})
-            ids, scored = [], []
-            for _, flag in segs:
-                seg = next(encoded)
-                ids += seg
-                scored += [flag] * len(seg)
-            if isinstance(item, str) or item.eos:
-                ids.append(eos)
-                scored.append(True)
+            if not masked:  # texts only: one segment each, every target scored
+                ids, scored = [*next(encoded), eos], None
+            else:
+                ids, scored = [], []
+                for _, flag in segs:
+                    seg = next(encoded)
+                    ids += seg
+                    scored += [flag] * len(seg)
+                if isinstance(item, str) or item.eos:
+                    ids.append(eos)
+                    scored.append(True)
             if masked:
                 parts, lost = apply_length_policy_scored(ids, scored, seq_len, policy, c)
             else:
