@@ -366,3 +366,33 @@ def test_tasks_recipes_and_the_offline_twin_on_the_shared_samples():
                  for line in (root / "xsum" / "test.jsonl").read_text(encoding="utf-8").splitlines()}
     assert all(summaries[e["prompt"]["document"]] == e["completion"] for e in xsum)
     assert all(isinstance(e, str) for e, s in zip(corpus.train_texts, corpus.train_sources) if names[s] == "cnn_dailymail")
+
+
+def test_hub_prompt_completion_with_nested_answers_streamed_or_not_and_cached(monkeypatch, tmp_path):
+    import datasets
+
+    from lorafit.data.sources import read_source
+
+    rows = [{"context": f"Paragraph {i}.", "question": f"Question {i}?", "answers": {"text": [f"answer {i}", "x"], "answer_start": [0, 1]}}
+            for i in range(40)]
+    rows[5]["answers"] = {"text": [""], "answer_start": [0]}  # an empty answer: nothing to score, filtered out
+    calls = []
+
+    def load_dataset(path, name=None, split=None, revision=None, streaming=False):
+        calls.append(streaming)
+        ds = datasets.Dataset.from_list(rows)
+        return ds.to_iterable_dataset() if streaming else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    src = SourceConfig(path="someone/squad", kind="prompt_completion", prompt_field=["context", "question"],
+                       completion_field="answers.text[0]")
+    whole = read_source("squad", src, None, seed=0)
+    assert calls == [False] and len(whole) == 39
+    assert whole[0] == {"prompt": {"context": "Paragraph 0.", "question": "Question 0?"}, "completion": "answer 0"}
+    src.max_examples = 10
+    sample = read_source("squad", src, None, seed=0, cache_dir=tmp_path)
+    assert calls == [False, True] and len(sample) == 10 and all(e in whole for e in sample)
+    assert read_source("squad", src, None, seed=0, cache_dir=tmp_path) == sample and calls == [False, True]  # from the cache
+    src.completion_field = "answers.label"
+    with pytest.raises(DataError, match="row 1: no field 'answers.label'"):
+        read_source("squad", src, None, seed=0, cache_dir=tmp_path)
