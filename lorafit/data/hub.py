@@ -97,9 +97,8 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
 def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
     import datasets
 
-    from lorafit.data.sources import is_usable
-
     from lorafit.data.examples import columns_needed, dedupe_key, from_record, scored_text
+    from lorafit.data.sources import is_usable
 
     examples = src.kind != "text"
     fields = _fields(src)
