@@ -15,7 +15,7 @@ from conftest import make_texts, shared_path
 from lorafit.config import ConfigError, SourceConfig, load_config
 from lorafit.data.formats import read_local_texts
 from lorafit.data.packing import IGNORE, Layout, micro_batches
-from lorafit.data.templates import Rendered, generation_prompt, render, resolve_template
+from lorafit.data.templates import generation_prompt, render, resolve_template
 from lorafit.data.tokenize import TokenizedSplit, apply_length_policy_scored, tokenize_texts
 from lorafit.errors import DataError
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafit.data.examples import KINDS, Example, prompt_fields
