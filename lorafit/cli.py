@@ -165,13 +165,19 @@ def cmd_generate(args) -> int:
     check_sampling(cfg)  # before minutes of loading
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
                                                      attn_implementation=args.attn_implementation)
-    for i, prompt in enumerate(args.prompts, 1):
-        check_generation(model, tokenizer, prompt, cfg.max_new_tokens,
+    template = None
+    if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
+        from lorafit.data.templates import generation_prompt, resolve_template
+
+        template = resolve_template(args.template)
+    rendered = [generation_prompt(template, tokenizer, p) if template else None for p in args.prompts]
+    for i, (prompt, segments) in enumerate(zip(args.prompts, rendered), 1):
+        check_generation(model, tokenizer, "".join(segments) if segments else prompt, cfg.max_new_tokens,
                          prompt_name="the prompt" if len(args.prompts) == 1 else f"prompt {i}")
-    for prompt in args.prompts:
-        tuned = sample(model, tokenizer, prompt, cfg)
-        base = sample_base(model, tokenizer, prompt, cfg) if args.compare_base else None
-        show(prompt, tuned, base, base_name)
+    for prompt, segments in zip(args.prompts, rendered):
+        tuned = sample(model, tokenizer, prompt, cfg, segments)
+        base = sample_base(model, tokenizer, prompt, cfg, segments) if args.compare_base else None
+        show("".join(segments) if segments else prompt, tuned, base, base_name)
     return 0
 
 
@@ -282,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
+    g.add_argument("--template", metavar="NAME|FILE", default=None,
+                   help="render each prompt as a prompt_completion or chat source was in training: plain, alpaca, "
+                        "chat (the model's chat template; PROMPT is the user's message), roles, or a file holding a "
+                        "format string with {prompt}")
     g.add_argument("--base", help="base model (default: the adapter's own)")
     g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the precision the run was trained in")

@@ -56,6 +56,13 @@ class SourceConfig:
     records_path: str | None = None  # json: where the records are, e.g. "data[].paragraphs[]"
     min_chars: int = 1  # drop texts shorter than this (after stripping whitespace)
     dedupe: bool = False  # drop exact duplicate texts
+    # What an example is (lorafit/data/examples.py) and which of its tokens are scored (data/templates.py):
+    kind: str = "text"  # text | prompt_completion | chat
+    prompt_field: str | list[str] | None = None  # prompt_completion; None: "prompt" (template alpaca: [instruction, input])
+    completion_field: str | list[str] | None = None  # None: "completion" (template alpaca: "output")
+    messages_field: str = "messages"  # chat: a list of {role, content}
+    template: str | None = None  # None: plain ("{prompt}\n") or, for chat, the model's chat template; a name, file or format string
+    train_on: str = "completion"  # completion: only completion (assistant) tokens and the EOS are scored; all: every token
 
 
 @dataclass
@@ -140,6 +147,8 @@ CHOICES = {
     "lora.bias": ("none", "all", "lora_only"),
     "train.schedule": ("linear", "cosine", "constant"),
     "source.format": ("auto", "hub", "jsonl", "json", "csv", "txt", "parquet"),
+    "source.kind": ("text", "prompt_completion", "chat"),
+    "source.train_on": ("completion", "all"),
 }
 
 
@@ -321,6 +330,9 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         need(0 < src.weight, f"data.sources.{name}.weight: must be positive, got {src.weight}")
         fields = src.text_field if isinstance(src.text_field, list) else [src.text_field]
         need(len(fields) > 0 and all(str(f) != "" for f in fields), f"data.sources.{name}.text_field: required")
+        from lorafit.data.templates import source_problems
+
+        problems += source_problems(name, src, d.root)
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(d.seq_len >= 2, f"data.seq_len: must be at least 2, got {d.seq_len}")
     need(0 <= d.split_seed <= MAX_SEED, f"data.split_seed: must be in [0, {MAX_SEED}], got {d.split_seed}")

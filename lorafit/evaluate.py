@@ -62,7 +62,7 @@ def evaluate(
     seconds = time.perf_counter() - start
     model.train(was_training)
 
-    targets = split.lengths() - 1
+    targets = split.targets_per_example()  # scored targets only: a prompt's tokens are context
     by_source = {}
     overall = NllTotals()
     for s, name in enumerate(source_names):

@@ -132,10 +132,15 @@ def load_for_inference(run_or_adapter, base: str | None = None, precision: str |
 
 
 @torch.inference_mode()
-def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
-    """Continuations of one prompt (prompt excluded); stops at EOS."""
+def sample(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[str] | None = None) -> list[str]:
+    """Continuations of one prompt (prompt excluded); stops at EOS. `segments`: the prompt as a template
+    rendered it (lorafit/data/templates.py), each encoded on its own as in training."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+    if segments is not None:
+        ids = [i for seg in segments for i in tokenizer(seg, add_special_tokens=False)["input_ids"]]
+    else:
+        ids = prompt_ids(tokenizer, prompt)
+    ids = torch.tensor([ids], dtype=torch.long, device=device)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # same seed for base and fine-tuned: a fair side-by-side
@@ -165,6 +170,6 @@ def merged_copy(model):
     return fast.eval()
 
 
-def sample_base(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
+def sample_base(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[str] | None = None) -> list[str]:
     with model.disable_adapter():
-        return sample(model, tokenizer, prompt, cfg)
+        return sample(model, tokenizer, prompt, cfg, segments)

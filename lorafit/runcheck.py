@@ -46,7 +46,7 @@ def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
         raise LorafitError(f"Cannot read {saved_path} to resume ({exc}); start again with --overwrite.") from None
     if not isinstance(saved, dict):
         raise LorafitError(f"{saved_path} is not a run configuration (a YAML mapping); start again with --overwrite.")
-    saved = flatten(saved)
+    saved = flatten(with_defaults(saved))
     now = flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # the same round trip the saved file made
     allowed, refused = {}, []
     for k in sorted(saved.keys() | now.keys()):
@@ -57,6 +57,18 @@ def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
         else:
             refused.append(f"{k}: {_short(saved.get(k))} in the run, {_short(now.get(k))} now")
     return allowed, refused
+
+
+def with_defaults(raw: dict) -> dict:
+    """A saved config with the keys a newer lorafit added filled in with their defaults (which are what the
+    run used), so a resume compares settings, not versions. A config that no longer builds is compared as saved."""
+    from lorafit.config import build_config
+    from lorafit.errors import ConfigError
+
+    try:
+        return yaml.safe_load(yaml.safe_dump(build_config(raw).to_dict()))
+    except ConfigError:
+        return raw
 
 
 def _short(value) -> str:

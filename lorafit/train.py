@@ -23,7 +23,7 @@ from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
 from lorafit.config import RunConfig, save_config
 from lorafit.data.packing import micro_batches, shape_multiple
-from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_cached
+from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, policy_summary, tokenize_cached
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import autocast_context, evaluate
 from lorafit.fastpath import FastPaths
@@ -65,16 +65,16 @@ def check_seq_len(cfg: RunConfig, model) -> None:
 
 def prepare_data(cfg: RunConfig, tokenizer) -> Data:
     from lorafit.data.sources import load_corpus
+    from lorafit.data.templates import render_examples
 
     d = cfg.data
     corpus = load_corpus(d)
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
-    train, hit_t = tokenize_cached(
-        corpus.train_texts, corpus.train_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True
-    )
-    val, hit_v = tokenize_cached(
-        corpus.val_texts, corpus.val_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True
-    )
+    # prompt-completion and chat examples become text segments, scored or not (texts stay as they are)
+    train_items = render_examples(corpus.train_texts, corpus.train_sources, d, tokenizer)
+    val_items = render_examples(corpus.val_texts, corpus.val_sources, d, tokenizer)
+    train, hit_t = tokenize_cached(train_items, corpus.train_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True)
+    val, hit_v = tokenize_cached(val_items, corpus.val_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True)
     if cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:
         val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
     if len(train) == 0 or len(val) == 0:
@@ -83,6 +83,9 @@ def prepare_data(cfg: RunConfig, tokenizer) -> Data:
         f"data: {len(train):,} train / {len(val):,} val examples, {train.n_targets:,} train target tokens"
         f"{' (tokenised data from cache)' if hit_t and hit_v else ''}; {int(train.truncated.sum()):,} truncated"
     )
+    policy = policy_summary(train.policy_counts, corpus.source_names)
+    if any(set(c) - {"truncated"} for c in policy.values()):
+        log(f"length policy ({d.long_examples}) on training examples: {policy}")
     return Data(train, val, corpus.source_names)
 
 
@@ -664,6 +667,9 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "train_tokens_per_second": trainer.train_tokens / trainer.train_seconds if trainer.train_seconds else None,
         "final_train_loss": trainer.last_train_loss,
         "nonfinite_steps_skipped": trainer.nonfinite_skipped,
+        # what data.long_examples did, per source: truncated, dropped_too_long, completion_truncated, ...
+        "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names)
+                          for name, split in (("train", trainer.data.train), ("val", trainer.data.val))},
         **after,
         "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,
         "peak_memory_bytes": peak_memory_bytes(device),

@@ -46,6 +46,11 @@ def read_local_texts(path: Path, src: SourceConfig, source_name: str) -> list[st
     fmt = _format(path, src, source_name)
     _check_file(path, fmt, source_name)
     _numbers_as_text[0] = 0
+    if _kind(src) != "text" and fmt == "txt":
+        raise DataError(
+            f"Source '{source_name}': kind {src.kind} reads fields, and a txt file ({path}) has none. Use a jsonl, "
+            f"json, csv or parquet file, or set data.sources.{source_name}.format to the file's real format."
+        )
     texts = READERS[fmt](path, src, source_name)
     if _numbers_as_text[0]:  # said once, so a numeric column used as text by mistake is noticed
         print(f"source '{source_name}': {_numbers_as_text[0]:,} numeric value(s) in {path} were used as text "
@@ -176,8 +181,17 @@ def _text(values: list[tuple[Any, Any]], src: SourceConfig, where: Callable[[], 
     return src.join.join(out)
 
 
+def _kind(src: SourceConfig) -> str:
+    return getattr(src, "kind", "text")
+
+
 def _record_text(record: Any, fields: list, src: SourceConfig, where: Callable[[], str]) -> str:
-    """Text of one JSON record (jsonl line or json element)."""
+    """Text of one JSON record (jsonl line or json element); a prompt_completion or chat example instead
+    for those kinds (lorafit/data/examples.py)."""
+    if _kind(src) != "text":
+        from lorafit.data.examples import from_record
+
+        return from_record(record, src, where)
     if not isinstance(record, dict):
         raise DataError(
             f"{where()}: expected a JSON object with field(s) {', '.join(map(str, fields))}, "
@@ -307,6 +321,8 @@ def _read_json(path: Path, src: SourceConfig, name: str) -> list[str]:
     except (ValueError, RecursionError) as e:
         line = _too_deep_line(text) if isinstance(e, RecursionError) else _line_of(text, r"\d{4000,}")
         raise _json_failure(e, f"Source '{name}': {path}{f' line {line}' if line else ''}") from None
+    if _kind(src) != "text" and src.records_path:
+        _inherit_fields(root, src.records_path)
     records = _records(root, src.records_path, path, name)
     fields = _fields(src)
     where = f"records_path '{src.records_path}'" if src.records_path else "the top-level list"
@@ -353,6 +369,28 @@ def _records(root: Any, records_path: str | None, path: Path, name: str) -> list
     return [r for node in nodes for r in (node if isinstance(node, list) else [node])]
 
 
+def _inherit_fields(root: Any, records_path: str) -> None:
+    """Give each object along `records_path` the fields of the objects around it that it lacks (in place),
+    so that a SQuAD question (`data[].paragraphs[].qas[]`) sees its paragraph's `context`. For
+    prompt_completion and chat sources; what does not resolve is left for `_records` to report."""
+    nodes = [root]
+    for part in records_path.split("."):
+        key, each = (part[:-2], True) if part.endswith("[]") else (part, False)
+        found = []
+        for node in nodes:
+            if key:
+                if not isinstance(node, dict) or key not in node:
+                    return
+                outer = {k: v for k, v in node.items() if k != key}
+                node = node[key]
+                for child in node if isinstance(node, list) else [node]:
+                    if isinstance(child, dict):
+                        for k, v in outer.items():
+                            child.setdefault(k, v)
+            found.extend(node if each and isinstance(node, list) else [node])
+        nodes = found
+
+
 def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # real files hold fields of many MB
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -368,14 +406,24 @@ def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
                 continue
             if not width:
                 width = len(row)
-                cols = _csv_columns(row, src, path, name)
-                if src.csv_header:
-                    continue
+                if _kind(src) != "text":  # fields by name (the header) or index, read per row as a record
+                    header = row if src.csv_header else [str(i) for i in range(width)]
+                    if src.csv_header:
+                        continue
+                else:
+                    cols = _csv_columns(row, src, path, name)
+                    if src.csv_header:
+                        continue
             if len(row) != width:
                 raise DataError(
                     f"{where()} has {len(row)} fields but the first row has {width}. "
                     f"Fix that row (quote fields that contain '{delimiter}' or newlines)."
                 )
+            if _kind(src) != "text":
+                from lorafit.data.examples import from_record
+
+                texts.append(from_record(dict(zip(header, row)), src, where))
+                continue
             texts.append(src.join.join(row[c] for c in cols))  # csv values are always strings
     except csv.Error as e:
         raise DataError(f"{where()} is not valid CSV: {e}. Fix that row.") from None
@@ -423,6 +471,8 @@ def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
         ) from None
     fields = [str(f) for f in _fields(src)]
     columns = pf.schema_arrow.names
+    if _kind(src) != "text":
+        return _read_parquet_examples(pf, columns, path, src, name)
     missing = [f for f in fields if f not in columns]
     if missing:
         raise DataError(
@@ -436,6 +486,25 @@ def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
             row = len(texts) + 1
             texts.append(_text(list(zip(fields, values)), src, lambda: f"Source '{name}': {path} row {row}"))
     return texts
+
+
+def _read_parquet_examples(pf, columns: list[str], path: Path, src: SourceConfig, name: str) -> list:
+    """prompt_completion / chat examples from a parquet file: each row a record of the columns the fields need."""
+    from lorafit.data.examples import columns_needed, from_record
+
+    needed = columns_needed(src, columns)
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(
+            f"Source '{name}': {path} has no column '{missing[0]}'; its columns are: {', '.join(columns)}. "
+            f"Fix data.sources.{name}'s field names."
+        )
+    examples: list = []
+    for batch in pf.iter_batches(columns=needed):
+        for record in batch.to_pylist():
+            row = len(examples) + 1
+            examples.append(from_record(record, src, lambda: f"Source '{name}': {path} row {row}"))
+    return examples
 
 
 READERS: dict[str, Callable[[Path, Any, str], list[str]]] = {

@@ -61,6 +61,10 @@ def _failure(name: str, src: SourceConfig, exc: Exception, doing: str) -> Lorafi
 def sample_cache_path(cache_dir: Path, src: SourceConfig, seed: int) -> Path:
     what = [SAMPLE_CACHE_VERSION, src.path, src.config, src.split, src.revision, _fields(src), src.join,
             src.max_examples, src.min_chars, src.dedupe, seed, SHUFFLE_BUFFER]
+    if src.kind != "text":  # text keys stay as they were, so cached samples stay valid
+        from lorafit.data.examples import record_fields
+
+        what += [src.kind, record_fields(src), src.train_on]
     key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
     return Path(cache_dir) / "hub" / f"{key}.json"
 
@@ -72,7 +76,9 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
     path = sample_cache_path(cache_dir, src, seed)
     try:
         texts = json.loads(path.read_text(encoding="utf-8"))["texts"]
-        if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
+        from lorafit.data.examples import is_example
+
+        if isinstance(texts, list) and all(is_example(t) for t in texts):
             return texts
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or damaged: stream it
@@ -91,8 +97,10 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
 def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
     import datasets
 
+    from lorafit.data.examples import columns_needed, dedupe_key, from_record, scored_text
     from lorafit.data.sources import is_usable
 
+    examples = src.kind != "text"
     fields = _fields(src)
     streaming = src.max_examples is not None
     try:
@@ -102,10 +110,16 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
     except Exception as exc:  # the datasets library raises many types for "cannot reach / not found"
         raise _failure(name, src, exc, "load") from None
 
+    if examples:  # the top-level columns the fields are read from (e.g. `answers` for `answers.text[0]`)
+        fields = columns_needed(src, list(ds.column_names or []))
+    where = lambda i: lambda: f"Source '{name}' (hub dataset {src.path}) row {i + 1}"  # noqa: E731
     if not streaming:
         _check_fields(ds.column_names, fields, name, src)
         columns = [ds[f] for f in fields]  # column access: no per-row dicts of unused fields
-        texts = [_join(values, src.join) for values in zip(*columns)]
+        if examples:
+            texts = [from_record(dict(zip(fields, values)), src, where(i)) for i, values in enumerate(zip(*columns))]
+        else:
+            texts = [_join(values, src.join) for values in zip(*columns)]
         from lorafit.data.sources import filter_texts
 
         return filter_texts(texts, src)
@@ -121,16 +135,17 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
         bar = tqdm(total=src.max_examples, desc=f"streaming {name}", unit="row", unit_scale=True, dynamic_ncols=True)
     try:
         # Seeded shuffle within a buffer; keep rows that pass the filters; stop at the cap.
-        for row in ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER):
+        for i, row in enumerate(ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)):
             if any(f not in row for f in fields):
                 _check_fields(row, fields, name, src)
-            text = _join((row[f] for f in fields), src.join)
-            if not is_usable(text, src):
+            text = from_record(row, src, where(i)) if examples else _join((row[f] for f in fields), src.join)
+            if not is_usable(scored_text(text, src), src):
                 continue
             if src.dedupe:
-                if text in seen:
+                key = dedupe_key(text)
+                if key in seen:
                     continue
-                seen.add(text)
+                seen.add(key)
             texts.append(text)
             if bar is not None:
                 bar.update(1)

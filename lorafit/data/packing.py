@@ -1,5 +1,8 @@
 """Batch layouts: how a set of examples becomes model inputs, with padding never scored.
 
+A target is scored when the split marks it so (`TokenizedSplit.scored`: a prompt's tokens are
+context, not targets); the others are IGNORE, in every layout alike.
+
 - rows: each row holds whole examples back to back. Position ids restart at 0 for every example;
   transformers (>= 5) reads the restarts and builds a block-diagonal causal mask, so a packed
   example sees exactly what it would see alone (DESIGN invariant 4) -- on models whose mask
@@ -126,7 +129,8 @@ def pack(split: TokenizedSplit, indices: np.ndarray, layout: Layout, pad_id: int
             tokens = split.example(int(indices[j]))
             n = len(tokens) - 1
             input_ids[r, col : col + n] = tokens[:-1]
-            targets[r, col : col + n] = tokens[1:]
+            targets[r, col : col + n] = tokens[1:] if split.scored is None else np.where(
+                split.example_scored(int(indices[j]))[1:], tokens[1:], IGNORE)
             position_ids[r, col : col + n] = np.arange(n)
             example_ids[r, col : col + n] = indices[j]
             col += n
@@ -142,7 +146,7 @@ def pack(split: TokenizedSplit, indices: np.ndarray, layout: Layout, pad_id: int
         position_ids=torch.from_numpy(position_ids),
         targets=torch.from_numpy(targets),
         example_ids=torch.from_numpy(example_ids),
-        n_targets=int(positions_per_example.sum()),
+        n_targets=int((targets != IGNORE).sum()),
         n_examples=len(indices),
         segments=segments,
         attention_mask=attention_mask,

@@ -22,7 +22,8 @@ LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parque
 
 @dataclass
 class Corpus:
-    """Texts of every source after filtering, capping and splitting."""
+    """Examples of every source after filtering, capping and splitting: texts, or for prompt_completion
+    and chat sources the dicts of lorafit/data/examples.py (rendered with the tokenizer, later)."""
 
     source_names: list[str]
     train_texts: list[str] = field(default_factory=list)
@@ -76,11 +77,17 @@ def is_usable(text: str, src: SourceConfig) -> bool:
     return len(text.strip()) >= max(1, src.min_chars)
 
 
-def filter_texts(texts: list[str], src: SourceConfig) -> list[str]:
-    """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept)."""
-    kept = [t for t in texts if is_usable(t, src)]
+def filter_texts(texts: list, src: SourceConfig) -> list:
+    """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept).
+    A prompt-completion or chat example is judged by what would be scored (e.g. its completion)."""
+    from lorafit.data.examples import dedupe_key, scored_text
+
+    kept = [t for t in texts if is_usable(scored_text(t, src), src)]
     if src.dedupe:
-        kept = list(dict.fromkeys(kept))
+        firsts: dict[str, object] = {}
+        for t in kept:
+            firsts.setdefault(dedupe_key(t), t)
+        kept = list(firsts.values())
     return kept
 
 

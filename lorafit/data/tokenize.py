@@ -1,14 +1,24 @@
 """Tokenise once: append EOS, apply the length policy, count scored bytes, cache the result.
 
 An example of n tokens (EOS included) is trained as n - 1 next-token predictions: inputs are
-tokens[:-1], targets tokens[1:]. So every position that is computed is scored, and the EOS is
-always a target unless truncation cut it off.
+tokens[:-1], targets tokens[1:]. A text's every target is scored, and the EOS is always a target
+unless truncation cut it off. A prompt-completion or chat example arrives rendered into segments
+(lorafit/data/templates.py); each segment is encoded on its own and `scored` marks, token by
+token, the targets that count (the completion and the EOS); the others become IGNORE in `pack`.
 
 Length policies for examples longer than `seq_len` tokens:
 - truncate: keep the first seq_len tokens (as the published recipes do; the EOS is lost);
 - chunk: split into windows of seq_len tokens that overlap by one token, so every target token
   of the document is scored exactly once;
 - drop: leave the example out.
+An example with unscored tokens (a prompt) keeps its prompt/completion boundary, and nothing
+happens to it silently (`policy_counts`, per source, goes into summary.json):
+- truncate keeps the start; an example whose scored targets are all cut off is left out
+  (`dropped_no_completion`), one that loses some counts as `completion_truncated`;
+- chunk lays the windows from the end, so the completion comes with as much of the prompt right
+  before it as fits (a long article's end, then its summary); windows with nothing scored (the
+  rest of the prompt) are left out (`chunks_without_completion`). Every scored target is still
+  scored exactly once.
 
 Under truncate and drop a text longer than seq_len * CHARS_PER_TOKEN characters is cut before it is
 tokenised (a 50 MB line would otherwise take gigabytes to keep 64 tokens, or none). The cut is exact: it falls at a
@@ -30,6 +40,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +48,7 @@ import numpy as np
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
 PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the per-token `scored` mask and the length-policy counts
 
 
 @dataclass
@@ -49,6 +60,8 @@ class TokenizedSplit:
     sources: np.ndarray  # int32, source index per example
     n_bytes: np.ndarray  # int64, UTF-8 bytes of each example's scored (target) text
     truncated: np.ndarray  # bool, the example lost tokens to truncation
+    scored: np.ndarray | None = None  # bool per token of `ids`: the token is a scored target; None: every one
+    policy_counts: dict | None = None  # {source index: {what the length policy did: count}}, see the module doc
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -59,9 +72,30 @@ class TokenizedSplit:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @cached_property
+    def _targets(self) -> np.ndarray:
+        if self.scored is None or len(self) == 0:
+            return self.lengths() - 1
+        per_token = self.scored.astype(np.int64)
+        per_token[self.offsets[:-1]] = 0  # an example's first token is never a target
+        return np.add.reduceat(per_token, self.offsets[:-1])  # examples have >= 2 tokens
+
+    def targets_per_example(self) -> np.ndarray:
+        """Scored targets of each example: what token-weighted losses and bits divide by."""
+        return self._targets
+
     @property
     def n_targets(self) -> int:
-        return int((self.lengths() - 1).sum())
+        return int(self.targets_per_example().sum())
+
+    def example_scored(self, i: int) -> np.ndarray:
+        """Which tokens of example i are scored targets (its first token never is)."""
+        if self.scored is None:
+            out = np.ones(self.offsets[i + 1] - self.offsets[i], dtype=bool)
+        else:
+            out = self.scored[self.offsets[i] : self.offsets[i + 1]].copy()
+        out[:1] = False
+        return out
 
     def head_per_source(self, n: int) -> "TokenizedSplit":
         """At most `n` examples, every source kept in proportion to its share (at least one each
@@ -83,7 +117,32 @@ class TokenizedSplit:
             sources=self.sources[indices],
             n_bytes=self.n_bytes[indices],
             truncated=self.truncated[indices],
+            scored=None if self.scored is None else (
+                np.concatenate([self.scored[self.offsets[i] : self.offsets[i + 1]] for i in indices]) if len(indices)
+                else np.zeros(0, bool)),
+            policy_counts=self.policy_counts,
         )
+
+    def save(self, path: Path) -> None:
+        arrays = {k: getattr(self, k) for k in ARRAYS}
+        if self.scored is not None:
+            arrays["scored"] = self.scored
+        np.savez(path, **arrays, policy_counts=np.array(json.dumps(self.policy_counts or {})))
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenizedSplit":
+        with np.load(path) as z:
+            counts = {int(k): v for k, v in json.loads(str(z["policy_counts"])).items()}
+            return cls(**{k: z[k] for k in ARRAYS}, scored=z["scored"] if "scored" in z.files else None,
+                       policy_counts=counts)
+
+
+ARRAYS = ("ids", "offsets", "sources", "n_bytes", "truncated")  # always in a cache file; `scored` when not None
+
+
+def policy_summary(counts: dict | None, source_names: list[str]) -> dict:
+    """What the length policy did, per source name (sources where it did nothing are left out)."""
+    return {source_names[s]: dict(c) for s, c in sorted((counts or {}).items()) if any(c.values())}
 
 
 def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
@@ -117,51 +176,127 @@ def apply_length_policy(ids: list[int], seq_len: int, policy: str) -> tuple[list
     return [p for p in pieces if len(p) >= 2], False
 
 
+def apply_length_policy_scored(ids: list[int], scored: list[bool], seq_len: int, policy: str,
+                               counts: dict[str, int]) -> tuple[list[tuple[list[int], list[bool]]], bool]:
+    """`apply_length_policy` for an example with a scored mask: (pieces with their masks, tokens lost);
+    what it did beyond plain truncation is added to `counts` (see the module doc)."""
+    def count(what: str, k: int = 1) -> None:
+        counts[what] = counts.get(what, 0) + k
+
+    n = len(ids)
+    if all(scored[1:]):  # nothing unscored: the plain policy, windows from the start
+        pieces, lost = apply_length_policy(ids, seq_len, policy)
+        if lost and policy == "drop":
+            count("dropped_too_long")
+        return [(p, [True] * len(p)) for p in pieces], lost
+    if not any(scored[1:]):
+        count("dropped_no_completion")
+        return [], True
+    if n <= seq_len:
+        return [(ids, scored)], False
+    if policy == "drop":
+        count("dropped_too_long")
+        return [], True
+    if policy == "truncate":
+        if not any(scored[1:seq_len]):
+            count("dropped_no_completion")
+            return [], True
+        if any(scored[seq_len:]):
+            count("completion_truncated")
+        return [(ids[:seq_len], scored[:seq_len])], True
+    # chunk: windows laid from the end, so the last holds the completion and the end of the prompt
+    windows, end = [], n
+    while True:
+        start = max(0, end - seq_len)
+        windows.append((ids[start:end], scored[start:end]))
+        if start == 0:
+            break
+        end = start + 1  # consecutive windows share one token
+    kept = [w for w in reversed(windows) if len(w[0]) >= 2 and any(w[1][1:])]
+    if len(kept) < len(windows):
+        count("chunks_without_completion", len(windows) - len(kept))
+    return kept, False
+
+
 def tokenize_texts(
-    texts: list[str],
+    texts: list,
     sources: list[int],
     tokenizer,
     seq_len: int,
     policy: str,
     progress: bool = False,
 ) -> TokenizedSplit:
+    """Tokenise texts (str: every token scored) and rendered examples (`templates.Rendered`: segments,
+    each encoded on its own); `scored` stays None when every example is a text."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; lorafit appends one to every example")
+    masked = any(not isinstance(t, str) for t in texts)
     pieces: list[list[int]] = []
+    masks: list[list[bool]] = []
     piece_sources: list[int] = []
     truncated: list[bool] = []
+    counts: dict[int, dict[str, int]] = {}
     bar = None
     if progress and len(texts) >= PROGRESS_MIN_TEXTS:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), desc="tokenising", unit="doc", unit_scale=True, dynamic_ncols=True)
     for start in range(0, len(texts), TOKENIZE_BATCH):
-        # One call a batch: the fast tokenizer spreads a batch over all cores.
-        chunk = texts[start : start + TOKENIZE_BATCH]
-        cut = cut_long_texts(chunk, tokenizer, seq_len) if policy in ("truncate", "drop") else {}
-        batch = tokenizer([cut.get(j, t) for j, t in enumerate(chunk)], add_special_tokens=False)["input_ids"]
-        for j in [j for j in cut if len(batch[j]) < seq_len]:  # the cut gave too few tokens: use the whole text
-            batch[j] = tokenizer(chunk[j], add_special_tokens=False)["input_ids"]
-        for j, ids in enumerate(batch):
-            parts, lost = apply_length_policy([*ids, eos], seq_len, policy)
-            parts = [p for p in parts if len(p) >= 2]  # an example needs at least one target
-            pieces += parts
-            piece_sources += [sources[start + j]] * len(parts)
+        items = texts[start : start + TOKENIZE_BATCH]
+        # One call a batch (every segment of every example): the fast tokenizer spreads it over all cores.
+        segments = [((t, True),) if isinstance(t, str) else t.segments for t in items]
+        flat = [text for segs in segments for text, _ in segs]
+        # Under truncate/drop a very long plain text is cut first (exact: see cut_long_texts); rendered examples are not.
+        cut = cut_long_texts(flat, tokenizer, seq_len) if policy in ("truncate", "drop") and not masked else {}
+        encoded = tokenizer([cut.get(k, t) for k, t in enumerate(flat)], add_special_tokens=False)["input_ids"] if flat else []
+        for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: use the whole text
+            encoded[k] = tokenizer(flat[k], add_special_tokens=False)["input_ids"]
+        encoded = iter(encoded)
+        for j, (item, segs) in enumerate(zip(items, segments)):
+            source = sources[start + j]
+            c = counts.setdefault(source, {})
+            if not masked:  # texts only: one segment each, every target scored
+                ids, scored = [*next(encoded), eos], None
+            else:
+                ids, scored = [], []
+                for _, flag in segs:
+                    seg = next(encoded)
+                    ids += seg
+                    scored += [flag] * len(seg)
+                if isinstance(item, str) or item.eos:
+                    ids.append(eos)
+                    scored.append(True)
+            if masked:
+                parts, lost = apply_length_policy_scored(ids, scored, seq_len, policy, c)
+            else:
+                plain, lost = apply_length_policy(ids, seq_len, policy)
+                if lost and policy == "drop":
+                    c["dropped_too_long"] = c.get("dropped_too_long", 0) + 1
+                parts = [(p, None) for p in plain]
+            parts = [(p, m) for p, m in parts if len(p) >= 2]  # an example needs at least one target
+            if lost and parts:
+                c["truncated"] = c.get("truncated", 0) + 1
+            pieces += [p for p, _ in parts]
+            masks += [m for _, m in parts]
+            piece_sources += [source] * len(parts)
             truncated += [lost] * len(parts)
         if bar is not None:
-            bar.update(len(batch))
+            bar.update(len(items))
     if bar is not None:
         bar.close()
     lens = np.array([len(p) for p in pieces], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lens.sum()))
+    scored = np.fromiter(itertools.chain.from_iterable(masks), dtype=bool, count=int(lens.sum())) if masked else None
     return TokenizedSplit(
         ids=ids,
         offsets=offsets,
         sources=np.array(piece_sources, dtype=np.int32),
-        n_bytes=target_bytes(ids, offsets, tokenizer),
+        n_bytes=target_bytes(ids, offsets, tokenizer, scored),
         truncated=np.array(truncated, dtype=bool),
+        scored=scored,
+        policy_counts=counts,
     )
 
 
@@ -182,17 +317,20 @@ def cut_long_texts(texts: list[str], tokenizer, seq_len: int) -> dict[int, str]:
     return cut
 
 
-def target_bytes(ids: np.ndarray, offsets: np.ndarray, tokenizer) -> np.ndarray:
-    """UTF-8 bytes of each example's scored text (its tokens after the first; special tokens count 0)."""
+def target_bytes(ids: np.ndarray, offsets: np.ndarray, tokenizer, scored: np.ndarray | None = None) -> np.ndarray:
+    """UTF-8 bytes of each example's scored text (its scored tokens after the first; special tokens count 0)."""
     n = len(offsets) - 1
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     table = token_byte_lengths(tokenizer)
     if table is not None and int(ids.max()) < len(table):
-        per_token = table[ids]
+        per_token = table[ids] if scored is None else table[ids] * scored
         firsts = offsets[:-1]
         return np.add.reduceat(per_token, firsts) - per_token[firsts]  # examples have >= 2 tokens
-    pieces = [ids[a + 1 : b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    if scored is None:
+        pieces = [ids[a + 1 : b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    else:
+        pieces = [ids[a + 1 : b][scored[a + 1 : b]].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
         decoded = backend.decode_batch(pieces, skip_special_tokens=True)  # in parallel, no per-token Python
@@ -243,11 +381,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(texts: list[str], sources: list[int], tokenizer_fp: str, seq_len: int, policy: str) -> str:
+def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, policy: str) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}|{tokenizer_fp}|{seq_len}|{policy}|{len(texts)}".encode())
     for text, src in zip(texts, sources):
-        h.update(f"{src}|{len(text)}|".encode())
-        h.update(text.encode("utf-8", "surrogatepass"))
+        if isinstance(text, str):
+            h.update(f"{src}|{len(text)}|".encode())
+            h.update(text.encode("utf-8", "surrogatepass"))
+            continue
+        h.update(f"{src}|rendered|{len(text.segments)}|{int(text.eos)}|".encode())
+        for piece, scored in text.segments:
+            h.update(f"{int(scored)}|{len(piece)}|".encode())
+            h.update(piece.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:24]
 
 
@@ -256,7 +400,7 @@ def default_cache_dir() -> Path:
 
 
 def tokenize_cached(
-    texts: list[str],
+    texts: list,
     sources: list[int],
     tokenizer,
     seq_len: int,
@@ -271,15 +415,14 @@ def tokenize_cached(
     path = Path(cache_dir) / "tokens" / f"{key}.npz"
     if path.is_file():
         try:
-            with np.load(path) as z:
-                return TokenizedSplit(**{k: z[k] for k in TokenizedSplit.__dataclass_fields__}), True
+            return TokenizedSplit.load(path), True
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt below
     split = tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **{k: getattr(split, k) for k in TokenizedSplit.__dataclass_fields__})
+        split.save(tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError:
         pass  # caching is an optimisation; an unwritable cache dir must not stop the run
