@@ -40,19 +40,31 @@ def resolve_adapter_dir(path: str | Path) -> Path:
 
 def load_for_inference(run_or_adapter, base: str | None = None, precision: str = "auto", device=None):
     """(PEFT model in eval mode, tokenizer, base name) for a run or adapter directory."""
-    from lorafit.config import ModelConfig
-
     adapter_dir = resolve_adapter_dir(run_or_adapter)
-    base_name = base or read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not base_name:
-        raise LorafitError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass --base MODEL.")
-    device = device or default_device()
-    prec = resolve_precision(precision, device)
-    tok_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base_name
-    tokenizer = load_tokenizer(tok_source, hint="\n  --base LOCAL_MODEL_DIR")
-    base_model = load_base_model(ModelConfig(name=base_name), prec, device, hint="\n  --base LOCAL_MODEL_DIR")
+    base_name = adapter_base_name(adapter_dir, base)
+    base_model, tokenizer = load_inference_base(base_name, adapter_dir, precision, device)
     model = load_adapter(base_model, adapter_dir, base_name)
     return model.eval(), tokenizer, base_name
+
+
+def adapter_base_name(adapter_dir: Path, base: str | None = None) -> str:
+    """The base to load: the one given, else the one the adapter was trained on."""
+    base_name = base or read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base_name:
+        raise LorafitError(f"{Path(adapter_dir) / ADAPTER_CONFIG} names no base model; pass --base MODEL.")
+    return base_name
+
+
+def load_inference_base(base_name: str, adapter_dir: Path | None = None, precision: str = "auto", device=None):
+    """(base model in eval mode, tokenizer): the adapter's own tokenizer when it saved one, else the base's."""
+    from lorafit.config import ModelConfig
+
+    device = device or default_device()
+    prec = resolve_precision(precision, device)
+    has_own = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_own else base_name, hint="\n  --base LOCAL_MODEL_DIR")
+    base_model = load_base_model(ModelConfig(name=base_name), prec, device, hint="\n  --base LOCAL_MODEL_DIR")
+    return base_model.eval(), tokenizer
 
 
 @torch.inference_mode()
