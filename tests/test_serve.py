@@ -152,3 +152,172 @@ def test_sampling_is_per_row_and_seeded(host):
     again, _ = run_rows(host, [Row(ids, "beta", 10, temperature=1.0, top_p=0.9, seed=7)])
     assert got[0][0] == got[1][0] == again[0][0]  # a seed is a row's own: the batch around it changes nothing
     assert got[2][0] != got[0][0]
+
+
+# ---------------------------------------------------------------- the HTTP API
+
+
+@pytest.fixture(scope="module")
+def root(adapters, tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """--adapters-root: holds alpha..gamma, an adapter for another base, and a link that leads outside."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = adapters["alpha"].parent
+    other_base = tmp_path_factory.mktemp("other-base")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(str(other_base))
+    make_adapter(other_base, tiny_tokenizer_dir, root / "other", seed=9)
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(adapters["beta"], outside / "beta-copy")
+    os.symlink(outside / "beta-copy", root / "sneaky")
+    return root
+
+
+def make_app(host, **kw):
+    from lorafit.serve.app import create_app
+
+    return create_app(host, **kw)
+
+
+@pytest.fixture(scope="module")
+def client(host, root):
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(host, adapters_root=root)) as c:
+        yield c
+
+
+def complete(client, **body):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_error(r, status: int, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    return err["message"]
+
+
+def sse_events(text: str) -> list:
+    lines = [ln for ln in text.split("\n\n") if ln.strip()]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+
+
+def test_models_lists_base_and_adapters(client, host):
+    data = client.get("/v1/models").json()
+    assert data["object"] == "list"
+    ids = {m["id"]: m["parent"] for m in data["data"]}
+    assert ids == {host.base_id: None, "alpha": host.base_id, "beta": host.base_id}
+
+
+def test_completion_shape_and_greedy_text(client, adapters):
+    body = complete(client, model="alpha", prompt=PROMPTS[0], max_tokens=9, temperature=0)
+    assert body["object"] == "text_completion" and body["model"] == "alpha" and body["id"].startswith("cmpl-")
+    assert isinstance(body["created"], int)
+    [c] = body["choices"]
+    assert c == {"text": alone(adapters["alpha"], PROMPTS[0], 9), "index": 0, "logprobs": None, "finish_reason": "length"}
+    assert body["usage"]["completion_tokens"] == 9
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 9
+    many = complete(client, model="beta", prompt=PROMPTS[:2], n=2, max_tokens=5, temperature=0.9, seed=3)
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+    assert many["usage"]["completion_tokens"] == 20
+
+
+def test_streaming_sends_openai_chunks_ending_with_done(client):
+    ref = complete(client, model="beta", prompt=PROMPTS[1], max_tokens=10, temperature=0)["choices"][0]["text"]
+    r = client.post("/v1/completions", json=dict(model="beta", prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    chunks, last = events[:-1], events[-1]
+    assert all(e["object"] == "text_completion" and e["model"] == "beta" for e in events)
+    assert len(chunks) > 2 and "".join(c["choices"][0]["text"] for c in chunks) == ref
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "alpha", "prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"model": "alpha", "prompt": "x", "top_p": -0.1}, 400, "top_p"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": "9"}, 400, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "n": 1000}, 400, "n"),
+    ({"model": "alpha", "prompt": [1, 2, 3]}, 400, "prompt"),
+    ({"model": "alpha", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "alpha", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": "alpha", "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"model": "alpha", "prompt": "x", "temprature": 0.5}, 400, "temprature"),
+    ({"model": "alpha", "prompt": "word " * 300, "max_tokens": 16}, 400, "prompt"),  # context is 256
+    ({"model": "alpha", "prompt": "x", "max_tokens": 256}, 400, "prompt"),
+])
+def test_bad_requests_are_openai_shaped_4xx(client, body, status, param):
+    assert_error(client.post("/v1/completions", json=body), status, param=param)
+
+
+def test_bad_json_big_bodies_and_unknown_routes(client):
+    assert_error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert_error(client.post("/v1/completions", json=["a list"]), 400)
+    assert_error(client.post("/v1/completions", json={"model": "alpha", "prompt": "x" * (2 << 20)}), 413)
+
+    def chunks():  # no content-length: the cap holds while reading
+        for _ in range(20):
+            yield b"x" * (100 << 10)
+
+    assert_error(client.post("/v1/completions", content=chunks()), 413)
+    assert_error(client.get("/v1/nothing"), 404)
+    assert_error(client.get("/v1/completions"), 405)
+
+
+def test_api_key_needed_on_every_api_request(host):
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(host, api_key="s3cret")) as c:
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 2}
+        assert_error(c.get("/v1/models"), 401, code="invalid_api_key")
+        assert_error(c.post("/v1/completions", json=body), 401)
+        assert_error(c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(c.post("/v1/adapters", json={}, headers={"Authorization": "s3cret"}), 401)
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/models", headers=ok).status_code == 200
+        assert c.post("/v1/completions", json=body, headers=ok).status_code == 200
+        assert c.get("/").status_code == 200  # the page holds nothing; what it fetches needs the key
+
+
+def test_adapters_load_and_unload_at_run_time(client, host, root, adapters):
+    want = alone(adapters["gamma"], PROMPTS[2], 6)
+    loaded = client.post("/v1/adapters", json={"name": "g", "path": "gamma"})
+    assert loaded.status_code == 200, loaded.text
+    assert "g" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert complete(client, model="g", prompt=PROMPTS[2], max_tokens=6, temperature=0)["choices"][0]["text"] == want
+    assert_error(client.post("/v1/adapters", json={"name": "g", "path": str(root / "beta")}), 409, code="adapter_exists")
+    assert client.delete("/v1/adapters/g").status_code == 200
+    assert "g" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert_error(client.post("/v1/completions", json={"model": "g", "prompt": "x"}), 404)
+    assert_error(client.delete("/v1/adapters/g"), 404)
+
+
+def test_runtime_loading_is_confined_and_checked(client, host, root, tmp_path, adapters):
+    from fastapi.testclient import TestClient
+
+    message = assert_error(client.post("/v1/adapters", json={"name": "o", "path": "other"}), 400)
+    assert "was trained on base" in message and "hidden_size 32 vs 64" in message  # lorafit's base check
+    assert_error(client.post("/v1/adapters", json={"name": "s", "path": "sneaky"}), 403, code="path_not_allowed")
+    assert_error(client.post("/v1/adapters", json={"name": "s", "path": "../" + tmp_path.name}), 403)
+    assert_error(client.post("/v1/adapters", json={"name": "s", "path": str(tmp_path)}), 403)
+    assert_error(client.post("/v1/adapters", json={"name": "../x", "path": "beta"}), 400)
+    assert_error(client.post("/v1/adapters", json={"name": host.base_id, "path": "beta"}), 409)
+    assert_error(client.post("/v1/adapters", json={"name": "m", "path": "missing"}), 400)
+    assert_error(client.post("/v1/adapters", json={"name": "m"}), 400)
+    assert set(host.adapters) == {"alpha", "beta"}  # nothing half-loaded
+    with TestClient(make_app(host)) as no_root:  # no --adapters-root: no loading at all
+        assert_error(no_root.post("/v1/adapters", json={"name": "g", "path": str(adapters["gamma"])}), 403)

@@ -1,7 +1,5 @@
 """The HTTP server: OpenAI-compatible completions over the batcher, adapter (un)loading, the playground."""
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import json
@@ -10,7 +8,7 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 from lorafit.serve.batcher import Batcher, Row
-from lorafit.serve.models import ModelHost, under_root
+from lorafit.serve.models import ModelHost, NameTaken, under_root
 from lorafit.serve.protocol import (
     ApiError, Limits, choice, completion, completion_id, error_body, now, parse_completion, parse_json, usage,
 )
@@ -21,6 +19,7 @@ UNLOAD_WAIT_S = 120  # DELETE waits this long for the adapter's requests in flig
 def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path | None = None,
                limits: Limits | None = None, max_batch: int = 64):
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,6 +45,10 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):  # unknown routes, wrong methods: same error shape
         return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        return JSONResponse(error_body(f"Invalid request: {exc.errors()[0].get('msg', exc)}"), status_code=400)
 
     @app.exception_handler(Exception)
     async def _bug(request, exc):  # never bad input (that is a 4xx above): a bug, said as one
@@ -166,16 +169,21 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
         name, path = data["name"], data["path"]
         try:
             host.check_name(name)
+        except NameTaken as exc:
+            raise ApiError(409, str(exc), param="name", code="adapter_exists") from None
+        except LorafitError as exc:
+            raise ApiError(400, str(exc), param="name", code="invalid_value") from None
+        try:
             adapter_dir = under_root(path, adapters_root)
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(host.add, name, adapter_dir)  # waits for the forward pass in flight
         except PermissionError as exc:
             raise ApiError(403, str(exc), param="path", code="path_not_allowed") from None
-        except LorafitError as exc:
-            conflict = "already loaded" in str(exc)
-            raise ApiError(409 if conflict else 400, str(exc), param="name" if conflict else "path",
-                           code="adapter_exists" if conflict else "adapter_not_loadable") from None
+        except NameTaken as exc:  # another request took the name meanwhile
+            raise ApiError(409, str(exc), param="name", code="adapter_exists") from None
+        except LorafitError as exc:  # not an adapter, or one for another base: lorafit's own message
+            raise ApiError(400, str(exc), param="path", code="adapter_not_loadable") from None
         return {"id": name, "object": "model", "created": now(), "owned_by": "lorafit", "parent": host.base_id}
 
     @app.delete("/v1/adapters/{name}")

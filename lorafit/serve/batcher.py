@@ -177,8 +177,9 @@ class Batcher:
             elif finish is None and len(r.tokens) >= r.max_tokens:
                 finish = "length"
             if finish is None:
-                # hold back an incomplete UTF-8 character and a possible start of a stop string
-                safe = len(text.rstrip("\ufffd"))
+                # hold back a possible start of a stop string, and a last U+FFFD: an incomplete UTF-8
+                # character decodes to one replacement character, which the next bytes may complete
+                safe = len(text) - text.endswith("\ufffd")
                 safe -= held_back(text[:safe], r.stop)
             else:
                 safe = len(text)

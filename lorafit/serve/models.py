@@ -12,6 +12,10 @@ from lorafit.errors import LorafitError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+class NameTaken(LorafitError):
+    """The name is the base's or an adapter's already loaded."""
+
+
 def parse_adapter_arg(arg: str) -> tuple[str, str]:
     """`NAME=RUN_DIR` or `RUN_DIR` (named after its directory)."""
     name, sep, path = arg.partition("=")
@@ -53,16 +57,16 @@ class ModelHost:
                 f"Adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
             )
         if name == self.base_id:
-            raise LorafitError(f"Adapter name '{name}' is the base model's name; choose another.")
+            raise NameTaken(f"Adapter name '{name}' is the base model's name; choose another.")
         if name in self.adapters:
-            raise LorafitError(f"An adapter named '{name}' is already loaded; choose another name, or unload it first.")
+            raise NameTaken(f"An adapter named '{name}' is already loaded; choose another name, or unload it first.")
 
     def add(self, name: str, adapter_dir: Path) -> None:
         """Load an adapter onto the base under `name` (lorafit's base-signature, key and shape checks)."""
         from lorafit.lora import load_adapter
 
-        self.check_name(name)
         with self.lock:
+            self.check_name(name)
             self.model = load_adapter(self.model, Path(adapter_dir), self.base_name, adapter_name=name).eval()
             self.adapters[name] = Path(adapter_dir)
 
