@@ -133,6 +133,19 @@ def test_concurrent_greedy_rows_for_three_adapters_equal_each_alone(host, adapte
         host.remove("gamma")
 
 
+def test_a_row_joining_a_running_batch_gets_its_own_tokens(host, adapters):
+    """A row that arrives while another is mid-generation joins it (caches left-padded to one length)."""
+    slow = host.model.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+    try:
+        first = Row(host.tokenizer(PROMPTS[0])["input_ids"], "__base__", max_tokens=30, temperature=0.0)
+        late = Row(host.tokenizer(PROMPTS[1])["input_ids"], "beta", max_tokens=12, temperature=0.0)
+        got, batcher = run_rows(host, [first, late], stagger=0.08)
+    finally:
+        slow.remove()
+    assert batcher.rows_in_step_max == 2 and batcher.steps < 30 + 12  # they shared decode steps
+    assert got[1][0] == alone(adapters["beta"], PROMPTS[1], 12)
+
+
 def test_rows_finish_independently_and_stop_strings_cut(host):
     ids = host.tokenizer(PROMPTS[1])["input_ids"]
     long = Row(ids, "alpha", max_tokens=20, temperature=0.0)
@@ -321,3 +334,111 @@ def test_runtime_loading_is_confined_and_checked(client, host, root, tmp_path, a
     assert set(host.adapters) == {"alpha", "beta"}  # nothing half-loaded
     with TestClient(make_app(host)) as no_root:  # no --adapters-root: no loading at all
         assert_error(no_root.post("/v1/adapters", json={"name": "g", "path": str(adapters["gamma"])}), 403)
+
+
+# ---------------------------------------------------------------- a real server on loopback
+
+
+@pytest.fixture(scope="module")
+def live(host, root):
+    """The app under uvicorn on 127.0.0.1 and a free port (bound here, so no race for it)."""
+    import uvicorn
+
+    app = make_app(host, api_key="k-test", adapters_root=root)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_official_openai_client_works_unchanged(live, adapters):
+    from openai import OpenAI
+
+    url, _ = live
+    client = OpenAI(base_url=url + "/v1", api_key="k-test", max_retries=0, timeout=30)
+    assert {m.id for m in client.models.list()} >= {"alpha", "beta"}
+    want = alone(adapters["alpha"], PROMPTS[1], 10)
+    resp = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    assert resp.choices[0].text == want and resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 10
+    parts = [c.choices[0].text for c in client.completions.create(
+        model="alpha", prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True) if c.choices]
+    assert len(parts) > 1 and "".join(parts) == want
+    from openai import AuthenticationError, NotFoundError
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).completions.create(model="alpha", prompt="x")
+    with pytest.raises(NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x")
+
+
+def test_client_leaving_mid_stream_frees_its_slot(live, host):
+    import httpx2 as httpx
+
+    url, app = live
+    batcher = app.state.batcher
+    slow = host.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # 220 tokens would take > 4 s
+    try:
+        body = {"model": "beta", "prompt": "A", "max_tokens": 220, "temperature": 0.8, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": "Bearer k-test"},
+                          timeout=10) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk arrived: the row is running; now hang up
+        assert batcher.busy_rows() == 1 or batcher.busy_rows() == 0
+        left = time.time()
+        while batcher.busy_rows() or batcher.active:
+            assert time.time() - left < 1.5, "the abandoned row kept generating"
+            time.sleep(0.02)
+    finally:
+        slow.remove()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)")
+def test_playground_in_headless_chromium(live, adapters, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = live
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 560})
+            page.goto(url + "/")
+            page.fill("#api_key", "k-test")
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_function("document.querySelectorAll('#adapter option').length >= 2", timeout=10000)
+            assert "2 adapter(s)" in page.text_content("#served")
+            page.select_option("#adapter", "beta")
+            page.fill("#prompt", PROMPTS[1])
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "12")
+            page.click("#go")
+            page.wait_for_selector("#base_out[data-done] >> nth=0", state="attached", timeout=20000)
+            page.wait_for_selector("#adapter_out[data-done]", state="attached", timeout=20000)
+            base_text = page.eval_on_selector("#base_out", "e => e.textContent")
+            tuned_text = page.eval_on_selector("#adapter_out", "e => e.textContent")
+            titles = [page.text_content("#base_title"), page.text_content("#adapter_title")]
+            page.screenshot(path=str(tmp_path / "playground.png"))
+        finally:
+            browser.close()
+    from lorafit.generate import SamplingConfig, load_for_inference, sample_base
+
+    model, tok, _ = load_for_inference(adapters["beta"], precision="fp32", device=torch.device("cpu"))
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    assert base_text == PROMPTS[1] + sample_base(model, tok, PROMPTS[1], greedy)[0]
+    assert tuned_text == PROMPTS[1] + alone(adapters["beta"], PROMPTS[1], 12)
+    assert base_text != tuned_text
+    assert titles == ["base: tiny", "adapter: beta"]
+    assert (tmp_path / "playground.png").stat().st_size > 1000
