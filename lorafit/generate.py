@@ -67,9 +67,14 @@ def load_inference_base(base_name: str, adapter_dir: Path | None = None, precisi
     return base_model.eval(), tokenizer
 
 
-@torch.inference_mode()
 def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
     """Continuations of one prompt (prompt excluded); stops at EOS."""
+    return tokenizer.batch_decode(sample_ids(model, tokenizer, prompt, cfg), skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def sample_ids(model, tokenizer, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
+    """The new token ids of each continuation (rows that stopped early are padded after their EOS)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -86,8 +91,7 @@ def sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> list[str]:
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
         )
-    new = out[:, enc["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    return out[:, enc["input_ids"].shape[1] :]
 
 
 def merged_copy(model):

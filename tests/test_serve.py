@@ -23,28 +23,12 @@ PROMPTS = ["The way", "He said that the", "A"]
 CHROMIUM = "/usr/bin/chromium"
 
 
-def make_adapter(base_dir: Path, tokenizer_dir: Path, out: Path, seed: int, targets=("c_attn",)) -> Path:
-    """A tiny adapter with random (non-zero) weights, saved the way a lorafit run saves it."""
-    from lorafit.config import LoraConfig
-    from lorafit.lora import apply_lora
-    from lorafit.modeling import load_tokenizer
-    from lorafit.train import save_adapter
-    from transformers import AutoModelForCausalLM
-
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(str(base_dir)), LoraConfig(r=4, dropout=0.0, targets=list(targets)))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    save_adapter(model, load_tokenizer(str(tokenizer_dir)), out, str(base_dir))
-    return out
-
-
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir) -> dict[str, Path]:
+def adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    from lorafit.init_model import random_adapter
+
     root = tmp_path_factory.mktemp("adapters-root")
-    return {name: make_adapter(tiny_model_dir, tiny_tokenizer_dir, root / name, seed=i + 1)
+    return {name: random_adapter(tiny_model_dir, root / name, seed=i + 1)
             for i, name in enumerate(["alpha", "beta", "gamma"])}
 
 
@@ -84,11 +68,24 @@ def run_rows(host, rows: list[Row], max_batch: int = 64, stagger: float = 0.0) -
     return {i: tuple(v) for i, v in out.items()}, batcher
 
 
-def alone(adapter_dir: Path, prompt: str, max_tokens: int) -> str:
-    from lorafit.generate import SamplingConfig, load_for_inference, sample
+_REFERENCES: dict[Path, tuple] = {}
 
-    model, tok, _ = load_for_inference(adapter_dir, precision="fp32", device=torch.device("cpu"))
-    return sample(model, tok, prompt, SamplingConfig(max_new_tokens=max_tokens, temperature=0.0))[0]
+
+def reference(adapter_dir: Path):
+    """Base + one adapter loaded alone, the way `lorafit generate` loads it."""
+    from lorafit.generate import load_for_inference
+
+    if adapter_dir not in _REFERENCES:
+        _REFERENCES[adapter_dir] = load_for_inference(adapter_dir, precision="fp32", device=torch.device("cpu"))[:2]
+    return _REFERENCES[adapter_dir]
+
+
+def alone(adapter_dir: Path, prompt: str, max_tokens: int, base: bool = False) -> str:
+    """Greedy completion of one request alone through lorafit.generate (the adapter's, or its base's)."""
+    from lorafit.generate import SamplingConfig, sample, sample_base
+
+    model, tok = reference(adapter_dir)
+    return (sample_base if base else sample)(model, tok, prompt, SamplingConfig(max_new_tokens=max_tokens, temperature=0.0))[0]
 
 
 # ---------------------------------------------------------------- batching
@@ -120,13 +117,7 @@ def test_concurrent_greedy_rows_for_three_adapters_equal_each_alone(host, adapte
         got, batcher = run_rows(host, rows, stagger=0.01)
         assert batcher.rows_in_step_max >= 2  # they did share forward passes
         for i, (a, p) in enumerate(jobs):
-            if a == "__base__":
-                from lorafit.generate import SamplingConfig, load_for_inference, sample_base
-
-                model, tok, _ = load_for_inference(adapters["alpha"], precision="fp32", device=torch.device("cpu"))
-                want = sample_base(model, tok, p, SamplingConfig(max_new_tokens=12, temperature=0.0))[0]
-            else:
-                want = alone(adapters[a], p, 12)
+            want = alone(adapters["alpha"], p, 12, base=True) if a == "__base__" else alone(adapters[a], p, 12)
             assert got[i][0] == want, (a, p)
             assert got[i][1] == "length"
     finally:
@@ -179,7 +170,11 @@ def root(adapters, tmp_path_factory, tiny_tokenizer_dir) -> Path:
     other_base = tmp_path_factory.mktemp("other-base")
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(str(other_base))
-    make_adapter(other_base, tiny_tokenizer_dir, root / "other", seed=9)
+    from lorafit.init_model import random_adapter
+
+    for f in tiny_tokenizer_dir.iterdir():  # the same tokenizer: what differs is the model's sizes
+        shutil.copy(f, other_base)
+    random_adapter(other_base, root / "other", seed=9)
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(adapters["beta"], outside / "beta-copy")
     os.symlink(outside / "beta-copy", root / "sneaky")
@@ -433,11 +428,7 @@ def test_playground_in_headless_chromium(live, adapters, tmp_path):
             page.screenshot(path=str(tmp_path / "playground.png"))
         finally:
             browser.close()
-    from lorafit.generate import SamplingConfig, load_for_inference, sample_base
-
-    model, tok, _ = load_for_inference(adapters["beta"], precision="fp32", device=torch.device("cpu"))
-    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
-    assert base_text == PROMPTS[1] + sample_base(model, tok, PROMPTS[1], greedy)[0]
+    assert base_text == PROMPTS[1] + alone(adapters["beta"], PROMPTS[1], 12, base=True)
     assert tuned_text == PROMPTS[1] + alone(adapters["beta"], PROMPTS[1], 12)
     assert base_text != tuned_text
     assert titles == ["base: tiny", "adapter: beta"]
