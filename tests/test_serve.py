@@ -433,3 +433,51 @@ def test_playground_in_headless_chromium(live, adapters, tmp_path):
     assert base_text != tuned_text
     assert titles == ["base: tiny", "adapter: beta"]
     assert (tmp_path / "playground.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_command_refuses_bad_setups_cleanly(tiny_model_dir, adapters, tmp_path, capsys):
+    from lorafit.cli import main
+
+    assert main(["serve"]) == 2
+    assert "Nothing to serve" in capsys.readouterr().err
+    assert main(["serve", f"x={adapters['alpha']}", f"x={adapters['beta']}"]) == 2
+    assert "share a name" in capsys.readouterr().err
+    assert main(["serve", "--base", str(tiny_model_dir), "--adapters-root", str(tmp_path / "none")]) == 2
+    assert "--adapters-root" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_command_serves_on_loopback(adapters):
+    """`lorafit serve NAME=RUN_DIR RUN_DIR --port P` in its own process: it binds 127.0.0.1 and answers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAFIT_API_KEY": "env-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", f"first={adapters['alpha']}", str(adapters["beta"]),
+                             "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer env-key"})
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    models = json.load(r)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+                time.sleep(0.2)
+        assert [m["id"] for m in models["data"]] == ["tiny", "first", "beta"]
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # the key came from $LORAFIT_API_KEY
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert "serving tiny (base), first, beta on http://127.0.0.1:" in proc.stderr.read()

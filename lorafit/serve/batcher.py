@@ -225,12 +225,22 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
     if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(0) - sorted_p >= top_p  # tokens after the nucleus is full
-        sorted_p[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        # the nucleus is a prefix of the tokens by probability; usually a short one, so sort only the top
+        # candidates, and all of them only when those do not reach top_p
+        for k in (min(256, probs.numel()), probs.numel()):
+            top, order = probs.topk(k) if k < probs.numel() else probs.sort(descending=True)
+            reach = top.cumsum(0)
+            if reach[-1] >= top_p or k == probs.numel():
+                break
+        keep = int((reach - top < top_p).sum())  # tokens before which the mass is still short of top_p
+        probs, order = top[:keep], order[:keep]
+    cdf = probs.cumsum(0)
+    # one uniform draw a token (inverse CDF): the same distribution as multinomial, a fraction of its cost
+    u = torch.rand((), generator=generator, device=cdf.device) * cdf[-1]
+    i = min(int(torch.searchsorted(cdf, u.reshape(1), right=True)), cdf.numel() - 1)
+    return int(order[i]) if order is not None else i
 
 
 def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
