@@ -73,16 +73,16 @@ def summary(latencies: list[float], tokens: int, wall: float, errors: int, reque
 # ---------------------------------------------------------------- the server under load
 
 
-async def one_request(client, body: dict) -> tuple[int, float | None]:
-    """(completion tokens, time to first text chunk or None); raises on any error."""
+async def one_request(client, body: dict) -> tuple[int, float | None, str]:
+    """(completion tokens, time to first text chunk or None, text); raises on any error."""
     start = time.perf_counter()
     if not body["stream"]:
         r = await client.post("/v1/completions", json=body)
         r.raise_for_status()
         out = r.json()
         assert len(out["choices"]) == 1 and out["choices"][0]["finish_reason"] in ("stop", "length")
-        return out["usage"]["completion_tokens"], None
-    first, tokens, done = None, None, False
+        return out["usage"]["completion_tokens"], None, out["choices"][0]["text"]
+    first, tokens, done, text = None, None, False, ""
     async with client.stream("POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -95,23 +95,25 @@ async def one_request(client, body: dict) -> tuple[int, float | None]:
             assert "error" not in chunk, chunk
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - start
+            else:
+                text += chunk["choices"][0]["text"]
+                if first is None and text:
+                    first = time.perf_counter() - start
     assert done and tokens is not None, "stream ended early"
-    return tokens, first
+    return tokens, first, text
 
 
 async def load(url: str, plan: list[list[dict]]) -> dict:
     import httpx2 as httpx
 
-    latencies, ttfts, tokens, errors = [], [], 0, []
+    latencies, ttfts, tokens, errors, texts = [], [], 0, [], {}
 
     async def client_loop(client, mine):
         nonlocal tokens
         for body in mine:
             start = time.perf_counter()
             try:
-                n, first = await one_request(client, body)
+                n, first, texts[body["seed"]] = await one_request(client, body)
             except Exception as exc:  # counted, and the first few reported
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -128,7 +130,7 @@ async def load(url: str, plan: list[list[dict]]) -> dict:
     out = summary(latencies, tokens, wall, len(errors), sum(map(len, plan)))
     out["streamed_first_text_p50_s"] = round(statistics.median(ttfts), 4) if ttfts else None
     out["error_examples"] = errors[:5]
-    return out
+    return out, texts
 
 
 def start_server(adapter_dirs: dict[str, Path], port: int, threads: int) -> subprocess.Popen:
@@ -170,7 +172,7 @@ def sequential(adapter_dirs: dict[str, Path], plan: list[list[dict]]) -> dict:
     alias = {names[0]: "default", **{n: n for n in names[1:]}}
     queue = deque((c, 0) for c in range(len(plan)))  # every client's first request arrives at t = 0
     submitted = {(c, 0): 0.0 for c in range(len(plan))}
-    latencies, tokens = [], 0
+    latencies, tokens, texts = [], 0, {}
     start = time.perf_counter()
     while queue:
         c, j = queue.popleft()
@@ -179,12 +181,13 @@ def sequential(adapter_dirs: dict[str, Path], plan: list[list[dict]]) -> dict:
         cfg = SamplingConfig(max_new_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"])
         ids = sample_ids(model, tok, body["prompt"], cfg)[0].tolist()
         tokens += ids.index(tok.eos_token_id) if tok.eos_token_id in ids else len(ids)  # as the server counts
+        texts[body["seed"]] = tok.decode(ids, skip_special_tokens=True)
         now = time.perf_counter() - start
         latencies.append(now - submitted[(c, j)])
         if j + 1 < len(plan[c]):
             submitted[(c, j + 1)] = now
             queue.append((c, j + 1))
-    return summary(latencies, tokens, time.perf_counter() - start, 0, sum(map(len, plan)))
+    return summary(latencies, tokens, time.perf_counter() - start, 0, sum(map(len, plan))), texts
 
 
 # ---------------------------------------------------------------- main
@@ -221,13 +224,18 @@ def main() -> int:
             port = s.getsockname()[1]
         server = start_server(dirs, port, args.threads)
         try:
-            served = asyncio.run(load(f"http://127.0.0.1:{port}", plan))
+            served, served_texts = asyncio.run(load(f"http://127.0.0.1:{port}", plan))
         finally:
             server.terminate()
             server.wait(30)
         print("lorafit serve:", json.dumps(served), file=sys.stderr)
-        seq = None if args.skip_sequential else sequential(dirs, plan)
-        if seq:
+        seq = None
+        if not args.skip_sequential:
+            seq, seq_texts = sequential(dirs, plan)
+            # greedy requests must come out of the batched server exactly as they do alone
+            greedy = [b["seed"] for mine in plan for b in mine if b["temperature"] == 0]
+            seq["greedy_requests"] = len(greedy)
+            seq["greedy_texts_differing_from_serve"] = sum(served_texts.get(k) != seq_texts[k] for k in greedy)
             print("sequential:   ", json.dumps(seq), file=sys.stderr)
     result = {
         "what": "loopback load test of lorafit serve vs sequential generate-style serving (bench/serve_load.py)",
@@ -248,7 +256,7 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return 1 if served["errors"] else 0
+    return 1 if served["errors"] or (seq and seq["greedy_texts_differing_from_serve"]) else 0
 
 
 if __name__ == "__main__":
