@@ -158,6 +158,22 @@ def test_sampling_is_per_row_and_seeded(host):
     assert got[2][0] != got[0][0]
 
 
+def test_nucleus_sampling_draws_only_from_the_nucleus_in_proportion():
+    from lorafit.serve.batcher import next_token
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    draws = [next_token(logits, 1.0, 0.7, gen) for _ in range(2000)]
+    assert set(draws) == {0, 1}  # 0.5 + 0.3 reach 0.7
+    assert abs(draws.count(0) / len(draws) - 0.5 / 0.8) < 0.04
+    free = [next_token(logits, 1.0, 1.0, gen) for _ in range(2000)]
+    for token, p in enumerate([0.5, 0.3, 0.15, 0.05]):
+        assert abs(free.count(token) / len(free) - p) < 0.04
+    flat = torch.zeros(1000)  # the nucleus is beyond the top 256: the full sort decides
+    wide = {next_token(flat + torch.linspace(0, 1e-3, 1000), 1.0, 0.5, gen) for _ in range(1000)}
+    assert wide <= set(range(499, 1000)) and len(wide) > 300
+
+
 # ---------------------------------------------------------------- the HTTP API
 
 
@@ -249,6 +265,14 @@ def test_streaming_sends_openai_chunks_ending_with_done(client):
     assert len(chunks) > 2 and "".join(c["choices"][0]["text"] for c in chunks) == ref
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+    # several completions in one stream, and a stop string that may arrive split over chunks
+    stop = ref[3:5]
+    body = dict(model="beta", prompt=[PROMPTS[1], PROMPTS[0]], n=2, max_tokens=10, temperature=0, stop=stop)
+    whole = complete(client, **body)["choices"]
+    events = sse_events(client.post("/v1/completions", json={**body, "stream": True}).text)
+    joined = {i: "".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(4)}
+    assert joined == {c["index"]: c["text"] for c in whole}
+    assert whole[0]["text"] == ref[: ref.find(stop)] and whole[0]["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -451,33 +475,33 @@ def test_serve_command_refuses_bad_setups_cleanly(tiny_model_dir, adapters, tmp_
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_serve_command_serves_on_loopback(adapters):
-    """`lorafit serve NAME=RUN_DIR RUN_DIR --port P` in its own process: it binds 127.0.0.1 and answers."""
-    import subprocess
+def test_serve_without_the_extra_names_it(monkeypatch, tiny_model_dir, capsys):
     import sys
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAFIT_API_KEY": "env-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", f"first={adapters['alpha']}", str(adapters["beta"]),
-                             "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer env-key"})
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(request, timeout=5) as r:
-                    models = json.load(r)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-                time.sleep(0.2)
+    from lorafit.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert main(["serve", "--base", str(tiny_model_dir)]) == 2
+    assert 'pip install -e ".[serve]"' in capsys.readouterr().err
+
+
+def test_serve_command_wires_the_server(adapters, monkeypatch, capsys):
+    """`lorafit serve NAME=RUN_DIR RUN_DIR`: the app it hands uvicorn serves both adapters, binds
+    127.0.0.1 unless told otherwise, and takes the key from $LORAFIT_API_KEY (uvicorn itself is
+    exercised by the live-server tests above)."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from lorafit.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setenv("LORAFIT_API_KEY", "env-key")
+    assert main(["serve", f"first={adapters['alpha']}", str(adapters["beta"]), "--port", "8123"]) == 0
+    [(app, kw)] = calls
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
+    assert "serving tiny (base), first, beta on http://127.0.0.1:8123/" in capsys.readouterr().err
+    with TestClient(app) as c:
+        assert_error(c.get("/v1/models"), 401)
+        models = c.get("/v1/models", headers={"Authorization": "Bearer env-key"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny", "first", "beta"]
-        with pytest.raises(urllib.error.HTTPError, match="401"):  # the key came from $LORAFIT_API_KEY
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-    finally:
-        proc.terminate()
-        proc.wait(20)
-    assert "serving tiny (base), first, beta on http://127.0.0.1:" in proc.stderr.read()
