@@ -163,17 +163,18 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
             model = PeftModel(base_model, config, adapter_name=adapter_name)
     except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules absent from this base
         raise mismatch(first_line(exc)) from None
+    def undo() -> None:  # never leave a half-loaded adapter in a model that stays in use (lorafit serve)
+        model.delete_adapter(adapter_name) if adding else model.unload()
+
     expected = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     try:
         saved = load_file(str(weights_path))
     except SafetensorError as exc:
-        if adding:
-            model.delete_adapter(adapter_name)
+        undo()
         raise LorafitError(f"{weights_path} is not a valid safetensors file ({exc}).") from None
     problems = key_problems(expected, {k: v.shape for k, v in saved.items()})
     if problems:
-        if adding:  # never leave a half-loaded adapter behind on a model that others use
-            model.delete_adapter(adapter_name)
+        undo()
         raise mismatch("; ".join(problems))
     set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
     return model if is_trainable else model.eval()

@@ -459,6 +459,28 @@ def test_playground_in_headless_chromium(live, adapters, tmp_path):
     assert (tmp_path / "playground.png").stat().st_size > 1000
 
 
+def test_a_refused_first_adapter_leaves_the_base_as_it_was(tiny_model_dir, root, adapters, tmp_path):
+    """A base served alone: an adapter that fails the key/shape check (no lorafit signature to stop it
+    earlier) must not leave LoRA layers behind; a good one then loads and answers as it would alone."""
+    from lorafit.errors import LorafitError
+    from lorafit.serve.models import ModelHost
+
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(root / "other", unsigned)
+    (unsigned / "lorafit_base.json").unlink()
+    lone = ModelHost([], base=str(tiny_model_dir), precision="fp32", device=torch.device("cpu"))
+    with pytest.raises(LorafitError, match="shape"):
+        lone.add("u", unsigned)
+    assert not lone.has_adapters and not any("lora" in type(m).__name__.lower() for m in lone.model.modules())
+    lone.add("alpha", adapters["alpha"])
+    got, _ = run_rows(lone, [Row(lone.tokenizer(PROMPTS[0])["input_ids"], "alpha", 8, temperature=0.0)])
+    assert got[0][0] == alone(adapters["alpha"], PROMPTS[0], 8)
+    lone.remove("alpha")  # the last adapter: back to the plain base
+    assert not lone.has_adapters
+    got, _ = run_rows(lone, [Row(lone.tokenizer(PROMPTS[0])["input_ids"], "__base__", 8, temperature=0.0)])
+    assert got[0][0] == alone(adapters["alpha"], PROMPTS[0], 8, base=True)
+
+
 # ---------------------------------------------------------------- the command
 
 

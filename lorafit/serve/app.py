@@ -1,6 +1,7 @@
 """The HTTP server: OpenAI-compatible completions over the batcher, adapter (un)loading, the playground."""
 
 import asyncio
+import contextlib
 import hmac
 import json
 from importlib import resources
@@ -27,6 +28,7 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
     batcher = Batcher(host, max_batch=max_batch)
     unloading: set[str] = set()
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
