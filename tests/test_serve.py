@@ -3,7 +3,6 @@ adapter loading at run time, safety limits, and the playground in a real headles
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil

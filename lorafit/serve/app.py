@@ -256,5 +256,8 @@ def serve(args) -> int:
     import sys
 
     print(f"serving {served} on http://{args.host}:{args.port}/ (playground at /, OpenAI API at /v1)", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: --host {args.host} without --api-key: anyone who can reach this address can use the models "
+              "and load adapters from --adapters-root.", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
