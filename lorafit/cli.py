@@ -15,6 +15,7 @@ USAGE_EXAMPLES = """examples:
   lorafit train quotes
   lorafit train quotes lora.r=16 train.max_steps=100 output_dir=runs/r16
   lorafit eval runs/quotes
+  lorafit eval runs/quotes --data general.txt --tasks hellaswag,arc_easy --limit 200
   lorafit generate runs/quotes "The secret to happiness is" --compare-base
   lorafit merge runs/quotes models/gpt2-quotes
   lorafit init-model --config gpt2 --tokenizer ../shared/assets/gpt2-tokenizer models/gpt2-random
@@ -64,22 +65,58 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from lorafit.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)  # a bad config stops here, before any process starts
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    from lorafit import distributed as dist
     from lorafit.errors import Stopped
     from lorafit.train import train
 
-    cfg = load_config(args.recipe, args.overrides)
+    world = dist.init()
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (Stopped, KeyboardInterrupt) as exc:
-        command = shlex.join(["lorafit", "train", args.recipe, *args.overrides, "--resume"])
-        print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
+        if world.is_main:
+            command = shlex.join(["lorafit", "train", args.recipe, *args.overrides, "--resume"])
+            print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+    except torch_distributed_errors() as exc:  # a peer died: this rank cannot go on alone
+        print(f"error: rank {world.rank}: another process of this job stopped ({type(exc).__name__}); the newest "
+              f"complete checkpoint in {cfg.output_dir}/checkpoints stays resumable: run the same command with --resume.",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        dist.shutdown()
     return 0
 
 
+def torch_distributed_errors() -> tuple[type, ...]:
+    import torch.distributed as td
+
+    return tuple(e for e in (getattr(td, "DistBackendError", None), getattr(td, "DistNetworkError", None),
+                             getattr(td, "DistError", None)) if e is not None)
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: the same command as N data-parallel processes on this machine, started by torchrun."""
+    import subprocess
+
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+            and not (i > 0 and argv[i - 1] == "--nproc")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lorafit", *rest]
+    return subprocess.call(command)
+
+
 def cmd_eval(args) -> int:
+    from lorafit.forgetting import eval_command, wants_comparison
+
+    if wants_comparison(args):  # --data / --tasks: base vs base + adapter (lorafit/forgetting.py)
+        return eval_command(args)
     from lorafit.config import apply_overrides, build_config, read_recipe
     from lorafit.evaluate import evaluate
+    from lorafit.fastpath import fast_paths_for
     from lorafit.generate import load_for_inference, resolve_adapter_dir
     from lorafit.modeling import resolve_precision
     from lorafit.rundir import CONFIG_FILE
@@ -104,14 +141,15 @@ def cmd_eval(args) -> int:
         from lorafit.errors import ConfigError
 
         raise ConfigError(problems)
-    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision)
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
+                                                     attn_implementation=args.attn_implementation)
     device = next(model.parameters()).device
-    data = prepare_data(cfg, tokenizer, model, device)
+    autocast = resolve_precision(cfg.model.precision, device).autocast
+    fast = fast_paths_for(model, cfg, device, autocast, log=lambda m: print(m, file=sys.stderr))
+    data = prepare_data(cfg, tokenizer)
     result = evaluate(
-        model, data.val, data.source_names, device=device,
-        autocast_dtype=resolve_precision(cfg.model.precision, device).autocast,
-        row_len=data.row_len, batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
-        pad_id=tokenizer.pad_token_id,
+        model, data.val, data.source_names, device=device, autocast_dtype=autocast, fast=fast,
+        batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device), pad_id=tokenizer.pad_token_id,
     )
     result = {"run": str(run), "base_model": base_name, **result}
     from lorafit.rundir import to_json
@@ -123,7 +161,8 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from lorafit.generate import SamplingConfig, load_for_inference, sample, sample_base
 
-    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision)
+    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
+                                                     attn_implementation=args.attn_implementation)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     for prompt in args.prompts:
         tuned = sample(model, tokenizer, prompt, cfg)
@@ -154,7 +193,7 @@ def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) 
 def cmd_merge(args) -> int:
     from lorafit.merge import merge
 
-    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype)
+    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -191,6 +230,11 @@ def cmd_bench(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def add_attn_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attn-implementation", default=None, metavar="NAME",
+                        help="attention implementation for the base (auto, eager, sdpa, ...; default: the one the run used)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorafit", description="Fast, honest LoRA fine-tuning of small causal language models.",
@@ -205,13 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train data parallel in N processes on this machine (through torchrun; one per GPU, or CPU processes)")
+    t.set_defaults(func=cmd_train, argv=None)
 
-    e = sub.add_parser("eval", help="evaluate a run on its validation data; prints JSON")
+    e = sub.add_parser("eval", help="evaluate a run on its validation data, or base vs adapter (--data, --tasks); prints JSON")
     e.add_argument("run", help="run directory (or adapter directory with --recipe)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_examples=100")
     e.add_argument("--recipe", help="recipe whose data to use when RUN has no config.yaml")
     e.add_argument("--base", help="base model (default: the adapter's own)")
+    add_attn_argument(e)
+    f = e.add_argument_group("did it forget? base vs base + adapter (results in RUN/eval/ and the model card)")
+    f.add_argument("--data", action="append", metavar="SOURCE",
+                   help="score this text with lorafit's evaluator: a local file (jsonl, json, csv, tsv, txt, parquet) "
+                        "or a Hub dataset id; repeatable")
+    f.add_argument("--text-field", help="--data: the field holding the text (default: text)")
+    f.add_argument("--max-examples", type=int, help="--data: score a seeded sample of at most N examples a source")
+    f.add_argument("--tasks", metavar="T1,T2", help="run these lm-evaluation-harness tasks (extra lm-eval)")
+    f.add_argument("--limit", help="--tasks: at most N examples a task (or a fraction below 1)")
+    f.add_argument("--num-fewshot", type=int, metavar="K", help="--tasks: few-shot examples (default: the task's)")
+    f.add_argument("--batch-size", metavar="B", help="--tasks: lm-eval batch size, or auto (default: 1)")
+    f.add_argument("--include-path", metavar="DIR", help="--tasks: a directory of task YAML files of your own")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample from base + adapter")
@@ -225,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
     g.add_argument("--base", help="base model (default: the adapter's own)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the precision the run was trained in")
+    add_attn_argument(g)
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="merge the adapter into the base and save a full model")
@@ -233,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output directory")
     m.add_argument("--base", help="base model (default: the adapter's own)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_attn_argument(m)
     m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("init-model", help="write a randomly initialised model (offline runs, benchmarks)")
@@ -253,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapters-root", help="allow POST /v1/adapters to load adapters from under this directory")
     s.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every API request (default: $LORAFIT_API_KEY)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    s.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the precision the first adapter's run was trained in (auto for --base alone)")
+    add_attn_argument(s)
     s.set_defaults(func=cmd_serve)
 
     from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
@@ -273,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if strays:
         args.overrides = list(args.overrides) + strays
+    if getattr(args, "nproc", 1) < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if argv is not None and hasattr(args, "argv"):
+        args.argv = list(argv)  # what --nproc relaunches
     if args.command in ("train", "eval", "generate", "merge", "bench", "serve"):
         _offline_if_hub_unreachable()
     _quiet_libraries()

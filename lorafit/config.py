@@ -29,9 +29,10 @@ class ModelConfig:
     name: str = "gpt2"  # hub id or local directory
     revision: str | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto (transformers picks: sdpa where the model has it) | eager | sdpa | ...
     dropout: float | None = None  # the base's own dropout (GPT-2: 0.1); None keeps it, 0 turns it off
     trust_remote_code: bool = False
+    quantize: str | None = None  # nf4 | int8: the frozen base quantised by bitsandbytes (QLoRA; CUDA only)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class DataConfig:
     seq_len: int = 64  # longest example in tokens, EOS included
     long_examples: str = "truncate"  # truncate | chunk | drop
     pack_len: int | None = None  # packed row length (rows packing); None = seq_len
-    packing: str = "auto"  # auto | segments | rows: see lorafit/attention.py; auto = segments on CPU
+    packing: str = "auto"  # auto | segments | rows | padded: see lorafit/fastpath.py; auto = the fastest exact one
     cache_dir: str | None = None  # tokenised-data cache; None = ~/.cache/lorafit
 
 
@@ -72,7 +73,8 @@ class LoraConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["c_attn"])
+    # auto: PEFT's default for the architecture (GPT-2: c_attn); all-linear: every linear layer but the head; or names
+    targets: str | list[str] = "auto"
     bias: str = "none"  # none | all | lora_only
     use_rslora: bool = False
     use_dora: bool = False
@@ -100,6 +102,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     compile: bool = False
     skip_nonfinite: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more compute
+    fsdp: bool = False  # data parallel with the frozen base sharded over the ranks (torch FSDP2 fully_shard)
 
 
 @dataclass
@@ -128,7 +132,7 @@ class RunConfig:
 CHOICES = {
     "model.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.long_examples": ("truncate", "chunk", "drop"),
-    "data.packing": ("auto", "segments", "rows"),
+    "data.packing": ("auto", "segments", "rows", "padded"),
     "lora.bias": ("none", "all", "lora_only"),
     "train.schedule": ("linear", "cosine", "constant"),
     "source.format": ("auto", "hub", "jsonl", "json", "csv", "txt", "parquet"),
@@ -260,6 +264,7 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         need(value in options, f"{key}: {value!r} is not one of {', '.join(options)}")
 
     choice("model.precision", cfg.model.precision)
+    need(cfg.model.quantize in (None, "nf4", "int8"), f"model.quantize: {cfg.model.quantize!r} is not one of nf4, int8 (or null)")
     choice("data.long_examples", cfg.data.long_examples)
     choice("data.packing", cfg.data.packing)
     choice("lora.bias", cfg.lora.bias)
@@ -298,7 +303,10 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
     need(lo.r > 0, f"lora.r: must be a positive integer, got {lo.r}")
     need(lo.alpha > 0, f"lora.alpha: must be positive, got {lo.alpha}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
-    need(len(lo.targets) > 0, "lora.targets: name at least one module (e.g. [c_attn])")
+    need(
+        (isinstance(lo.targets, str) and lo.targets != "") or (isinstance(lo.targets, list) and len(lo.targets) > 0 and all(lo.targets)),
+        "lora.targets: auto, all-linear, or at least one module name (e.g. [c_attn])",
+    )
 
     t = cfg.train
     need(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")

@@ -8,8 +8,10 @@ import time
 import numpy as np
 import torch
 
+from lorafit import distributed as dist
 from lorafit.data.packing import micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
+from lorafit.fastpath import FastPaths
 from lorafit.loss import token_nll
 from lorafit.metrics import NllTotals
 
@@ -21,15 +23,17 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, row_len: int, batch_tokens: int, pad_id: int):
-    """Summed NLL of every example (float64, on CPU)."""
+def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, fast: FastPaths, batch_tokens: int, pad_id: int):
+    """Summed NLL of every example (float64, on CPU), in the layout and head loss `fast` allows. Data
+    parallel: each rank scores its token-balanced share and the sums are reduced (exact: disjoint shares)."""
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
-    for batch in micro_batches(split, np.arange(len(split)), row_len, batch_tokens, pad_id, shape_multiple(device)):
+    mine = dist.my_share(np.arange(len(split)), split.lengths() - 1)
+    for batch in micro_batches(split, mine, fast.layout, batch_tokens, pad_id, shape_multiple(device)):
         batch = batch.to(device)
         with autocast_context(device, autocast_dtype):
-            nll, example = token_nll(model, batch)
+            nll, example = token_nll(model, batch, fused=fast.fused_head)
         totals.index_add_(0, example, nll.double())
-    return totals.cpu().numpy()
+    return dist.all_reduce_sum(totals).cpu().numpy()
 
 
 def evaluate(
@@ -39,7 +43,7 @@ def evaluate(
     *,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    row_len: int,
+    fast: FastPaths,
     batch_tokens: int,
     pad_id: int,
 ) -> dict:
@@ -47,7 +51,7 @@ def evaluate(
     model.eval()
     start = time.perf_counter()
     nll = example_nll(
-        model, split, device=device, autocast_dtype=autocast_dtype, row_len=row_len, batch_tokens=batch_tokens, pad_id=pad_id
+        model, split, device=device, autocast_dtype=autocast_dtype, fast=fast, batch_tokens=batch_tokens, pad_id=pad_id
     )
     seconds = time.perf_counter() - start
     model.train(was_training)

@@ -38,32 +38,49 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     )
 
 
-def load_for_inference(run_or_adapter, base: str | None = None, precision: str = "auto", device=None):
-    """(PEFT model in eval mode, tokenizer, base name) for a run or adapter directory."""
-    adapter_dir = resolve_adapter_dir(run_or_adapter)
-    base_name = adapter_base_name(adapter_dir, base)
-    base_model, tokenizer = load_inference_base(base_name, adapter_dir, precision, device)
-    model = load_adapter(base_model, adapter_dir, base_name)
-    return model.eval(), tokenizer, base_name
-
-
-def adapter_base_name(adapter_dir: Path, base: str | None = None) -> str:
-    """The base to load: the one given, else the one the adapter was trained on."""
-    base_name = base or read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not base_name:
-        raise LorafitError(f"{Path(adapter_dir) / ADAPTER_CONFIG} names no base model; pass --base MODEL.")
-    return base_name
-
-
-def load_inference_base(base_name: str, adapter_dir: Path | None = None, precision: str = "auto", device=None):
-    """(base model in eval mode, tokenizer): the adapter's own tokenizer when it saved one, else the base's."""
+def base_load_config(adapter_dir: Path, base: str | None = None, attn_implementation: str | None = None):
+    """How to load an adapter's base: as the run recorded it (name, revision, attention implementation,
+    trust_remote_code), with `base` / `attn_implementation` given by the user taking precedence."""
     from lorafit.config import ModelConfig
+    from lorafit.lora import read_base_record
 
+    load = read_base_record(adapter_dir).get("load") or {}
+    if not isinstance(load, dict):
+        load = {}
+    recorded = load.get("resolved") if load.get("resolved") and Path(load["resolved"]).is_dir() else load.get("name")
+    name = base or recorded or read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not name:
+        raise LorafitError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass --base MODEL.")
+    same_base = base is None
+    return ModelConfig(
+        name=name,
+        revision=load.get("revision") if same_base else None,
+        precision=load.get("precision") or "auto",
+        attn_implementation=attn_implementation or load.get("attn_implementation") or "auto",
+        trust_remote_code=bool(load.get("trust_remote_code")) and same_base,
+    )
+
+
+def load_for_inference(run_or_adapter, base: str | None = None, precision: str | None = None, device=None,
+                       attn_implementation: str | None = None):
+    """(PEFT model in eval mode, tokenizer, base name) for a run or adapter directory, the base loaded
+    as the run recorded it unless `base`, `precision` or `attn_implementation` say otherwise."""
+    adapter_dir = resolve_adapter_dir(run_or_adapter)
+    model_cfg = base_load_config(adapter_dir, base, attn_implementation)
+    base_model, tokenizer = load_inference_base(model_cfg, adapter_dir, precision, device)
+    model = load_adapter(base_model, adapter_dir, model_cfg.name)
+    return model.eval(), tokenizer, model_cfg.name
+
+
+def load_inference_base(model_cfg, adapter_dir: Path | None = None, precision: str | None = None, device=None):
+    """(base model in eval mode, tokenizer) as `model_cfg` says (see base_load_config): the adapter's
+    own tokenizer when it saved one, else the base's. `lorafit serve` puts several adapters on it."""
     device = device or default_device()
-    prec = resolve_precision(precision, device)
+    prec = resolve_precision(precision or model_cfg.precision, device)
+    hint = "\n  --base LOCAL_MODEL_DIR"
     has_own = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter_dir) if has_own else base_name, hint="\n  --base LOCAL_MODEL_DIR")
-    base_model = load_base_model(ModelConfig(name=base_name), prec, device, hint="\n  --base LOCAL_MODEL_DIR")
+    tokenizer = load_tokenizer(str(adapter_dir) if has_own else model_cfg.name, hint=hint)
+    base_model = load_base_model(model_cfg, prec, device, hint=hint)
     return base_model.eval(), tokenizer
 
 

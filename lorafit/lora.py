@@ -14,7 +14,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_SIGNATURE = "lorafit_base.json"
 BASE_SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
-LINEAR_LIKE = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d")
+AUTO, ALL_LINEAR = "auto", "all-linear"
 
 
 def unwrapped(model):
@@ -22,34 +22,79 @@ def unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _linear_classes() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)  # subclasses count too (Falcon's FalconLinear)
+
+
+def _wrappable(model) -> list[str]:
+    """Full names of the modules LoRA can wrap: linear-like layers (subclasses included), embeddings, convolutions."""
+    kinds = (*_linear_classes(), torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    return [name for name, module in model.named_modules() if name and isinstance(module, kinds)]
+
+
 def linear_module_names(model) -> list[str]:
     """Distinct last-name components of the modules LoRA can wrap (e.g. c_attn, c_proj, c_fc)."""
     return sorted({name.rsplit(".", 1)[-1] for name in _wrappable(model)})
 
 
-def _wrappable(model) -> list[str]:
-    return [name for name, module in model.named_modules() if name and type(module).__name__ in LINEAR_LIKE]
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)  # how PEFT matches a list of target names
 
 
-def check_targets(model, targets: list[str]) -> None:
-    """Every target names wrappable modules the way PEFT matches them: the full name or a dotted suffix."""
-    names = _wrappable(model)
-    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+def all_linear_targets(model) -> list[str]:
+    """Every linear-like layer but the output head, as PEFT's `all-linear` chooses them, named by their
+    last component where that name picks out linear layers only (else by full name)."""
+    head = model.get_output_embeddings()
+    named = dict(model.named_modules())
+    linear = {n for n, m in named.items() if n and isinstance(m, _linear_classes()) and m is not head}
+    targets = []
+    for short in sorted({n.rsplit(".", 1)[-1] for n in linear}):
+        matched = {n for n in named if n and _matches(n, short)}
+        targets += [short] if matched <= linear else sorted(n for n in linear if _matches(n, short))
+    return targets
+
+
+def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | None]:
+    """lora.targets as module names for this model: `auto` is PEFT's default for the architecture
+    (GPT-2: c_attn), `all-linear` every linear layer but the head. Returns (names, a note when `auto`
+    had to fall back). Named targets must exist, or the error lists what does."""
+    if targets == ALL_LINEAR:
+        return all_linear_targets(model), None
+    if targets == AUTO:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        model_type = getattr(model.config, "model_type", None)
+        default = DEFAULTS.get(model_type)
+        if default and not _unknown_targets(model, default):
+            return list(default), None
+        why = "has no PEFT default" if not default else "does not have PEFT's default modules"
+        return all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = _unknown_targets(model, targets)
     if unknown:
         raise LorafitError(
             f"lora.targets: no linear-like module named {', '.join(map(repr, unknown))} in {type(model).__name__}. "
-            f"Modules LoRA can wrap in this model: {', '.join(linear_module_names(model))}."
+            f"Modules LoRA can wrap in this model: {', '.join(linear_module_names(model))}. "
+            f"Or use lora.targets={AUTO} (PEFT's default for this architecture) or lora.targets={ALL_LINEAR}."
         )
+    return targets, None
 
 
-def peft_config(cfg: LoraConfig):
+def _unknown_targets(model, targets: list[str]) -> list[str]:
+    names = _wrappable(model)
+    return [t for t in targets if not any(_matches(n, t) for n in names)]
+
+
+def peft_config(cfg: LoraConfig, targets: list[str]):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.targets),
+        target_modules=list(targets),
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
@@ -59,16 +104,18 @@ def peft_config(cfg: LoraConfig):
     )
 
 
-def apply_lora(model, cfg: LoraConfig):
-    """Freeze the base and add fresh LoRA weights (B = 0, so outputs are unchanged)."""
+def apply_lora(model, cfg: LoraConfig, targets: list[str] | None = None):
+    """Freeze the base and add fresh LoRA weights (B = 0, so outputs are unchanged). `targets`: the
+    names `resolve_targets` gave for cfg.targets (resolved here when not given)."""
     import warnings
 
     from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
-    check_targets(model, cfg.targets)
-    pc = peft_config(cfg)
+    targets = targets if targets is not None else resolve_targets(model, cfg.targets)[0]
+    pc = peft_config(cfg, targets)
     pc.fan_in_fan_out = any(
-        type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in cfg.targets
+        isinstance(m, Conv1D) for n, m in model.named_modules() if any(_matches(n, t) for t in targets)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out defaults we set explicitly
@@ -117,10 +164,27 @@ def base_signature(model) -> dict:
     return {key: getattr(config, key, None) for key in BASE_SIGNATURE_KEYS}
 
 
-def write_base_signature(adapter_dir: Path, model) -> None:
+def write_base_signature(adapter_dir: Path, model, load: dict | None = None) -> None:
+    """lorafit's metadata beside a saved adapter: the base's signature, and how the base was loaded
+    (`load`: what eval, generate and merge need to load it the same way)."""
     from lorafit.rundir import atomic_write_text
 
-    atomic_write_text(Path(adapter_dir) / BASE_SIGNATURE, json.dumps(base_signature(model), indent=2))
+    record = {**base_signature(model), **({"load": load} if load else {})}
+    atomic_write_text(Path(adapter_dir) / BASE_SIGNATURE, json.dumps(record, indent=2))
+
+
+def read_base_record(adapter_dir: Path) -> dict:
+    """lorafit's metadata of an adapter ({} for a plain PEFT adapter)."""
+    path = Path(adapter_dir) / BASE_SIGNATURE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LorafitError(f"{path} is unreadable ({first_line(exc)}); delete it (the adapter itself is unaffected).") from None
+    if not isinstance(record, dict):
+        raise LorafitError(f"{path} is not a JSON object; delete it (the adapter itself is unaffected).")
+    return record
 
 
 def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False, adapter_name: str = "default"):
@@ -144,13 +208,11 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
         )
 
     adding = isinstance(base_model, PeftModel)
-    signature_path = adapter_dir / BASE_SIGNATURE
-    if signature_path.is_file():  # written by lorafit; a plain PEFT adapter has only keys and shapes to check
-        saved_sig = json.loads(signature_path.read_text(encoding="utf-8"))
-        given_sig = base_signature(unwrapped(base_model))
-        differ = [f"{k} {saved_sig[k]} vs {given_sig.get(k)}" for k in saved_sig if saved_sig[k] != given_sig.get(k)]
-        if differ:
-            raise mismatch(", ".join(differ))
+    # Written by lorafit; a plain PEFT adapter has only keys and shapes to check.
+    saved_sig, given_sig = read_base_record(adapter_dir), base_signature(unwrapped(base_model))
+    differ = [f"{k} {saved_sig[k]} vs {given_sig[k]}" for k in BASE_SIGNATURE_KEYS if k in saved_sig and saved_sig[k] != given_sig[k]]
+    if differ:
+        raise mismatch(", ".join(differ))
     if adding and adapter_name in base_model.peft_config:
         raise LorafitError(f"An adapter named '{adapter_name}' is already loaded; choose another name.")
     try:
@@ -163,6 +225,7 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
             model = PeftModel(base_model, config, adapter_name=adapter_name)
     except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules absent from this base
         raise mismatch(first_line(exc)) from None
+
     def undo() -> None:  # never leave a half-loaded adapter in a model that stays in use (lorafit serve)
         model.delete_adapter(adapter_name) if adding else model.unload()
 

@@ -134,34 +134,43 @@ def _no_adapter_input_casts(model, device: torch.device):
             m.cast_input_dtype_enabled = flag
 
 
-def _head_is_plain(model) -> bool:
+def head_is_linear(model) -> bool:
+    """The head is one frozen, bias-free linear map: the precondition of the fused loss. Whether the
+    model's logits are that map alone (no soft-capping, scaling...) is checked by lorafit.fastpath."""
     head = model.get_output_embeddings()
-    plain = isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return plain and not softcap and getattr(model.config, "logit_scale", None) is None
+    return isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
 
 
 def token_nll(model, batch: PackedBatch, chunk: int | None = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL of every scored target in a packed batch, and the example index of each.
+    """NLL of every scored target in a batch, and the example index of each.
 
     `model` is the transformers causal LM (PEFT-wrapped or not). Only scored positions reach the
-    head: padding is neither scored nor computed there.
+    head: padding is neither scored nor computed there. `fused`: the fused head loss, as
+    lorafit.fastpath allows for this model (and where the head is linear).
     """
     base = unwrapped(model)
     mask = batch.targets != IGNORE
     targets = batch.targets[mask]
     with _no_adapter_input_casts(model, batch.input_ids.device):
-        return _token_nll(base, batch, mask, targets, chunk, fused)
+        return _token_nll(base, batch, mask, targets, chunk, fused and head_is_linear(base))
+
+
+def model_inputs(batch: PackedBatch) -> dict:
+    """The forward's keyword arguments for a batch of any layout."""
+    if batch.attention_mask is not None:  # padded: the model's own positions and mask, as in a plain forward
+        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if batch.segments is not None:
+        inputs["segment_bounds"] = batch.segments
+    return inputs
 
 
 def _token_nll(base, batch: PackedBatch, mask, targets, chunk: int, fused: bool):
-    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    attention = contextlib.nullcontext()
-    if batch.segments is not None:  # one row: attention example by example (lorafit.attention)
-        inputs["segment_bounds"] = batch.segments
-        attention = segment_attention(base.config)
+    inputs = model_inputs(batch)
+    # One row of segments: attention example by example (lorafit.attention).
+    attention = segment_attention(base.config) if batch.segments is not None else contextlib.nullcontext()
     with attention:
-        if fused and _head_is_plain(base):
+        if fused:
             hidden = getattr(base, base.base_model_prefix)(**inputs).last_hidden_state
             nll = linear_cross_entropy(hidden[mask], base.get_output_embeddings().weight, targets, chunk)
         else:

@@ -13,12 +13,13 @@ from lorafit.rundir import atomic_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def merge(run_or_adapter, out: Path, base: str | None = None, dtype: str = "fp32") -> Path:
+def merge(run_or_adapter, out: Path, base: str | None = None, dtype: str = "fp32", attn_implementation: str | None = None) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LorafitError(f"'{out}' exists and is not empty; choose a new directory for the merged model.")
     # Merge in fp32 on CPU: exact arithmetic first, then cast to the requested dtype once.
-    model, tokenizer, _ = load_for_inference(run_or_adapter, base=base, precision="fp32", device=torch.device("cpu"))
+    model, tokenizer, _ = load_for_inference(run_or_adapter, base=base, precision="fp32", device=torch.device("cpu"),
+                                             attn_implementation=attn_implementation)
     merged = model.merge_and_unload()
     merged = merged.to(DTYPES[dtype])
     merged.config.use_cache = True

@@ -76,6 +76,12 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)."
         )
     reason = first_line(exc)
+    if what == "Model" and ("attn_implementation" in str(exc) or "attention implementation" in str(exc).lower()):
+        return LorafitError(
+            f"Could not load model '{name}' with this attention implementation: {reason}\nSet model.attn_implementation "
+            "to one the model supports: auto (transformers picks), eager or sdpa (lorafit eval/generate/merge: "
+            "--attn-implementation)."
+        )
     if "trust_remote_code" in str(exc) or "custom code" in str(exc):
         return LorafitError(
             f"Could not load {what.lower()} '{name}': it needs its own Python code to load, which lorafit runs only "
@@ -104,18 +110,46 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
+def quantization_config(cfg: ModelConfig, precision: Precision, device: torch.device):
+    """bitsandbytes settings for model.quantize (QLoRA: NF4 with double quantisation, compute in the
+    training precision), or None. Checked before anything loads: it needs CUDA and the extra."""
+    if cfg.quantize is None:
+        return None
+    if device.type != "cuda":
+        raise LorafitError(
+            f"model.quantize={cfg.quantize} needs a CUDA GPU (bitsandbytes quantises for CUDA kernels); this run is on "
+            f"{device.type}. Remove model.quantize, or run on a GPU."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise LorafitError(f"model.quantize={cfg.quantize} needs bitsandbytes: pip install -e \".[quantize]\"") from None
+    if cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=precision.autocast or torch.bfloat16)
+
+
 def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device, hint: str = ""):
+    """The frozen base, loaded straight onto its device (a GPU never waits for a full CPU copy first)."""
     from transformers import AutoModelForCausalLM
 
+    quantization = quantization_config(cfg, precision, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name,
             revision=cfg.revision,
             dtype=precision.weights,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights: a .bin file can run code when loaded
+            device_map={"": device if device.index is not None else torch.device("cuda", torch.cuda.current_device())}
+            if device.type == "cuda" else None,
+            quantization_config=quantization,
         )
+    except torch.OutOfMemoryError:
+        raise out_of_memory(device, "loading the base model") from None
     except Exception as exc:
         raise _load_failure("Model", cfg.name, exc, hint) from None
     model.config.use_cache = False  # training never needs the KV cache
@@ -125,7 +159,34 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
         # cuDNN attention builds an execution plan per input shape (milliseconds of CPU each); packed
         # batches change shape every step, so use the flash / memory-efficient kernels instead.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return model.to(device)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms in fp32 and inputs that require grad, as QLoRA trains; checkpointing is train.gradient_checkpointing's.
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model if device.type == "cuda" else model.to(device)
+
+
+def out_of_memory(device: torch.device, doing: str) -> LorafitError:
+    return LorafitError(
+        f"Out of memory on {device} while {doing}. Lower train.micro_batch_tokens (tokens a forward pass), set "
+        "train.gradient_checkpointing=true (recompute activations), or model.quantize=nf4 (a 4-bit base, CUDA); "
+        "with several GPUs, train.fsdp=true shards the base."
+    )
+
+
+def load_settings(cfg: ModelConfig, model) -> dict:
+    """Everything needed to load this base again as it was trained: the name as the user gave it,
+    the resolved local path, and the settings (the attention implementation as resolved)."""
+    local = Path(cfg.name).expanduser()
+    return {
+        "name": cfg.name,
+        "resolved": str(local.resolve()) if local.is_dir() else None,
+        "revision": cfg.revision,
+        "precision": cfg.precision,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
 
 
 def set_dropout(model, p: float) -> None:

@@ -97,7 +97,66 @@ def _text_label(src) -> str:
     return " + ".join(f"`{f}`" for f in fields)
 
 
-def model_card(cfg: RunConfig, summary: dict) -> str:
+def _targets(asked: str | list[str], resolved: list[str] | None) -> str:
+    """The modules LoRA wraps, and the choice that named them when it was `auto` or `all-linear`."""
+    names = ", ".join(f"`{t}`" for t in (resolved or ([asked] if isinstance(asked, str) else asked)))
+    return f"{names} (lora.targets={asked})" if isinstance(asked, str) and resolved else names
+
+
+def read_evaluations(eval_dir: Path) -> dict:
+    """The latest `lorafit eval --data/--tasks` results in RUN/eval/ (absent files are skipped)."""
+    import json
+
+    found = {}
+    for key, name in (("forgetting", "forgetting.json"), ("lm_eval_base", "lm_eval_base.json"),
+                      ("lm_eval_adapter", "lm_eval_adapter.json")):
+        path = Path(eval_dir) / name
+        if path.is_file():
+            try:
+                found[key] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                pass  # a damaged file leaves its section out; the next evaluation rewrites it
+    return found
+
+
+def evaluation_section(evaluations: dict) -> str:
+    """'Did it forget?': base vs base + adapter on other text (lorafit's evaluator) and on lm-eval tasks."""
+    parts = []
+    forgetting = evaluations.get("forgetting")
+    if forgetting and forgetting.get("data"):
+        from lorafit.lm_eval_bridge import fmt
+
+        rows = []
+        for source, r in forgetting["data"].items():
+            for key, label in (("loss", "loss"), ("ppl", "perplexity"), ("bits_per_byte", "bits/byte")):
+                b, a, d = (r[side].get(key) for side in ("base", "adapter", "difference"))
+                if None not in (b, a, d):
+                    rows.append(f"| {_cell(f'`{source}`')} | {label} | {fmt(b)} | {fmt(a)} | {fmt(d, '+.4f')} |")
+        parts.append(
+            f"Scored with lorafit's evaluator ({forgetting.get('date', '')}; at most {forgetting.get('seq_len')} tokens an "
+            "example, EOS appended; lower is better):\n\n| data | metric | base | adapter | difference |\n|---|---|---|---|---|\n"
+            + "\n".join(rows)
+        )
+    base, adapter = evaluations.get("lm_eval_base"), evaluations.get("lm_eval_adapter")
+    if base and adapter:
+        from lorafit.lm_eval_bridge import compare, fmt, stderr_cell
+
+        config = adapter.get("config") or {}
+        shots = ", ".join(f"{t} {n}-shot" for t, n in (adapter.get("n-shot") or {}).items())
+        limit = f", limit {config['limit']:g} a task" if config.get("limit") else ""
+        rows = [f"| {_cell(r['task'])} | {_cell(r['metric'])} | {fmt(r['base'])} | {fmt(r['adapter'])} | "
+                f"{fmt(r['difference'], '+.4f')} | {stderr_cell(r)} |" for r in compare(base, adapter)]
+        parts.append(
+            f"lm-evaluation-harness {adapter.get('lm_eval_version', '')} ({shots}{limit}), "
+            "the adapter loaded with `peft=`:\n\n| task | metric | base | adapter | difference | stderr (base / adapter) |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows)
+        )
+    if not parts:
+        return ""
+    return "\n## Did it forget? (base vs base + adapter)\n" + "\n\n".join(parts) + "\n"
+
+
+def model_card(cfg: RunConfig, summary: dict, evaluations: dict | None = None) -> str:
     lo = cfg.lora
     weighted = any(s.weight != 1.0 for s in cfg.data.sources.values())
     sources = "\n".join(
@@ -127,7 +186,7 @@ tags: [lora, lorafit]
 Trained with lorafit, recipe `{cfg.recipe or 'custom'}`.
 
 ## LoRA settings
-r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, targets = {', '.join(lo.targets)}
+r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, targets = {_targets(lo.targets, summary.get('lora_targets'))}
 ({summary.get('trainable_params', 0):,} trainable of {summary.get('total_params', 0):,} parameters).
 
 ## Data
@@ -155,7 +214,7 @@ seed {cfg.train.seed}; {f('train_seconds', '.1f')} s, {f('train_tokens_per_secon
 | final training loss | {f('final_train_loss')} |
 
 {"| source | loss | PPL | bits/byte | tokens |" + chr(10) + "|---|---|---|---|---|" + chr(10) + source_rows if len(by_source) > 1 else ""}
-
+{evaluation_section(evaluations or {})}
 ## Use
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

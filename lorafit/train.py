@@ -8,6 +8,7 @@ tokens divided by their count, so how the step is cut into micro-batches never c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -19,22 +20,27 @@ import numpy as np
 import torch
 
 from lorafit import checkpoint as ckpt
+from lorafit import distributed as dist
 from lorafit.config import RunConfig, save_config
 from lorafit.data.packing import micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_cached
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import autocast_context, evaluate
-from lorafit.lora import apply_lora, count_parameters, format_counts, write_base_signature
+from lorafit.fastpath import FastPaths
+from lorafit.lora import apply_lora, count_parameters, format_counts, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.measure import peak_memory_bytes, sync
-from lorafit.modeling import Precision, default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
+from lorafit.modeling import (
+    Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
+)
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
 )
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if dist.world().is_main:  # one voice for the whole job
+        print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- data
@@ -45,20 +51,21 @@ class Data:
     train: TokenizedSplit
     val: TokenizedSplit
     source_names: list[str]
-    row_len: int | None  # None: segment layout
 
 
-def prepare_data(cfg: RunConfig, tokenizer, model, device: torch.device, compiled: bool = False) -> Data:
+def check_seq_len(cfg: RunConfig, model) -> None:
+    limit = max_positions(model)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise LorafitError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the maximum of {limit} positions of model "
+            f"'{cfg.model.name}'; set data.seq_len={limit} or less."
+        )
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> Data:
     from lorafit.data.sources import load_corpus
 
     d = cfg.data
-    model_max_positions = max_positions(model)
-    if model_max_positions is not None and d.seq_len > model_max_positions:
-        raise LorafitError(
-            f"data.seq_len={d.seq_len} is longer than the maximum of {model_max_positions} positions of model "
-            f"'{cfg.model.name}'; set data.seq_len={model_max_positions} or less."
-        )
-    row_len = row_length(cfg, model, device, compiled)  # checks data.packing before any data is read
     corpus = load_corpus(d)
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     train, hit_t = tokenize_cached(
@@ -75,22 +82,7 @@ def prepare_data(cfg: RunConfig, tokenizer, model, device: torch.device, compile
         f"data: {len(train):,} train / {len(val):,} val examples, {train.n_targets:,} train target tokens"
         f"{' (tokenised data from cache)' if hit_t and hit_v else ''}; {int(train.truncated.sum()):,} truncated"
     )
-    return Data(train, val, corpus.source_names, row_len)
-
-
-def row_length(cfg: RunConfig, model, device: torch.device, compiled: bool) -> int | None:
-    """Packed row length, or None for the segment layout (one row a micro-batch; see lorafit.attention)."""
-    from lorafit.attention import use_segments
-
-    segments, why_not = use_segments(cfg.data.packing, device, compiled, model)
-    if segments:
-        return None
-    if why_not:
-        log(f"data.packing=auto: packing rows, as segment attention cannot serve this model: {why_not}")
-    d = cfg.data
-    row_len = d.pack_len or d.seq_len  # rows no longer than an example may be: masked attention stays cheap
-    limit = max_positions(model)
-    return row_len if limit is None else max(d.seq_len, min(row_len, limit))
+    return Data(train, val, corpus.source_names)
 
 
 @dataclass
@@ -137,9 +129,11 @@ class Window:
     examples: int = 0
     seconds: float = 0.0
     steps: int = 0
+    rank_tokens: list[int] | None = None  # data parallel: the target tokens each rank computed
 
     def to_state(self) -> dict:
-        return {"nll": float(self.nll), "tokens": self.tokens, "examples": self.examples, "seconds": self.seconds, "steps": self.steps}
+        return {"nll": float(self.nll), "tokens": self.tokens, "examples": self.examples, "seconds": self.seconds,
+                "steps": self.steps, "rank_tokens": self.rank_tokens}
 
 
 @dataclass
@@ -154,9 +148,12 @@ class Trainer:
     device: torch.device
     precision: Precision
     tokenizer: object
+    fast: FastPaths
+    lora_targets: list[str]
     micro_tokens: int
     eval_tokens: int
     scaler: torch.amp.GradScaler | None = None
+    ddp: torch.nn.Module | None = None  # data parallel: the step loss under DistributedDataParallel
     step: int = 0
     window: Window = field(default_factory=Window)
     train_seconds: float = 0.0
@@ -166,25 +163,45 @@ class Trainer:
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
 
     # -- one optimizer step
+    def step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(all examples of step `step`, the targets of each): a function of the step alone, the same on every rank."""
+        examples = self.plan.examples(step)
+        return examples, self.data.train.lengths()[examples] - 1
+
     def step_batches(self, step: int) -> list:
-        """The packed micro-batches of optimizer step `step` (a function of the step alone)."""
+        """This rank's packed micro-batches of optimizer step `step`: its token-balanced share of the step."""
+        examples, targets = self.step_examples(step)
         return micro_batches(
-            self.data.train, self.plan.examples(step), self.data.row_len, self.micro_tokens, self.tokenizer.pad_token_id,
-            shape_multiple(self.device),
+            self.data.train, dist.my_share(examples, targets), self.fast.layout, self.micro_tokens,
+            self.tokenizer.pad_token_id, shape_multiple(self.device),
         )
 
     def train_step(self) -> torch.Tensor:
+        examples, targets = self.step_examples(self.step)
+        n_targets = int(targets.sum())  # the whole step's, over every rank: the loss is normalised by it
         batches = self.step_batches(self.step)
-        n_targets = sum(b.n_targets for b in batches)
+        # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0.
+        work = batches or micro_batches(self.data.train, examples[:1], self.fast.layout, self.micro_tokens,
+                                        self.tokenizer.pad_token_id, shape_multiple(self.device))
+        world = dist.world()
+        scale = world.size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
+        forward = self.ddp or (lambda b: token_nll(self.model, b, fused=self.fast.fused_head)[0])
         step_nll = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in batches:
-            batch = batch.to(self.device)
-            with autocast_context(self.device, self.precision.autocast):
-                nll, _ = token_nll(self.model, batch)
-            nll_sum = nll.sum()
-            loss = nll_sum / n_targets  # normalised by the whole step's targets, not the micro-batch's
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for i, batch in enumerate(work):
+            syncing = self.ddp is None or i == len(work) - 1  # DDP all-reduces in the last backward only
+            with contextlib.nullcontext() if syncing else self.ddp.no_sync():
+                batch = batch.to(self.device)
+                with autocast_context(self.device, self.precision.autocast):
+                    nll = forward(batch)
+                nll_sum = nll.sum() if batches else nll.sum() * 0.0
+                loss = nll_sum * scale  # normalised by the whole step's targets, not the micro-batch's
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_nll += nll_sum.detach().double()
+        dist.all_reduce_sum(step_nll)  # every rank judges (and logs) the same step loss
+        if world.parallel:
+            shares = dist.shares(targets, world.size)
+            step_ranks = [int(targets[s].sum()) for s in shares]
+            self.window.rank_tokens = [a + b for a, b in zip(self.window.rank_tokens or [0] * world.size, step_ranks)]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -193,7 +210,7 @@ class Trainer:
         if self.apply_update(step_nll, grad_norm, n_targets):
             self.window.nll = self.window.nll + step_nll
             self.window.tokens += n_targets
-            self.window.examples += sum(b.n_examples for b in batches)
+            self.window.examples += len(examples)
             self.train_tokens += n_targets
         self.scheduler.step()  # a skipped step still counts: lr and data stay aligned with the step number
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,7 +260,10 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "train_seconds": self.train_seconds,
         }
-        self.run.append_metrics(record)
+        if w.rank_tokens:
+            record["rank_tokens"] = w.rank_tokens
+        if dist.world().is_main:
+            self.run.append_metrics(record)
         if bar is not None:
             bar.set_postfix(loss=f"{loss or 0:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
         self.window = Window()
@@ -255,12 +275,12 @@ class Trainer:
             self.data.source_names,
             device=self.device,
             autocast_dtype=self.precision.autocast,
-            row_len=self.data.row_len,
+            fast=self.fast,
             batch_tokens=self.eval_tokens,
             pad_id=self.tokenizer.pad_token_id,
         )
         record = {"step": self.step, **result}
-        prompt = self.cfg.eval.sample_prompt
+        prompt = self.cfg.eval.sample_prompt if dist.world().is_main else None
         if prompt:
             from lorafit.generate import SamplingConfig, sample
 
@@ -268,7 +288,8 @@ class Trainer:
             text = sample(self.model, self.tokenizer, prompt, SamplingConfig(self.cfg.eval.sample_max_new_tokens, seed=self.cfg.train.seed))[0]
             self.model.train()
             record["sample"] = prompt + text
-        self.run.append_metrics(record)
+        if dist.world().is_main:
+            self.run.append_metrics(record)
         log(
             f"[{label}] step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
             f"{result['eval_samples_per_second']:.1f} samples/s" + (f"\n  sample: {record['sample']!r}" if prompt else "")
@@ -276,6 +297,9 @@ class Trainer:
         return result
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes; every rank holds the same weights and optimizer state (the gradients were all-reduced)."""
+        if not dist.world().is_main:
+            return self.run.checkpoints / f"step-{self.step}"
         state = {
             "window": self.window.to_state(), "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
             "nonfinite_skipped": self.nonfinite_skipped, "last_train_loss": self.last_train_loss,
@@ -299,17 +323,20 @@ class Trainer:
         self.step = state["step"]
         w = state["window"]
         self.window = Window(torch.tensor(w["nll"], dtype=torch.float64, device=self.device), w["tokens"], w["examples"], w["seconds"], w["steps"])
+        if w.get("rank_tokens") and len(w["rank_tokens"]) == dist.world().size:  # per rank: kept only at the same world size
+            self.window.rank_tokens = w["rank_tokens"]
         self.train_seconds, self.train_tokens = state["train_seconds"], state["train_tokens"]
         self.nonfinite_skipped, self.last_train_loss = state["nonfinite_skipped"], state["last_train_loss"]
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.run.keep_metrics(state["metrics_records"])
+        if dist.world().is_main:
+            self.run.keep_metrics(state["metrics_records"])
 
     # -- the loop
     def fit(self, progress: bool = True) -> None:
         t = self.cfg.train
         bar = None
-        if progress:
+        if progress and dist.world().is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
@@ -330,7 +357,8 @@ class Trainer:
                     self.log_window(grad_norm, bar)
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.run_eval("eval")
-                stopping = self.stop_signal  # read once: a signal arriving from here on is handled after the next step
+                # Read once: a signal arriving from here on is handled after the next step. All ranks stop together.
+                stopping = self.stop_signal if not dist.world().parallel else self.agreed_stop()
                 # The last step is saved too: a crash in the final eval or save then resumes without redoing steps.
                 if (t.save_every and self.step % t.save_every == 0) or last or stopping:
                     path = self.save_checkpoint()
@@ -338,6 +366,13 @@ class Trainer:
                     raise Stopped(stopping, f"stopped at step {self.step} of {self.plan.total_steps}; saved {path}.")
         if bar is not None:
             bar.close()
+
+
+    def agreed_stop(self) -> int | None:
+        """A signal any rank received stops every rank after this same step (SIGTERM if it was not this one's)."""
+        flag = torch.tensor([self.stop_signal or 0], dtype=torch.int64)
+        flag = dist.all_reduce_sum(flag.to(self.device) if self.device.type == "cuda" else flag)
+        return (self.stop_signal or signal.SIGTERM) if int(flag.item()) else None
 
 
 class stop_signals:
@@ -390,23 +425,13 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.devic
     return optimizer, scheduler
 
 
-def save_adapter(model, tokenizer, path: Path, base_name: str) -> None:
+def save_adapter(model, tokenizer, path: Path, load: dict) -> None:
+    """The adapter in PEFT's format (its config names the base as the user gave it), the tokenizer,
+    and lorafit's metadata: the base's signature and how to load it again (`load`)."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        _set_adapter_base(tmp, base_name)
-        write_base_signature(tmp, model.get_base_model())
-
-
-def _set_adapter_base(adapter_dir: Path, base_name: str) -> None:
-    """PEFT records the base as given; a local base is recorded as an absolute path so the adapter loads from anywhere."""
-    import json
-
-    cfg_path = adapter_dir / "adapter_config.json"
-    config = json.loads(cfg_path.read_text())
-    local = Path(base_name).expanduser()
-    config["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else base_name
-    atomic_write_text(cfg_path, json.dumps(config, indent=2))
+        write_base_signature(tmp, model.get_base_model(), load)
 
 
 RESUME_MAY_CHANGE = ("recipe", "output_dir", "data.cache_dir")  # where things live, not what is computed
@@ -442,37 +467,88 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def setup(cfg: RunConfig, run: RunDir) -> Trainer:
-    """Tokenizer, model, data, LoRA and optimizer: every input is checked here, and nothing is written."""
+    """Tokenizer, model, LoRA, fast paths, data and optimizer: every input is checked here, the model's
+    before any data is read, and nothing is written."""
     from lorafit.data.sources import offline_hint
 
-    device = default_device()
+    device = dist.device() if dist.world().parallel else default_device()
     precision = resolve_precision(cfg.model.precision, device)
     local_model = Path(cfg.model.name).expanduser().exists()
     hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
     model = load_base_model(cfg.model, precision, device, hint=hint)
-    data = prepare_data(cfg, tokenizer, model, device, compiled=cfg.train.compile)
-    return assemble(cfg, model, tokenizer, data, device, precision, run)
+    check_seq_len(cfg, model)
+    model, targets, fast = prepare_model(cfg, model, device, precision)
+    data = share_data(prepare_data(cfg, tokenizer) if dist.world().is_main else None)  # read and tokenised once
+    return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
 
 
-def assemble(cfg: RunConfig, model, tokenizer, data: Data, device: torch.device, precision: Precision,
-             run: RunDir | None) -> Trainer:
-    """LoRA, optimizer and schedule around a loaded base and prepared data (also what `lorafit bench` times)."""
+SPLIT_ARRAYS = ("ids", "offsets", "sources", "n_bytes", "truncated")
+
+
+def share_data(data: Data | None) -> Data:
+    """Rank 0's data on every rank (the identity on one process): the others never read or tokenise."""
+    if not dist.world().parallel:
+        return data
+    arrays = None if data is None else {f"{part}.{name}": getattr(getattr(data, part), name)
+                                        for part in ("train", "val") for name in SPLIT_ARRAYS}
+    arrays, names = dist.broadcast_arrays(arrays, None if data is None else data.source_names)
+    split = lambda part: TokenizedSplit(**{name: arrays[f"{part}.{name}"] for name in SPLIT_ARRAYS})  # noqa: E731
+    return Data(split("train"), split("val"), names)
+
+
+def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precision):
+    """LoRA on the resolved targets and the speed-ups, then the fast paths checked on the result:
+    (PEFT model, LoRA target names, FastPaths). Also what `lorafit bench` times."""
     from lorafit.fast import prepare_for_speed
+    from lorafit.fastpath import fast_paths_for
 
+    targets, note = resolve_targets(model, cfg.lora.targets)
+    if note:
+        log(note)
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
-    model = apply_lora(model, cfg.lora)
-    log(format_counts(*count_parameters(model)))
+    model = apply_lora(model, cfg.lora, targets)
+    log(f"LoRA on {', '.join(targets)}: {format_counts(*count_parameters(model))}")
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
+        unwrapped(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_for_speed(model, cfg.train.compile)
+    fast = fast_paths_for(model, cfg, device, precision.autocast, log=log)
+    return model, targets, fast
+
+
+def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targets: list[str], device: torch.device,
+             precision: Precision, run: RunDir | None) -> Trainer:
+    """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times)."""
     plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
     return Trainer(
-        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer,
+        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, fast, targets,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
         eval_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
         scaler=scaler,
+        ddp=data_parallel(model, fast) if dist.world().parallel else None,
     )
+
+
+class StepLoss(torch.nn.Module):
+    """The per-token NLL of a batch as a module: the forward DistributedDataParallel wraps, so its
+    gradient hooks see the backbone and the fused head that token_nll calls directly."""
+
+    def __init__(self, model, fused_head: bool):
+        super().__init__()
+        self.model, self.fused_head = model, fused_head
+
+    def forward(self, batch):
+        return token_nll(self.model, batch, fused=self.fused_head)[0]
+
+
+def data_parallel(model, fast: FastPaths):
+    from torch.nn.parallel import DistributedDataParallel
+
+    # device_ids None: the module sits on this rank's one device, and the batch is not a tensor DDP should move.
+    return DistributedDataParallel(StepLoss(model, fast.fused_head), device_ids=None)
 
 
 def seed_everything(seed: int) -> None:
@@ -493,8 +569,9 @@ def start(trainer: Trainer, resume: bool) -> dict | None:
         return next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
     if resume:
         log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
-    save_config(trainer.cfg, run.file(CONFIG_FILE))
-    run.keep_metrics(0)  # a start over keeps no stale records
+    if dist.world().is_main:
+        save_config(trainer.cfg, run.file(CONFIG_FILE))
+        run.keep_metrics(0)  # a start over keeps no stale records
     return trainer.run_eval("before training") if trainer.cfg.eval.before_training else None
 
 
@@ -506,26 +583,39 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if run.is_finished():
             log(f"The run in {run.path} has already finished; nothing to do.")
             return run.read_json(SUMMARY_FILE)
-    trainer = setup(cfg, run)
-    with run.claim(overwrite=overwrite and not resume):
-        before = start(trainer, resume)
-        trainer.fit(progress=progress)
-        return finish(trainer, before)
+    try:
+        trainer = setup(cfg, run)
+        # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
+        claim = run.claim(overwrite=overwrite and not resume) if dist.world().is_main else contextlib.nullcontext()
+        with claim:
+            dist.barrier()  # the directory is claimed (and emptied for --overwrite) before any rank reads it
+            before = start(trainer, resume)
+            trainer.fit(progress=progress)
+            return finish(trainer, before)
+    except torch.OutOfMemoryError:
+        newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
+        kept = f" The newest complete checkpoint, {newest[0][1]}, resumes with --resume." if newest else ""
+        raise LorafitError(str(out_of_memory(default_device(), "training")) + kept) from None
 
 
 def finish(trainer: Trainer, before: dict | None) -> dict:
     """Final eval, the adapter, and the reports; summary.json last, so its presence means finished."""
     cfg, run, device = trainer.cfg, trainer.run, trainer.device
     after = trainer.run_eval("final")
+    if not dist.world().is_main:
+        return after
     advice = f"Training itself is saved in {run.checkpoints}; free space, then run the same command with --resume."
     with saving(f"the adapter in {run.adapter}", advice):
-        save_adapter(trainer.model, trainer.tokenizer, run.adapter, cfg.model.name)
+        save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()))
     trainable, total = count_parameters(trainer.model)
     summary = {
         "recipe": cfg.recipe,
         "base_model": cfg.model.name,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": str(trainer.precision.weights).replace("torch.", ""),
+        "lora_targets": trainer.lora_targets,
+        "packing": trainer.fast.layout.kind,
+        "fast_paths": trainer.fast.record(),
         "trainable_params": trainable,
         "total_params": total,
         "train_examples": len(trainer.data.train),
@@ -540,6 +630,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         **after,
         "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,
         "peak_memory_bytes": peak_memory_bytes(device),
+        "world_size": dist.world().size,
     }
     with saving(f"the reports in {run.path}", advice):
         write_reports(run, cfg, summary, before, after)

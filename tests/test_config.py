@@ -10,7 +10,14 @@ from lorafit.errors import ConfigError, LorafitError
 
 def test_quotes_recipe_has_the_published_setup():
     cfg = load_config("quotes")
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16.0, 0.05, ["c_attn"])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16.0, 0.05, "auto")
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorafit.lora import resolve_targets
+
+    with torch.device("meta"):  # auto on GPT-2 is the blog's c_attn (invariant 1 counts it)
+        assert resolve_targets(GPT2LMHeadModel(GPT2Config()), cfg.lora.targets) == (["c_attn"], None)
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum) == (5, 2e-4, 4, 2)
     assert cfg.data.seq_len == 64 and cfg.data.sources["quotes"].text_field == "quote"
     assert cfg.data.sources["quotes"].path == "Abirate/english_quotes"

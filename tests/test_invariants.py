@@ -8,13 +8,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorafit.config import LoraConfig
-from lorafit.data.packing import IGNORE, micro_batches, pack
+from lorafit.data.packing import IGNORE, Layout, micro_batches, pack
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.lora import apply_lora, count_parameters, format_counts
 from lorafit.loss import linear_cross_entropy, plain_cross_entropy, token_nll
 
 VOCAB = 300
 EOS = VOCAB - 1
+ROWS64, SEGMENTS, PADDED = Layout("rows", 64), Layout("segments"), Layout("padded")
 
 
 def tiny_gpt2(seed: int = 0, dtype=torch.float32) -> GPT2LMHeadModel:
@@ -117,7 +118,7 @@ def test_packed_loss_of_each_example_equals_its_loss_alone():
     examples = random_examples(11, seed=6)
     split = make_split(examples)
     with torch.no_grad():
-        batches = micro_batches(split, np.arange(len(examples)), row_len=64, max_tokens=128, pad_id=EOS)
+        batches = micro_batches(split, np.arange(len(examples)), ROWS64, max_tokens=128, pad_id=EOS)
         assert any((b.example_ids >= 0).sum(1).gt(0).any() and len(set(b.example_ids[0].tolist()) - {-1}) > 1 for b in batches)
         packed = torch.zeros(len(examples), dtype=torch.float64)
         for b in batches:
@@ -133,7 +134,7 @@ def test_packed_loss_of_each_example_equals_its_loss_alone():
 
 def test_rows_are_balanced_and_padding_is_a_separate_block():
     split = make_split(random_examples(9, seed=7))
-    batch = pack(split, np.arange(9), row_len=64, pad_id=EOS)
+    batch = pack(split, np.arange(9), ROWS64, pad_id=EOS)
     pad = batch.example_ids == -1
     assert batch.n_slots - int(pad.sum()) == batch.n_targets
     for r in range(batch.input_ids.shape[0]):
@@ -149,7 +150,7 @@ def test_rows_are_balanced_and_padding_is_a_separate_block():
 def test_padding_never_scored_and_every_eos_scored():
     examples = random_examples(13, seed=8)
     split = make_split(examples)
-    batch = pack(split, np.arange(13), row_len=48, pad_id=EOS)
+    batch = pack(split, np.arange(13), Layout("rows", 48), pad_id=EOS)
     scored = batch.targets != IGNORE
     assert not (scored & (batch.example_ids == -1)).any()
     assert int((batch.targets == EOS).sum()) == len(examples)  # one EOS target per example
@@ -176,7 +177,7 @@ def test_truncation_drops_eos_and_chunking_keeps_every_target_once(tiny_tokenize
 def _grads_for(model, split, groups, n_targets):
     model.zero_grad(set_to_none=True)
     for g in groups:
-        for b in micro_batches(split, np.asarray(g), row_len=64, max_tokens=10_000, pad_id=EOS):
+        for b in micro_batches(split, np.asarray(g), ROWS64, max_tokens=10_000, pad_id=EOS):
             nll, _ = token_nll(model, b)
             (nll.sum() / n_targets).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -252,7 +253,7 @@ def test_cpu_logits_buffer_is_shared_by_evaluation_and_training():
 
 def test_fused_and_plain_model_paths_agree_on_loss_and_lora_gradients():
     split = make_split(random_examples(6, seed=10))
-    batch = pack(split, np.arange(6), row_len=64, pad_id=EOS)
+    batch = pack(split, np.arange(6), ROWS64, pad_id=EOS)
     grads = []
     for fused in (True, False):
         model = lora_model(seed=10)
@@ -303,7 +304,7 @@ def test_fused_gelu_matches_gpt2_gelu_new():
 def test_compiled_backbone_matches_eager_loss_and_gradients():
     pytest.importorskip("torch._inductor")
     split = make_split(random_examples(6, seed=13))
-    batch = pack(split, np.arange(6), row_len=64, pad_id=EOS)
+    batch = pack(split, np.arange(6), ROWS64, pad_id=EOS)
     results = []
     for compiled in (False, True):
         model = lora_model(seed=13)
@@ -347,14 +348,14 @@ def _nll_and_lora_grads(model, batches, n_targets):
 
 def test_segment_layout_has_no_padding_and_marks_each_example():
     split = make_split(random_examples(9, seed=15))
-    (batch,) = micro_batches(split, np.arange(9), row_len=None, max_tokens=10_000, pad_id=EOS)
+    (batch,) = micro_batches(split, np.arange(9), SEGMENTS, max_tokens=10_000, pad_id=EOS)
     assert batch.input_ids.shape == (1, batch.n_targets)  # every slot is a scored position
     seg = batch.segments
     assert seg[0] == 0 and seg[-1] == batch.n_targets and len(seg) == 10
     for s, e in zip(seg[:-1], seg[1:]):
         assert batch.position_ids[0, s:e].tolist() == list(range(e - s))
         assert len(set(batch.example_ids[0, s:e].tolist())) == 1
-    padded = pack(split, np.arange(9), row_len=None, pad_id=EOS, multiple=8)
+    padded = pack(split, np.arange(9), SEGMENTS, pad_id=EOS, multiple=8)
     assert padded.n_slots % 8 == 0 and padded.segments[-2] == batch.n_targets  # padding: a last segment
     assert not (padded.targets[0, batch.n_targets:] != IGNORE).any()
 
@@ -364,7 +365,7 @@ def test_segment_layout_equals_each_example_alone_in_loss_and_gradients():
     split = make_split(examples)
     n_targets = split.n_targets
     model = lora_model(seed=16, dtype=torch.float64)  # PEFT keeps the adapter itself in fp32
-    nll, grads = _nll_and_lora_grads(model, micro_batches(split, np.arange(10), None, 150, EOS), n_targets)
+    nll, grads = _nll_and_lora_grads(model, micro_batches(split, np.arange(10), SEGMENTS, 150, EOS), n_targets)
     assert model.get_base_model().config._attn_implementation == "sdpa"  # switched back after each forward
     model.zero_grad(set_to_none=True)
     for i, e in enumerate(examples):  # reference: each example alone, unpacked, standard shifted loss
@@ -386,66 +387,10 @@ def test_segment_attention_handles_grouped_query_heads_as_the_model_does():
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).double().eval()
     examples = random_examples(7, seed=17)
-    (batch,) = micro_batches(make_split(examples), np.arange(7), None, 10_000, EOS)
+    (batch,) = micro_batches(make_split(examples), np.arange(7), SEGMENTS, 10_000, EOS)
     with torch.no_grad():
         nll, ex = token_nll(model, batch)
         for i, e in enumerate(examples):
             x = torch.tensor([e])
             alone = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="none")
             torch.testing.assert_close(nll[ex == i], alone, atol=1e-10, rtol=1e-10)
-
-
-def test_packing_auto_is_segments_on_cpu_only_and_bad_explicit_choices_are_refused():
-    from lorafit.attention import segment_sdpa, use_segments
-    from lorafit.errors import LorafitError
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    model = tiny_gpt2()
-    assert use_segments("auto", cpu, False, model) == (True, None)
-    assert use_segments("auto", cuda, False, model) == (False, None)  # per-example kernel launches add up on a GPU
-    assert use_segments("auto", cpu, True, model) == (False, None)  # boundaries change every batch: compile would retrace
-    assert use_segments("rows", cpu, False, model) == (False, None)
-    assert use_segments("segments", cuda, False, model) == (True, None)
-    with pytest.raises(LorafitError, match="train.compile"):
-        use_segments("segments", cpu, True, model)
-    model.config._attn_implementation = "flash_attention_2"
-    use, why = use_segments("auto", cpu, False, model)
-    assert not use and "attn_implementation is 'flash_attention_2'" in why
-    with pytest.raises(LorafitError, match="attn_implementation is 'flash_attention_2'"):
-        use_segments("segments", cpu, False, model)
-    q = torch.randn(1, 2, 10, 4)
-    with pytest.raises(NotImplementedError, match="sliding window"):
-        segment_sdpa(None, q, q, q, None, segment_bounds=(0, 3, 10), sliding_window=5)
-
-
-def test_segments_are_refused_for_a_model_whose_attention_would_cross_examples():
-    """A model whose code ignores the segments (custom code, say) would attend across examples
-    silently; the probe on the model itself catches it, and auto falls back to rows."""
-    from transformers import AttentionInterface
-
-    from lorafit.attention import SEGMENTS, segment_sdpa, segments_probe, use_segments
-    from lorafit.errors import LorafitError
-
-    def whole_row(module, q, k, v, mask, dropout=0.0, scaling=None, segment_bounds=None, **kwargs):
-        return segment_sdpa(module, q, k, v, mask, dropout, scaling, segment_bounds=(0, q.shape[2]))
-
-    def no_bounds(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
-        return segment_sdpa(module, q, k, v, mask, dropout, scaling)
-
-    model = tiny_gpt2(seed=18).train()
-    assert segments_probe(model) is None and model.training  # the real one passes, and the mode is kept
-    half = tiny_gpt2(seed=18, dtype=torch.bfloat16)
-    assert segments_probe(half) is None
-    try:
-        AttentionInterface.register(SEGMENTS, whole_row)
-        assert "do not get the log-probabilities they get alone" in segments_probe(model)
-        assert "do not get the log-probabilities they get alone" in segments_probe(half)
-        use, why = use_segments("auto", torch.device("cpu"), False, model)
-        assert not use and "log-probabilities" in why
-        with pytest.raises(LorafitError, match="data.packing=segments: packed examples"):
-            use_segments("segments", torch.device("cpu"), False, model)
-        AttentionInterface.register(SEGMENTS, no_bounds)
-        assert "a packed forward failed (RuntimeError" in segments_probe(model)
-    finally:
-        AttentionInterface.register(SEGMENTS, segment_sdpa)
-    assert model.config._attn_implementation == "sdpa"

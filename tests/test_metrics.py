@@ -34,8 +34,11 @@ def test_evaluate_overall_and_per_source_sum_to_the_same_totals():
     split = make_split(examples)
     split.sources = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], dtype=np.int32)
     split.n_bytes = np.arange(10, 20, dtype=np.int64)
-    out = evaluate(model, split, ["a", "b", "c"], device=torch.device("cpu"), autocast_dtype=None, row_len=64,
-                   batch_tokens=50, pad_id=299)
+    from lorafit.data.packing import Layout
+    from lorafit.fastpath import FastPaths
+
+    out = evaluate(model, split, ["a", "b", "c"], device=torch.device("cpu"), autocast_dtype=None,
+                   fast=FastPaths(Layout("rows", 64), fused_head=True), batch_tokens=50, pad_id=299)
     # Reference: each example alone through the plain model, summed in float64.
     total = 0.0
     for e in examples:

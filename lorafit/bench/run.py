@@ -101,7 +101,7 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     from lorafit.config import load_config
     from lorafit.data.tokenize import TokenizedSplit, tokenize_texts
     from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
-    from lorafit.train import Data, assemble, row_length
+    from lorafit.train import Data, assemble, prepare_model
 
     cfg = load_config("quotes", [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
     precision = resolve_precision(cfg.model.precision, device)
@@ -114,8 +114,8 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     total = total_steps or len(split) // per_step
     # Enough epochs for `total` steps, which max_steps then caps exactly.
     cfg.train.epochs, cfg.train.max_steps = total / math.ceil(len(split) / per_step) + 1, total
-    row_len = row_length(cfg, model, device, cfg.train.compile)
-    trainer = assemble(cfg, model, tokenizer, Data(split, split, ["data"], row_len), device, precision, run=None)
+    model, targets, fast = prepare_model(cfg, model, device, precision)
+    trainer = assemble(cfg, model, tokenizer, Data(split, split, ["data"]), fast, targets, device, precision, run=None)
     trainer.model.train()
     return trainer
 
@@ -156,16 +156,17 @@ def quotes_evaluator(tokenizer, val_texts: list[str], device: torch.device, comp
     from lorafit.config import load_config
     from lorafit.data.tokenize import tokenize_texts
     from lorafit.evaluate import evaluate
+    from lorafit.fastpath import fast_paths_for
     from lorafit.modeling import resolve_precision
-    from lorafit.train import default_micro_tokens, row_length
+    from lorafit.train import default_micro_tokens
 
-    cfg = load_config("quotes", [])
+    cfg = load_config("quotes", [f"train.compile={str(compiled).lower()}"])
     val = tokenize_texts(val_texts, [0] * len(val_texts), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
     autocast = resolve_precision(cfg.model.precision, device).autocast
 
     def run(model) -> dict:
         return evaluate(model, val, ["quotes"], device=device, autocast_dtype=autocast,
-                        row_len=row_length(cfg, model, device, compiled), batch_tokens=4 * default_micro_tokens(device),
+                        fast=fast_paths_for(model, cfg, device, autocast), batch_tokens=4 * default_micro_tokens(device),
                         pad_id=tokenizer.pad_token_id)
 
     return run

@@ -1,10 +1,16 @@
-"""Packing: many examples per row, no compute on padding, no attention across examples.
+"""Batch layouts: how a set of examples becomes model inputs, with padding never scored.
 
-Each row holds whole examples back to back. Position ids restart at 0 for every example;
-transformers (>= 5) reads the restarts and builds a block-diagonal causal mask, so a packed
-example sees exactly what it would see alone (DESIGN invariant 4). Rows are balanced
-(longest example first into the emptiest row), so the few padding slots left sit at row ends;
-they get target -100, never scored, and positions of their own so they form a separate block.
+- rows: each row holds whole examples back to back. Position ids restart at 0 for every example;
+  transformers (>= 5) reads the restarts and builds a block-diagonal causal mask, so a packed
+  example sees exactly what it would see alone (DESIGN invariant 4) -- on models whose mask
+  honours the restarts, which `lorafit.fastpath` checks on the model itself. Rows are balanced
+  (longest example first into the emptiest row), so the few padding slots left sit at row ends;
+  they get target -100, never scored, and positions of their own so they form a separate block.
+- segments: one row of all the examples, with their boundaries; attention runs on each slice
+  alone (lorafit.attention).
+- padded: the fallback for models on which neither packed layout is exact: one example a row,
+  right-padded to the longest and masked, the model's own plain forward with padding after the
+  last real token (which a causal model never attends to).
 """
 
 from __future__ import annotations
@@ -19,6 +25,20 @@ import torch
 from lorafit.data.tokenize import TokenizedSplit
 
 IGNORE = -100
+LAYOUTS = ("segments", "rows", "padded")
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # one of LAYOUTS
+    row_len: int | None = None  # rows: the packed row length
+
+    def __post_init__(self):
+        if self.kind not in LAYOUTS or (self.kind == "rows") != (self.row_len is not None):
+            raise ValueError(f"bad layout {self}")
+
+    def __str__(self) -> str:
+        return f"rows of {self.row_len}" if self.kind == "rows" else self.kind
 
 
 def shape_multiple(device) -> int:
@@ -38,6 +58,8 @@ class PackedBatch:
     # Segment layout (one row): where each example, and the end padding, start and end in the row;
     # attention then runs on each slice alone (lorafit.attention). None: rows with a block mask.
     segments: tuple[int, ...] | None = None
+    # Padded layout: 1 on real tokens, 0 on padding; the model then builds its own positions and mask.
+    attention_mask: torch.Tensor | None = None
 
     @property
     def n_slots(self) -> int:
@@ -48,6 +70,7 @@ class PackedBatch:
         return PackedBatch(
             move(self.input_ids), move(self.position_ids), move(self.targets), move(self.example_ids),
             self.n_targets, self.n_examples, self.segments,
+            None if self.attention_mask is None else move(self.attention_mask),
         )
 
 
@@ -72,18 +95,23 @@ def balance_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
     return [row for row in rows if row]
 
 
-def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int | None, pad_id: int, multiple: int = 1) -> PackedBatch:
+def pack(split: TokenizedSplit, indices: np.ndarray, layout: Layout, pad_id: int, multiple: int = 1) -> PackedBatch:
     """One batch of rows holding the given examples; L is the longest row (rounded up to `multiple`,
-    which keeps the number of distinct shapes a GPU sees small), not row_len.
+    which keeps the number of distinct shapes a GPU sees small), not the row length.
 
-    row_len None is the segment layout: one row of all the examples back to back, with their
-    boundaries in `segments` (padding to `multiple`, if any, is a last segment of its own)."""
+    The segment layout is one row of all the examples back to back, with their boundaries in
+    `segments` (padding to `multiple`, if any, is a last segment of its own). The padded layout is
+    one example a row, with an attention mask."""
     positions_per_example = split.lengths()[indices] - 1  # inputs are tokens[:-1]
-    if row_len is None:
+    if layout.kind == "segments":
         rows = [list(range(len(indices)))]
         width = int(positions_per_example.sum())
         width = -(-width // multiple) * multiple
+    elif layout.kind == "padded":
+        rows = [[j] for j in range(len(indices))]
+        width = -(-int(positions_per_example.max()) // multiple) * multiple
     else:
+        row_len = layout.row_len
         rows = balance_rows(positions_per_example, row_len)
         width = max(int(sum(positions_per_example[j] for j in row)) for row in rows)
         width = min(-(-width // multiple) * multiple, max(row_len, width))
@@ -103,10 +131,12 @@ def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int | None, pad_id
             example_ids[r, col : col + n] = indices[j]
             col += n
         position_ids[r, col:] = np.arange(width - col)  # padding: a block of its own
-    segments = None
-    if row_len is None:
+    segments = attention_mask = None
+    if layout.kind == "segments":
         bounds = [0, *np.cumsum(positions_per_example).tolist(), width]
         segments = tuple(b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1])  # no empty slices
+    elif layout.kind == "padded":
+        attention_mask = torch.from_numpy((example_ids >= 0).astype(np.int64))
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),
@@ -115,29 +145,35 @@ def pack(split: TokenizedSplit, indices: np.ndarray, row_len: int | None, pad_id
         n_targets=int(positions_per_example.sum()),
         n_examples=len(indices),
         segments=segments,
+        attention_mask=attention_mask,
     )
 
 
 def micro_batches(
-    split: TokenizedSplit, indices: np.ndarray, row_len: int | None, max_tokens: int, pad_id: int, multiple: int = 1
+    split: TokenizedSplit, indices: np.ndarray, layout: Layout, max_tokens: int, pad_id: int, multiple: int = 1
 ) -> list[PackedBatch]:
-    """Split a set of examples into packed micro-batches of at most ~max_tokens slots each
-    (row_len None: each micro-batch is one row in the segment layout, see `pack`).
+    """Split a set of examples into micro-batches of at most ~max_tokens slots each (see `pack`).
 
     Examples are grouped by length (longest first) so each micro-batch packs tightly; the
     grouping never changes the step's loss, which is normalised by the step's total targets.
+    A padded micro-batch costs (examples x its longest) slots, padding included.
     """
     if len(indices) == 0:
         return []
     positions = split.lengths()[indices] - 1
-    budget = max(max_tokens, row_len or 0)
+    budget = max(max_tokens, layout.row_len or 0)
     order = np.argsort(-positions, kind="stable")
     groups, current, used = [], [], 0
     for i in order:
-        if current and used + positions[i] > budget:
+        n = int(positions[i])
+        # Padded: longest first, so the group's first example sets the width of every row.
+        cost = (len(current) + 1) * width if layout.kind == "padded" and current else used + n
+        if current and cost > budget:
             groups.append(current)
             current, used = [], 0
+        if not current:
+            width = n
         current.append(indices[i])
-        used += int(positions[i])
+        used += n
     groups.append(current)
-    return [pack(split, np.asarray(g), row_len, pad_id, multiple) for g in groups]
+    return [pack(split, np.asarray(g), layout, pad_id, multiple) for g in groups]

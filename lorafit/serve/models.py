@@ -26,15 +26,20 @@ def parse_adapter_arg(arg: str) -> tuple[str, str]:
 
 
 class ModelHost:
-    def __init__(self, adapters: list[tuple[str, str]], base: str | None = None, precision: str = "auto", device=None):
-        from lorafit.generate import adapter_base_name, load_inference_base, resolve_adapter_dir
+    def __init__(self, adapters: list[tuple[str, str]], base: str | None = None, precision: str | None = None,
+                 device=None, attn_implementation: str | None = None):
+        from lorafit.config import ModelConfig
+        from lorafit.generate import base_load_config, load_inference_base, resolve_adapter_dir
 
         if not adapters and not base:
             raise LorafitError("Nothing to serve: give at least one RUN_DIR (or NAME=RUN_DIR), or --base MODEL.")
         dirs = [(name, resolve_adapter_dir(path)) for name, path in adapters]
-        self.base_name = adapter_base_name(dirs[0][1], base) if dirs else base
+        # the base as the first adapter's run loaded it (or as given); the others must fit it
+        model_cfg = (base_load_config(dirs[0][1], base, attn_implementation) if dirs
+                     else ModelConfig(name=base, attn_implementation=attn_implementation or "auto"))
+        self.base_name = model_cfg.name
         self.base_id = Path(self.base_name.rstrip("/")).name or self.base_name  # a local path's last part
-        self.model, self.tokenizer = load_inference_base(self.base_name, dirs[0][1] if dirs else None, precision, device)
+        self.model, self.tokenizer = load_inference_base(model_cfg, dirs[0][1] if dirs else None, precision, device)
         self.device = next(self.model.parameters()).device
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
