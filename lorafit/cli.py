@@ -227,6 +227,12 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lorafit.serve.app import serve
+
+    return serve(args)
+
+
 def cmd_bench(args) -> int:
     from lorafit.bench.run import main as bench_main
 
@@ -316,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
 
+    s = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API, with a browser playground")
+    s.add_argument("adapters", nargs="*", metavar="RUN_DIR or NAME=RUN_DIR", help="adapters to serve (name: the directory's)")
+    s.add_argument("--base", help="base model (default: the first adapter's own)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--adapters-root", help="allow POST /v1/adapters to load adapters from under this directory")
+    s.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every API request (default: $LORAFIT_API_KEY)")
+    s.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the precision the first adapter's run was trained in (auto for --base alone)")
+    add_attn_argument(s)
+    s.set_defaults(func=cmd_serve)
+
     from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
 
     b = sub.add_parser("bench", help="benchmark lorafit against the original pipeline")
@@ -337,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     if argv is not None and hasattr(args, "argv"):
         args.argv = list(argv)  # what --nproc relaunches
-    if args.command in ("train", "eval", "generate", "merge", "bench"):
+    if args.command in ("train", "eval", "generate", "merge", "bench", "serve"):
         _offline_if_hub_unreachable()
     _quiet_libraries()
     try:

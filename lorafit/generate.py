@@ -121,20 +121,32 @@ def load_for_inference(run_or_adapter, base: str | None = None, precision: str |
     as the run recorded it unless `base`, `precision` or `attn_implementation` say otherwise."""
     adapter_dir = resolve_adapter_dir(run_or_adapter)
     model_cfg = base_load_config(adapter_dir, base, attn_implementation)
-    device = device or default_device()
-    prec = resolve_precision(precision or model_cfg.precision, device)
-    hint = "\n  --base LOCAL_MODEL_DIR"
-    tok_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else model_cfg.name
-    tokenizer = load_tokenizer(tok_source, hint=hint)
-    base_model = load_base_model(model_cfg, prec, device, hint=hint)
+    base_model, tokenizer = load_inference_base(model_cfg, adapter_dir, precision, device)
     model = load_adapter(base_model, adapter_dir, model_cfg.name)
     return model.eval(), tokenizer, model_cfg.name
 
 
-@torch.inference_mode()
+def load_inference_base(model_cfg, adapter_dir: Path | None = None, precision: str | None = None, device=None):
+    """(base model in eval mode, tokenizer) as `model_cfg` says (see base_load_config): the adapter's
+    own tokenizer when it saved one, else the base's. `lorafit serve` puts several adapters on it."""
+    device = device or default_device()
+    prec = resolve_precision(precision or model_cfg.precision, device)
+    hint = "\n  --base LOCAL_MODEL_DIR"
+    has_own = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_own else model_cfg.name, hint=hint)
+    base_model = load_base_model(model_cfg, prec, device, hint=hint)
+    return base_model.eval(), tokenizer
+
+
 def sample(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[str] | None = None) -> list[str]:
     """Continuations of one prompt (prompt excluded); stops at EOS. `segments`: the prompt as a template
     rendered it (lorafit/data/templates.py), each encoded on its own as in training."""
+    return tokenizer.batch_decode(sample_ids(model, tokenizer, prompt, cfg, segments), skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def sample_ids(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[str] | None = None) -> torch.Tensor:
+    """The new token ids of each continuation (rows that stopped early are padded after their EOS)."""
     device = next(model.parameters()).device
     if segments is not None:
         ids = [i for seg in segments for i in tokenizer(seg, add_special_tokens=False)["input_ids"]]
@@ -156,8 +168,7 @@ def sample(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: list[st
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
         )
-    new = out[:, enc["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    return out[:, enc["input_ids"].shape[1] :]
 
 
 def merged_copy(model):

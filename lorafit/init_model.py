@@ -72,3 +72,25 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("c_attn",), scale: float = 0.5) -> Path:
+    """A LoRA adapter with random non-zero weights on a local base, saved as a lorafit run saves one
+    (tests and the serving load test need several adapters that differ, without training them)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.config import LoraConfig, ModelConfig
+    from lorafit.lora import apply_lora
+    from lorafit.modeling import load_settings, load_tokenizer
+    from lorafit.train import save_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
+    load = load_settings(ModelConfig(name=str(base_dir), precision="fp32"), base)
+    model = apply_lora(base, LoraConfig(r=r, dropout=0.0, targets=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    save_adapter(model, load_tokenizer(str(base_dir)), Path(out), load)
+    return Path(out)

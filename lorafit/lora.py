@@ -192,9 +192,10 @@ def read_base_record(adapter_dir: Path) -> dict:
     return read_adapter_json(path) if path.is_file() else {}
 
 
-def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False):
+def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False, adapter_name: str = "default"):
     """Base + saved adapter. Any difference in base signature, keys or shapes is an error naming both
-    bases; never a partial load. Weights come only from safetensors."""
+    bases; never a partial load. Weights come only from safetensors. Given a PeftModel, the adapter is
+    added to it as `adapter_name` (several adapters on one base, as `lorafit serve` keeps them)."""
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -211,26 +212,39 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
             f"'{base_name}': {reason}. Pass the adapter's own base (--base), or train an adapter for this one."
         )
 
+    adding = isinstance(base_model, PeftModel)
     # Written by lorafit; a plain PEFT adapter has only keys and shapes to check.
-    saved_sig, given_sig = read_base_record(adapter_dir), base_signature(base_model)
+    saved_sig, given_sig = read_base_record(adapter_dir), base_signature(unwrapped(base_model))
     differ = [f"{k} {saved_sig[k]} vs {given_sig[k]}" for k in BASE_SIGNATURE_KEYS if k in saved_sig and saved_sig[k] != given_sig[k]]
     if differ:
         raise mismatch(", ".join(differ))
+    if adding and adapter_name in base_model.peft_config:
+        raise LorafitError(f"An adapter named '{adapter_name}' is already loaded; choose another name.")
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
         config.inference_mode = not is_trainable
-        model = PeftModel(base_model, config)
+        if adding:
+            model = base_model
+            model.add_adapter(adapter_name, config)
+        else:
+            model = PeftModel(base_model, config, adapter_name=adapter_name)
     except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules absent from this base
         raise mismatch(first_line(exc)) from None
-    expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+
+    def undo() -> None:  # never leave a half-loaded adapter in a model that stays in use (lorafit serve)
+        model.delete_adapter(adapter_name) if adding else model.unload()
+
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     try:
         saved = load_file(str(weights_path))
     except SafetensorError as exc:
+        undo()
         raise LorafitError(f"{weights_path} is not a valid safetensors file ({exc}).") from None
     problems = key_problems(expected, {k: v.shape for k, v in saved.items()})
     if problems:
+        undo()
         raise mismatch("; ".join(problems))
-    set_peft_model_state_dict(model, saved)
+    set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
     return model if is_trainable else model.eval()
 
 
