@@ -4,7 +4,7 @@ side by side, on whatever devices are here (N GPUs, or N CPU processes sharing t
     python bench/scaling.py [--nproc 2] [--steps 12] [--shared ../shared]
 
 Writes bench/results/<date>-scaling-<device>.json (a new name if that exists) with each side's training
-tokens/s (from its summary.json) and the ratio. Takes ~3-5 minutes on a 2-core CPU.
+tokens/s (from its summary.json) and the ratio. Takes ~4 minutes on a 2-core CPU at the defaults.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def lorafit(*args: str, env: dict | None = None) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps a side (32 examples each)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps a side (32 examples each)")
     p.add_argument("--shared", default=str(REPO.parent / "shared"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads a process (default 1: the same per-process compute on both sides; a loaded "
+                        "machine makes several threads a process spin, which would distort the 1-process side)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -48,13 +51,13 @@ def main() -> int:
         sides = {}
         for n in (1, args.nproc):
             out = tmp / f"run-{n}"
-            # The same threads in all: N processes of cores/N threads each against one of all the cores.
-            threads = max(1, (os.cpu_count() or 1) // n) if not torch.cuda.is_available() else 1
+            threads = args.threads
+            load_before = os.getloadavg()[0]  # other work on the machine, recorded beside the figures
             lorafit(*common, f"output_dir={out}", "--nproc", str(n), env={"OMP_NUM_THREADS": str(threads)})
             summary = json.loads((out / "summary.json").read_text())
             sides[n] = {"processes": n, "threads_per_process": threads, "train_tokens": summary["train_tokens"],
                         "train_seconds": summary["train_seconds"], "tokens_per_second": summary["train_tokens_per_second"],
-                        "val_loss": summary["val_loss"]}
+                        "val_loss": summary["val_loss"], "load_average_before": load_before}
     result = {
         "date": datetime.date.today().isoformat(), "device": device, "model": "gpt2 (random init, 124M)",
         "recipe": "quotes, 32 examples a step", "steps": args.steps, "sides": list(sides.values()),
