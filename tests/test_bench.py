@@ -61,6 +61,9 @@ def test_bench_peers_trl_side_by_side(tmp_path, tiny_model_dir, tiny_tokenizer_d
     lorafit's evaluator applied to the very model TRL trained."""
     from lorafit.bench import peers, run
 
+    # Longer texts (~2 a packed row of 64, as real quotes): 48 examples make 3 TRL steps, the first untimed.
+    quotes.write_text("".join(json.dumps({"quote": t}) + "\n" for t in make_texts(80, seed=5, max_words=18)), encoding="utf-8")
+
     trained = {}
     real_run_trl = peers.run_trl
 
@@ -71,7 +74,7 @@ def test_bench_peers_trl_side_by_side(tmp_path, tiny_model_dir, tiny_tokenizer_d
 
     monkeypatch.setattr(peers, "run_trl", keep_model)
     out = tmp_path / "bench.json"
-    code = main(bench_args(tiny_model_dir, tiny_tokenizer_dir, quotes, out, "--examples", "96", "--peers", "trl",
+    code = main(bench_args(tiny_model_dir, tiny_tokenizer_dir, quotes, out, "--examples", "48", "--peers", "trl",
                            "--skip-generation", "--skip-eval"))
     assert code == 0
     result = json.loads(out.read_text())
@@ -79,9 +82,9 @@ def test_bench_peers_trl_side_by_side(tmp_path, tiny_model_dir, tiny_tokenizer_d
     for key in ("examples_per_second", "real_tokens_per_second", "peak_memory_bytes", "val_loss"):
         assert trl[key] is not None and trl[key] > 0, key
     assert result["speedup_vs"]["trl"] == result["lorafit"]["examples_per_second"] / trl["examples_per_second"]
-    # Padding-free packing: several tiny examples a row, so a TRL step holds more than lorafit's 8.
-    assert trl["examples"] > 0 and trl["examples"] / trl["optimizer_steps"] > 8
-    assert trl["examples"] <= 96
+    # Packing: a row holds one example or more, so a TRL step of 8 rows holds at least lorafit's 8.
+    assert trl["optimizer_steps"] >= 1 and 8 * trl["optimizer_steps"] <= trl["examples"] <= 48
+    assert trl["settings"]["examples_per_step"] == trl["examples"] / trl["optimizer_steps"]
     s = trl["settings"]
     assert (s["packing"], s["packing_strategy"], s["padding_free"], s["gradient_checkpointing"]) == (True, "bfd", True, False)
     assert (s["bf16"], s["use_liger_kernel"], s["model_dtype"]) == (False, False, "float32")  # CPU: fp32, no Liger

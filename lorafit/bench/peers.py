@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import io
 import math
+import sys
 import tempfile
 import warnings
 
@@ -68,6 +69,14 @@ def _quiet_datasets():
             ds_logging.enable_progress_bar()
 
 
+def liger_supports(model_type: str) -> bool:
+    """Whether Liger has kernels for this architecture: for others (GPT-2 among them, as of liger-kernel
+    0.8) `use_liger_kernel` is silently a no-op, and the report must say so."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
 def _tokenizer(tokenizer_dir: str):
     from transformers import AutoTokenizer
 
@@ -99,7 +108,7 @@ def trl_min_examples(texts: list[str], tokenizer_dir: str, warmup_steps: int) ->
 
 
 class _CountingCollator:
-    """Wraps TRL's padding-free collator: (examples, scored tokens) of each micro-batch, in order."""
+    """Wraps TRL's padding-free collator: (examples, scored tokens, positions) of each micro-batch, in order."""
 
     def __init__(self, inner):
         self.inner, self.batches = inner, []
@@ -110,7 +119,8 @@ class _CountingCollator:
     def __call__(self, features):
         batch = self.inner(features)
         examples = sum(len(f["seq_lengths"]) for f in features)
-        self.batches.append((examples, int((batch["labels"] != -100).sum())))
+        # Scored = labels kept: every token but each example's first (as lorafit's targets count).
+        self.batches.append((examples, int((batch["labels"] != -100).sum()), batch["input_ids"].numel()))
         return batch
 
 
@@ -165,6 +175,10 @@ def run_trl(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_step
     # The base in the training precision (bf16 weights + bf16 autocast on CUDA, as TRL's examples load it).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa").to(device)
+    liger_applied = liger and liger_supports(model.config.model_type)
+    if liger and not liger_applied:
+        print(f"note: Liger has no kernels for {model.config.model_type}; TRL runs without them "
+              f"(recorded as liger_applied: false)", file=sys.stderr)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", target_modules=["c_attn"],
                       task_type="CAUSAL_LM", fan_in_fan_out=True)
     timer = _StepTimer(warmup_steps, cuda)
@@ -179,20 +193,18 @@ def run_trl(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_step
         with contextlib.redirect_stdout(io.StringIO()):  # and anything else it prints: stdout is ours
             trainer.train()
     timed = counter.batches[warmup_steps * GRAD_ACCUM: total_steps * GRAD_ACCUM]
-    examples, tokens = sum(e for e, _ in timed), sum(t for _, t in timed)
+    examples, tokens, slots = (sum(b[i] for b in timed) for i in range(3))
     wall = timer.end - timer.start
     result = SideResult("trl", examples, total_steps - warmup_steps, wall, examples / wall, tokens / wall,
-                        tokens / wall,  # padding-free: every position computed is a scored token
-                        peak_memory_bytes(device), str(device))
+                        slots / wall, peak_memory_bytes(device), str(device))
     settings = {k: getattr(args, k) for k in SETTING_KEYS}
     settings["optim"] = str(settings["optim"].value if hasattr(settings["optim"], "value") else settings["optim"])
     settings["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     settings.update(
         trl=trl.__version__, transformers=transformers.__version__, peft=peft.__version__,
-        model_dtype=str(model.dtype if not hasattr(trainer.model, "get_base_model") else
-                        trainer.model.get_base_model().dtype).replace("torch.", ""),
+        model_dtype=str(trainer.model.get_base_model().dtype).replace("torch.", ""),
         attn_implementation=trainer.model.config._attn_implementation,
         lora={"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["c_attn"]},
-        packed_rows=rows, examples_per_step=examples / max(result.optimizer_steps, 1),
+        liger_applied=liger_applied, packed_rows=rows, examples_per_step=examples / max(result.optimizer_steps, 1),
     )
     return result, trainer.model, settings
