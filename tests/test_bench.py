@@ -167,3 +167,11 @@ def test_generation_rates_one_per_call(tiny_model_dir, tiny_tokenizer_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     rates = generation_rates(model, load_tokenizer(str(tiny_tokenizer_dir)), ["Hi", "Life is", "A"], 1, max_new_tokens=4)
     assert len(rates) == 3 and all(r > 0 and math.isfinite(r) for r in rates)
+
+
+def test_bench_help_says_how_long_a_run_takes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "minutes on a shared 2-core CPU" in text and "--peers" in text

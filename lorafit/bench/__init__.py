@@ -1,10 +1,10 @@
 """Benchmarks: the original pipeline re-created, and `lorafit bench`."""
 
 
-# Measured on the 2-core CPU this project runs on (2026-12-01, random full-size GPT-2, defaults).
-DURATION = ("A run with the defaults takes about RUNTIME_PLACEHOLDER on a 2-core CPU"
-            " (about a minute or two on one GPU, --examples 2000 there); "
-            "--skip-generation and --skip-eval make it shorter.")
+# Measured on the 2-core CPU this project runs on (2026-12-01, random full-size GPT-2, defaults,
+# --peers trl): 513 s and 1,019 s, as other work on the machine came and went.
+DURATION = ("A run with the defaults and --peers trl took 9-17 minutes on a shared 2-core CPU (TRL's "
+            "side is ~1 minute of it); --skip-generation and --skip-eval make it shorter.")
 
 
 def add_arguments(p) -> None:
