@@ -8,6 +8,7 @@ during training), so the throughput comparison is fair.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -30,6 +33,7 @@ BATCH_SIZE = 4
 GRAD_ACCUM = 2
 EXAMPLES_PER_STEP = BATCH_SIZE * GRAD_ACCUM
 EVAL_BATCH_SIZE = 8  # the original left per_device_eval_batch_size at Trainer's default
+GEN_NEW_TOKENS = 70  # the original's generation length
 
 
 @dataclass
@@ -93,6 +97,14 @@ class _StepTimer(TrainerCallback):
             self.start = self._now()
         if state.global_step == state.max_steps:
             self.end = self._now()
+
+
+def quiet(trainer: Trainer) -> Trainer:
+    """Drop the callbacks that print Trainer's metrics dicts (train_runtime, eval_loss, ...) to stdout,
+    which belongs to the bench's own output."""
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    return trainer
 
 
 def _resolve_device(device: str | None) -> str:
@@ -169,7 +181,7 @@ def run_baseline(
             data_collator=collator,
             callbacks=[timer],
         )
-        trainer.train()
+        quiet(trainer).train()
 
     # Micro-batches come out of the collator in training order; keep those of the timed steps.
     timed = collator.batches[warmup_steps * GRAD_ACCUM : total_steps * GRAD_ACCUM]
@@ -199,7 +211,7 @@ def baseline_eval_samples_per_second(model, tokenizer, texts: list[str], device:
     dataset = build_baseline_dataset(tokenizer, texts)
     with tempfile.TemporaryDirectory() as tmp:
         args = _training_args(tmp, cuda, per_device_eval_batch_size=EVAL_BATCH_SIZE)
-        trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=default_data_collator)
+        trainer = quiet(Trainer(model=model, args=args, processing_class=tokenizer, data_collator=default_data_collator))
         trainer.evaluate(eval_dataset=dataset[:EVAL_BATCH_SIZE])  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -210,11 +222,11 @@ def baseline_eval_samples_per_second(model, tokenizer, texts: list[str], device:
 
 
 @torch.no_grad()
-def baseline_generation_tokens_per_second(
-    model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int = 70
-) -> float:
-    """New tokens per second of a plain `generate` loop on the unmerged PEFT model (KV cache,
-    sampling at temperature 0.7, left padding). Every sequence generates exactly max_new_tokens."""
+def generation_rates(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int | None = None) -> list[float]:
+    """New tokens per second of each `generate` call over `batch_size` prompts at a time (one repetition a
+    batch), after one untimed warm-up call: a plain loop on the model as given (KV cache, sampling at
+    temperature 0.7, left padding). Every sequence generates exactly max_new_tokens."""
+    max_new_tokens = max_new_tokens or GEN_NEW_TOKENS
     model.eval()  # Trainer leaves the model in train mode; dropout has no place in generation
     device = next(model.parameters()).device
     if tokenizer.pad_token is None:
@@ -237,11 +249,18 @@ def baseline_generation_tokens_per_second(
         pad_token_id=tokenizer.pad_token_id,
     )
     model.generate(**batches[0], **gen)  # warm-up, untimed
-    sync(device)
-    start = time.perf_counter()
-    new_tokens = 0
+    rates = []
     for batch in batches:
+        sync(device)
+        start = time.perf_counter()
         out = model.generate(**batch, **gen)
-        new_tokens += out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1])
-    sync(device)
-    return new_tokens / (time.perf_counter() - start)
+        sync(device)
+        rates.append(out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1]) / (time.perf_counter() - start))
+    return rates
+
+
+def baseline_generation_tokens_per_second(
+    model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int | None = None
+) -> float:
+    """The median of `generation_rates` on the unmerged PEFT model, as the original generated."""
+    return statistics.median(generation_rates(model, tokenizer, prompts, batch_size, max_new_tokens))

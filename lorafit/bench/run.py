@@ -3,7 +3,8 @@
 Both sides train on the same first N training examples of the quotes split for whole optimizer
 steps of 8 examples, the first steps untimed (warm-up). Both are then evaluated with the same
 token-weighted metric on the same validation quotes, so "equal or lower validation loss" compares
-like with like. Evaluation and generation throughput are measured too.
+like with like. Evaluation and generation throughput are measured too, and `--peers trl` trains the
+same examples with TRL's SFTTrainer (lorafit/bench/peers.py), evaluated by the same evaluator.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,9 +22,10 @@ from pathlib import Path
 import torch
 
 from lorafit.bench.baseline import (
+    EXAMPLES_PER_STEP,
     SideResult,
     baseline_eval_samples_per_second,
-    baseline_generation_tokens_per_second,
+    generation_rates,
     run_baseline,
 )
 from lorafit.measure import peak_memory_bytes, reset_peak_memory, sync
@@ -33,6 +36,9 @@ DEFAULT_TOKENIZER = SHARED / "assets" / "gpt2-tokenizer"
 DEFAULT_DATA = SHARED / "data" / "english_quotes" / "quotes.jsonl"
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
 GEN_PROMPTS = ["The secret to happiness is", "Life is", "Love is", "The best way to predict the future is"]
+# Generation is timed per call and reported as the median with its min/max: single shots varied 15x.
+# Three calls on CPU keep it cheap (a batch-16 call of 70 tokens is ~9 s there); five on a GPU.
+GEN_REPETITIONS = {"cpu": 3, "cuda": 5}
 
 
 # ---------------------------------------------------------------- set-up
@@ -172,12 +178,79 @@ def quotes_evaluator(tokenizer, val_texts: list[str], device: torch.device, comp
     return run
 
 
-def lorafit_generation_tokens_per_second(model, tokenizer, prompts: list[str], batch_size: int) -> float:
-    """lorafit's inference path: LoRA merged into a copy of the base, then the same generate call."""
+def lorafit_generation_rates(model, tokenizer, prompts: list[str], batch_size: int) -> list[float]:
+    """lorafit's inference path: LoRA merged into a copy of the base, then the same generate calls."""
     from lorafit.generate import merged_copy
 
     fast = merged_copy(model)
-    return baseline_generation_tokens_per_second(fast, tokenizer, prompts, batch_size)
+    return generation_rates(fast, tokenizer, prompts, batch_size)
+
+
+def generation_report(rates_of, tokenizer, device: torch.device) -> dict:
+    """Tokens/s at batch 1 and 16: the median of several timed calls, with min, max and their count."""
+    reps = GEN_REPETITIONS.get(device.type, 5)
+    out = {}
+    for bs in (1, 16):
+        prompts = [GEN_PROMPTS[i % len(GEN_PROMPTS)] for i in range(bs * reps)]
+        rates = rates_of(tokenizer, prompts, bs)
+        out[f"generation_tokens_per_second_batch{bs}"] = statistics.median(rates)
+        out[f"generation_tokens_per_second_batch{bs}_spread"] = {"min": min(rates), "max": max(rates),
+                                                                 "repetitions": len(rates)}
+    return out
+
+
+# ---------------------------------------------------------------- checks before anything runs
+
+
+def min_examples(warmup_steps: int) -> int:
+    """Both sides train whole steps of 8 examples; at least one must come after the warm-up."""
+    return (warmup_steps + 1) * EXAMPLES_PER_STEP
+
+
+def check_examples(n: int, warmup_steps: int, available: int) -> None:
+    from lorafit.errors import LorafitError
+
+    if warmup_steps < 0:
+        raise LorafitError(f"--warmup-steps {warmup_steps}: must be 0 or more.")
+    need = min_examples(warmup_steps)
+    if n < need:
+        raise LorafitError(f"--examples {n} is too few: with --warmup-steps {warmup_steps} the minimum is {need} "
+                           f"({warmup_steps} untimed + 1 timed optimizer step of {EXAMPLES_PER_STEP} examples).")
+    if n > available:
+        raise LorafitError(f"--examples {n}: the training split has only {available}.")
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or the first of path-2, path-3, ... that does not exist: a result is never overwritten."""
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
+def results_path(requested: str | None, default: Path) -> Path:
+    """Where the JSON goes, settled before the run: a --json that exists is refused (before minutes of
+    work, not after); the default gets a new name when one from the same day is there."""
+    from lorafit.errors import LorafitError
+
+    if requested:
+        path = Path(requested)
+        if path.exists():
+            raise LorafitError(f"--json {path} exists; the bench never overwrites a result: pass a new path.")
+        return path
+    return free_path(default)
+
+
+def write_new(path: Path, text: str) -> Path:
+    """Write `text` to `path`, or to the next free name if `path` appeared meanwhile; returns where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(path, "x", encoding="utf-8") as f:  # exclusive: fails rather than replace a file
+                f.write(text)
+            return path
+        except FileExistsError:
+            path = free_path(path)
 
 
 # ---------------------------------------------------------------- report
@@ -194,7 +267,7 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sides = ["baseline", "lorafit"]
+    sides = {"baseline": results["baseline"], "lorafit": results["lorafit"], **results.get("peers", {})}
     rows = [("examples/s", "examples_per_second", ".2f"), ("real tokens/s", "real_tokens_per_second", ",.0f"),
             ("token slots/s", "token_slots_per_second", ",.0f"), ("wall s (timed)", "wall_seconds", ".1f"),
             ("peak memory MB", "peak_memory_bytes", ",.0f"), ("MFU (real tokens)", "mfu", ".1%"),
@@ -207,8 +280,8 @@ def print_table(results: dict) -> None:
         table.add_column(s, justify="right")
     for label, key, fmt in rows:
         cells = []
-        for s in sides:
-            v = results[s].get(key)
+        for side in sides.values():
+            v = side.get(key)
             if key == "peak_memory_bytes" and v is not None:
                 v = v / 1e6
             cells.append("-" if v is None else format(v, fmt))
@@ -217,39 +290,46 @@ def print_table(results: dict) -> None:
     for key in ("speedup", "eval_speedup", "generation_speedup_batch16"):
         if results.get(key) is not None:
             print(f"{key}: {results[key]:.2f}x", file=sys.stderr)
+    for name, x in results.get("speedup_vs", {}).items():
+        print(f"speedup vs {name}: {x:.2f}x examples/s", file=sys.stderr)
 
 
 def main(args) -> int:
+    from lorafit.bench.peers import parse_peers, run_trl, trl_min_examples
     from lorafit.errors import LorafitError
     from lorafit.modeling import load_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peers = parse_peers(getattr(args, "peers", None), device)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else DEFAULT_TOKENIZER
     data = args.data or str(DEFAULT_DATA)
     if not args.tokenizer and not DEFAULT_TOKENIZER.is_dir():
         raise LorafitError(f"No tokenizer at {DEFAULT_TOKENIZER}; pass --tokenizer DIR (and --model, --data).")
+    date = dt.date.today().isoformat()
+    out = results_path(args.json, REPO / "bench" / "results" / f"{date}-{device.type}.json")
     tok_dir = _tokenizer_dir(tokenizer_dir)
-    model_dir = ensure_model(args.model, tokenizer_dir)
     train_texts, val_texts = quotes_split(data, tok_dir)
-    if args.examples > len(train_texts):
-        raise LorafitError(f"--examples {args.examples}: the training split has only {len(train_texts)}.")
+    check_examples(args.examples, args.warmup_steps, len(train_texts))
     texts = train_texts[: args.examples]
+    if "trl" in peers and (need := trl_min_examples(texts, tok_dir, args.warmup_steps)):
+        raise LorafitError(f"--examples {args.examples} is too few for --peers trl: TRL packs several examples into "
+                           f"each row of its 8-row steps, so these make no timed step after --warmup-steps "
+                           f"{args.warmup_steps}; the minimum here is about {need}.")
+    model_dir = ensure_model(args.model, tokenizer_dir)
     fpt, (ceiling, ceiling_what) = None, matmul_ceiling(device)
 
     tokenizer = load_tokenizer(tok_dir)
     evaluate_quotes = quotes_evaluator(tokenizer, val_texts, device, compiled=args.compile)
-    prompts16 = [GEN_PROMPTS[i % len(GEN_PROMPTS)] for i in range(32)]
-    generation = ((1, GEN_PROMPTS[:2]), (16, prompts16))
 
     print(f"baseline: {len(texts)} examples ...", file=sys.stderr)
     base_res, base_model = run_baseline(model_dir, tok_dir, texts, warmup_steps=args.warmup_steps, device=str(device))
-    # The same metric for both: token-weighted NLL of the validation quotes (text + EOS).
+    # The same metric for every side: token-weighted NLL of the validation quotes (text + EOS).
     base_extra = {"val_loss": evaluate_quotes(base_model)["val_loss"]}
     if not args.skip_eval:
         base_extra["eval_samples_per_second"] = baseline_eval_samples_per_second(base_model, tokenizer, val_texts, str(device))
     if not args.skip_generation:
-        for bs, prompts in generation:
-            base_extra[f"generation_tokens_per_second_batch{bs}"] = baseline_generation_tokens_per_second(base_model, tokenizer, prompts, bs)
+        base_extra.update(generation_report(lambda tok, prompts, bs: generation_rates(base_model, tok, prompts, bs),
+                                            tokenizer, device))
     del base_model  # measured: lorafit's peak memory should not hold the baseline's model too
     gc.collect()
 
@@ -264,11 +344,24 @@ def main(args) -> int:
     if not args.skip_eval:
         lf_extra["eval_samples_per_second"] = lf_eval["eval_samples_per_second"]
     if not args.skip_generation:
-        for bs, prompts in generation:
-            lf_extra[f"generation_tokens_per_second_batch{bs}"] = lorafit_generation_tokens_per_second(trainer.model, tokenizer, prompts, bs)
+        lf_extra.update(generation_report(lambda tok, prompts, bs: lorafit_generation_rates(trainer.model, tok, prompts, bs),
+                                          tokenizer, device))
+    del trainer  # as above: a peer's peak memory should not hold lorafit's model
+    gc.collect()
+
+    peer_results = {}
+    for name, options in peers.items():
+        print(f"{name}: {len(texts)} examples{' (Liger kernels)' if options['liger'] else ''} ...", file=sys.stderr)
+        res, model, settings = run_trl(model_dir, tok_dir, texts, warmup_steps=args.warmup_steps, device=device,
+                                       liger=options["liger"])
+        # lorafit's own evaluator on the peer's trained PEFT model: the same validation examples and metric.
+        peer_results[name] = side_dict(res, fpt, ceiling, {"val_loss": evaluate_quotes(model)["val_loss"],
+                                                          "settings": settings})
+        del model
+        gc.collect()
 
     results = {
-        "date": dt.date.today().isoformat(),
+        "date": date,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "examples": len(texts),
@@ -280,7 +373,12 @@ def main(args) -> int:
         "baseline": side_dict(base_res, fpt, ceiling, base_extra),
         "lorafit": side_dict(lf_res, fpt, ceiling, lf_extra),
     }
+    if peer_results:
+        results["peers"] = peer_results
     results["speedup"] = lf_res.examples_per_second / base_res.examples_per_second
+    if peer_results:
+        results["speedup_vs"] = {name: lf_res.examples_per_second / r["examples_per_second"]
+                                 for name, r in peer_results.items()}
     if not args.skip_eval:
         results["eval_speedup"] = lf_extra["eval_samples_per_second"] / base_extra["eval_samples_per_second"]
     if not args.skip_generation:
@@ -288,9 +386,7 @@ def main(args) -> int:
             lf_extra["generation_tokens_per_second_batch16"] / base_extra["generation_tokens_per_second_batch16"]
         )
     print_table(results)
-    out = Path(args.json) if args.json else REPO / "bench" / "results" / f"{results['date']}-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_new(out, json.dumps(results, indent=2) + "\n")
     print(f"results written to {out}", file=sys.stderr)
     return 0
 

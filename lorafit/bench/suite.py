@@ -32,6 +32,16 @@ def full_quotes_run(model_dir: str, data: str, out: Path, extra: list[str]) -> d
     return {"overrides": extra, "wall_seconds_total": time.perf_counter() - start, **{k: summary[k] for k in keys}}
 
 
+def auto_peers(device: torch.device) -> str | None:
+    """TRL when installed, with Liger's kernels on CUDA when those are installed too."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return None
+    liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    return "trl,liger" if liger else "trl"
+
+
 def main(argv=None) -> int:
     from lorafit.bench import run as bench
     from lorafit.bench.shapes import mixture_shape_throughput
@@ -41,24 +51,26 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=2000)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-compare", action="store_true")
+    p.add_argument("--peers", default="auto", help="peers in the comparison (default: trl, +liger on CUDA, when installed; none)")
     args = p.parse_args(argv)
     shared = Path(args.shared)
     tokenizer = shared / "assets" / "gpt2-tokenizer"
     data = shared / "data" / "english_quotes" / "quotes.jsonl"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = Path(args.json) if args.json else bench.REPO / "bench" / "results" / f"{dt.date.today()}-{name.replace(' ', '-')}.json"
+    out = bench.results_path(args.json, bench.REPO / "bench" / "results" / f"{dt.date.today()}-{name.replace(' ', '-')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    peers = auto_peers(device) if args.peers == "auto" else (None if args.peers == "none" else args.peers)
     results = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__}
 
     def save():
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     if not args.skip_compare:
-        compare_json = out.with_name(out.stem + "-compare.json")
+        compare_json = bench.free_path(out.with_name(out.stem + "-compare.json"))
         ns = argparse.Namespace(examples=args.examples, warmup_steps=10, model=None, tokenizer=str(tokenizer),
                                 data=str(data), device=str(device), json=str(compare_json), skip_generation=False,
-                                skip_eval=False, compile=False)
+                                skip_eval=False, compile=False, peers=peers)
         bench.main(ns)
         results["quotes_compare"] = json.loads(compare_json.read_text())
         compare_json.unlink()
