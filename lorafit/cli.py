@@ -66,6 +66,9 @@ def cmd_train(args) -> int:
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
     RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
+    from lorafit.trackers import check_available
+
+    check_available(cfg.train.report_to)  # and a tracker whose extra is missing
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     from lorafit import distributed as dist
@@ -178,12 +181,16 @@ def cmd_eval(args) -> int:
         from lorafit.errors import ConfigError
 
         raise ConfigError(problems)
+    from lorafit.train import log
+
+    log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
                                                      attn_implementation=args.attn_implementation)
     device = next(model.parameters()).device
     autocast = resolve_precision(cfg.model.precision, device).autocast
     fast = fast_paths_for(model, cfg, device, autocast, log=lambda m: print(m, file=sys.stderr))
     data = prepare_data(cfg, tokenizer)
+    log(f"scoring {len(data.val):,} validation examples on {device} ...")
     result = evaluate(
         model, data.val, data.source_names, device=device, autocast_dtype=autocast, fast=fast,
         batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device), pad_id=tokenizer.pad_token_id,
@@ -200,6 +207,7 @@ def cmd_generate(args) -> int:
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
+    print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
                                                      attn_implementation=args.attn_implementation)
     template = None
@@ -211,6 +219,8 @@ def cmd_generate(args) -> int:
     for i, (prompt, segments) in enumerate(zip(args.prompts, rendered), 1):
         check_generation(model, tokenizer, "".join(segments) if segments else prompt, cfg.max_new_tokens,
                          prompt_name="the prompt" if len(args.prompts) == 1 else f"prompt {i}")
+    print(f"generating {cfg.num_return_sequences * len(args.prompts)} sample(s) of up to {cfg.max_new_tokens} tokens"
+          f"{' (and the base)' if args.compare_base else ''} ...", file=sys.stderr, flush=True)
     for prompt, segments in zip(args.prompts, rendered):
         tuned = sample(model, tokenizer, prompt, cfg, segments)
         base = sample_base(model, tokenizer, prompt, cfg, segments) if args.compare_base else None

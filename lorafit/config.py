@@ -379,6 +379,9 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         t.micro_batch_tokens is None or t.micro_batch_tokens > 0,
         f"train.micro_batch_tokens: must be positive, got {t.micro_batch_tokens}",
     )
+    trackers = ("tensorboard", "wandb", "mlflow", "trackio")  # lorafit/trackers.py
+    for name in t.report_to:
+        need(name in trackers, f"train.report_to: {name!r} is not one of {', '.join(trackers)}")
     need(
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"train.max_grad_norm: must be positive (or null to disable), got {t.max_grad_norm}",
