@@ -61,7 +61,7 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from lorafit.config import load_config
-    from lorafit.rundir import CONFIG_FILE, RunDir
+    from lorafit.rundir import RunDir
 
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
@@ -80,9 +80,7 @@ def cmd_train(args) -> int:
         train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (Stopped, KeyboardInterrupt) as exc:
         if world.is_main:
-            saved = (Path(cfg.output_dir) / CONFIG_FILE).is_file()  # the run's own config: nothing to retype
-            command = shlex.join(["lorafit", "train", "--resume", cfg.output_dir] if saved else
-                                 ["lorafit", "train", recipe, *overrides, "--resume"])
+            command = shlex.join(["lorafit", "train", recipe, *overrides, "--resume"])
             print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     except torch_distributed_errors() as exc:  # a peer died: this rank cannot go on alone
