@@ -121,7 +121,7 @@ def train_target(args) -> tuple[str, list[str], bool]:
         return str(config), [*overrides, f"output_dir={value}"], True
     if "=" in value:  # `train RECIPE --resume key=value`: an override
         overrides = [value, *overrides]
-    elif recipe is None:  # `train --resume RECIPE`, as before --resume took a value
+    elif recipe is None and (Path(value).is_file() or "/" not in value):  # `train --resume RECIPE`, as before
         recipe = value
     else:
         raise LorafitError(f"--resume {value}: no such run directory. Give an existing run directory "
@@ -287,6 +287,7 @@ def cmd_config(args) -> int:
         if problems:
             raise ConfigError(problems)
         cfg = build_config(raw)
+        print("# lorafit's defaults (no recipe given); data.sources holds one example source")
     else:
         cfg = load_config(args.recipe, args.overrides)
     print(annotated_yaml(cfg), end="")
