@@ -35,11 +35,12 @@ CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
+TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
 TEMP_MARKERS = (".tmp-", ".old-")
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
-    LOCK_FILE, MARKER_FILE,
+    LOCK_FILE, MARKER_FILE, *TRACKER_DIRS,
 })
 
 

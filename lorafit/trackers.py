@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.rundir import TRACKER_DIRS
 
 # backend -> (the module it needs, the pip extra that installs it)
 BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -63,7 +64,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         import yaml
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TRACKER_DIRS[0]))
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
     def log(self, record: dict) -> None:
@@ -81,7 +82,7 @@ class Wandb:
     def __init__(self, run_dir: Path, name: str, config: dict):
         import wandb
 
-        self.run = wandb.init(project=PROJECT, name=name, dir=str(run_dir), config=config)
+        self.run = wandb.init(project=PROJECT, name=name, dir=str(run_dir), config=config)  # writes RUN/wandb/
 
     def log(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])

@@ -94,6 +94,7 @@ def test_tensorboard_holds_the_losses_of_metrics_jsonl(run4):
 
 def test_run_directory_files(run4):
     assert not (run4 / ".lorafit.lock").exists()  # removed by the process that held it
+    assert (run4 / "tensorboard").is_dir() and RunDir(run4).foreign_entries() == []  # --overwrite may replace it
     assert (run4 / "adapter" / "README.md").read_text() == (run4 / "README.md").read_text()  # lorafit's card
     assert json.loads((run4 / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
     load = json.loads((run4 / "adapter" / "lorafit_base.json").read_text())["load"]
