@@ -39,25 +39,21 @@ def _offline_if_hub_unreachable() -> None:
 
 
 def _quiet_libraries() -> None:
+    """Warnings and progress bars a user need not see. Environment variables, read when the libraries load:
+    importing transformers here would cost seconds before a config error could be reported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # transformers' "Loading weights" bars follow huggingface_hub's switch; they say nothing a user needs
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    for name in ("transformers", "datasets", "peft", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # "Loading weights" bars say nothing a user needs
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    logging.getLogger("peft").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------- commands
@@ -65,8 +61,14 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from lorafit.config import load_config
+    from lorafit.rundir import RunDir
 
-    cfg = load_config(args.recipe, args.overrides)  # a bad config stops here, before any process starts
+    recipe, overrides, resume = train_target(args)
+    cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
+    RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
+    from lorafit.trackers import check_available
+
+    check_available(cfg.train.report_to)  # and a tracker whose extra is missing
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     from lorafit import distributed as dist
@@ -75,10 +77,10 @@ def cmd_train(args) -> int:
 
     world = dist.init()
     try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (Stopped, KeyboardInterrupt) as exc:
         if world.is_main:
-            command = shlex.join(["lorafit", "train", args.recipe, *args.overrides, "--resume"])
+            command = shlex.join(["lorafit", "train", recipe, *overrides, "--resume"])
             print(f"{str(exc) or 'interrupted'}\nResume with: {command}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     except torch_distributed_errors() as exc:  # a peer died: this rank cannot go on alone
@@ -89,6 +91,42 @@ def cmd_train(args) -> int:
     finally:
         dist.shutdown()
     return 0
+
+
+def train_target(args) -> tuple[str, list[str], bool]:
+    """(recipe, overrides, resume) from `train [RECIPE] [key=value ...] [--resume [RUN_DIR]]`.
+
+    `--resume` alone continues the recipe's run; `--resume RUN_DIR` (no recipe) continues the run in RUN_DIR from
+    its own config.yaml, the overrides on top. argparse hands `--resume`'s optional value whatever follows it, so
+    a value that is an override or a recipe goes back where it belongs."""
+    from lorafit.rundir import CONFIG_FILE
+
+    recipe, overrides, value = args.recipe, list(args.overrides), args.resume
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():  # `train --resume RUN k=v`
+        recipe, overrides = None, [recipe, *overrides]
+    if not isinstance(value, str):
+        if recipe is None:
+            raise LorafitError("Give a recipe (`lorafit train quotes`, see `lorafit recipes`) or a run to continue "
+                               "(`lorafit train --resume RUN_DIR`).")
+        return recipe, overrides, bool(value)
+    if Path(value).is_dir():
+        if recipe is not None:
+            raise LorafitError(f"--resume {value}: give either a recipe or a run directory to resume, not both "
+                               f"(`lorafit train --resume {value}` uses the run's own config.yaml).")
+        config = Path(value) / CONFIG_FILE
+        if not config.is_file():
+            raise LorafitError(f"--resume {value}: the directory holds no {CONFIG_FILE}, so it is not a run lorafit "
+                               "can resume. Give a run directory, or a recipe and --resume.")
+        # the run is where it is now, even if it was moved since
+        return str(config), [*overrides, f"output_dir={value}"], True
+    if "=" in value:  # `train RECIPE --resume key=value`: an override
+        overrides = [value, *overrides]
+    elif recipe is None and (Path(value).is_file() or "/" not in value):  # `train --resume RECIPE`, as before
+        recipe = value
+    else:
+        raise LorafitError(f"--resume {value}: no such run directory. Give an existing run directory "
+                           "(`lorafit train --resume runs/NAME`), or put --resume after the recipe's overrides.")
+    return recipe, overrides, True
 
 
 def torch_distributed_errors() -> tuple[type, ...]:
@@ -141,12 +179,16 @@ def cmd_eval(args) -> int:
         from lorafit.errors import ConfigError
 
         raise ConfigError(problems)
+    from lorafit.train import log
+
+    log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
                                                      attn_implementation=args.attn_implementation)
     device = next(model.parameters()).device
     autocast = resolve_precision(cfg.model.precision, device).autocast
     fast = fast_paths_for(model, cfg, device, autocast, log=lambda m: print(m, file=sys.stderr))
     data = prepare_data(cfg, tokenizer)
+    log(f"scoring {len(data.val):,} validation examples on {device} ...")
     result = evaluate(
         model, data.val, data.source_names, device=device, autocast_dtype=autocast, fast=fast,
         batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device), pad_id=tokenizer.pad_token_id,
@@ -163,6 +205,7 @@ def cmd_generate(args) -> int:
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
+    print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
                                                      attn_implementation=args.attn_implementation)
     template = None
@@ -174,6 +217,8 @@ def cmd_generate(args) -> int:
     for i, (prompt, segments) in enumerate(zip(args.prompts, rendered), 1):
         check_generation(model, tokenizer, "".join(segments) if segments else prompt, cfg.max_new_tokens,
                          prompt_name="the prompt" if len(args.prompts) == 1 else f"prompt {i}")
+    print(f"generating {cfg.num_return_sequences * len(args.prompts)} sample(s) of up to {cfg.max_new_tokens} tokens"
+          f"{' (and the base)' if args.compare_base else ''} ...", file=sys.stderr, flush=True)
     for prompt, segments in zip(args.prompts, rendered):
         tuned = sample(model, tokenizer, prompt, cfg, segments)
         base = sample_base(model, tokenizer, prompt, cfg, segments) if args.compare_base else None
@@ -219,11 +264,33 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from lorafit.config import list_recipes, read_recipe
+    from lorafit.config import list_recipes, load_config
 
     for name in list_recipes():
-        raw, _ = read_recipe(name)
-        print(f"{name:20s} model={raw.get('model', {}).get('name', 'gpt2')} sources={', '.join(raw.get('data', {}).get('sources', {}))}")
+        cfg = load_config(name)
+        length = f"epochs={cfg.train.epochs:g}" + (f" max_steps={cfg.train.max_steps}" if cfg.train.max_steps else "")
+        print(f"{name:24s} {length:10s} model={cfg.model.name} sources={', '.join(cfg.data.sources)}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from lorafit.config import annotated_yaml, build_config, load_config
+
+    if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():  # `config k=v`: defaults
+        args.overrides, args.recipe = [args.recipe, *args.overrides], None
+    if args.recipe is None:
+        from lorafit.config import apply_overrides
+        from lorafit.errors import ConfigError
+
+        problems: list[str] = []
+        raw = apply_overrides({"data": {"sources": {"text": {"path": "data.jsonl"}}}}, args.overrides, problems)
+        if problems:
+            raise ConfigError(problems)
+        cfg = build_config(raw)
+        print("# lorafit's defaults (no recipe given); data.sources holds one example source")
+    else:
+        cfg = load_config(args.recipe, args.overrides)
+    print(annotated_yaml(cfg), end="")
     return 0
 
 
@@ -256,9 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a LoRA adapter from a recipe", epilog=USAGE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("recipe", help="a shipped recipe name (see `lorafit recipes`) or a YAML file")
+    t.add_argument("recipe", nargs="?", help="a shipped recipe name (see `lorafit recipes`) or a YAML file; "
+                                             "not needed with --resume RUN_DIR")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. lora.r=16")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue from the newest checkpoint in output_dir; with RUN_DIR, the run there from its own "
+                        "config.yaml (train.max_steps / train.epochs may be raised to train on)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -287,17 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample from base + adapter")
     g.add_argument("run", help="run directory or PEFT adapter directory")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
-    g.add_argument("--max-new-tokens", type=int, default=70)
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--num-return-sequences", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=70, metavar="N", help="tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling (default: off)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K likeliest tokens (default: off)")
+    g.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="samples a prompt (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
     g.add_argument("--template", metavar="NAME|FILE", default=None,
                    help="render each prompt as a prompt_completion or chat source was in training: plain, alpaca, "
                         "chat (the model's chat template; PROMPT is the user's message), roles, or a file holding a "
-                        "format string with {prompt}")
+                        "format string with {prompt} (default: the prompt as given)")
     g.add_argument("--base", help="base model (default: the adapter's own)")
     g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the precision the run was trained in")
@@ -312,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_attn_argument(m)
     m.set_defaults(func=cmd_merge)
 
-    i = sub.add_parser("init-model", help="write a randomly initialised model (offline runs, benchmarks)")
-    i.add_argument("--config", required=True, choices=["gpt2", "tiny"])
+    from lorafit.init_model import SIZES, describe_sizes
+
+    i = sub.add_parser("init-model", help="write a randomly initialised GPT-2 model (offline runs, benchmarks)")
+    i.add_argument("--config", required=True, choices=list(SIZES), help=f"the model's size: {describe_sizes()}")
     i.add_argument("--tokenizer", required=True, help="tokenizer directory (or GPT-2 vocab.json + merges.txt)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("out")
@@ -321,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
+
+    c = sub.add_parser("config", help="print the resolved config as YAML, each key with its one-line doc")
+    c.add_argument("recipe", nargs="?", help="a shipped recipe name or a YAML file (default: lorafit's defaults)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. lora.r=16")
+    c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API, with a browser playground")
     s.add_argument("adapters", nargs="*", metavar="RUN_DIR or NAME=RUN_DIR", help="adapters to serve (name: the directory's)")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,113 +31,119 @@ MAX_INT = 2**63 - 1  # what torch and numpy can hold
 MAX_SEED = 2**32 - 1  # numpy's seeding limit
 
 
+def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line doc: the one place it is written (`lorafit config` prints it)."""
+    return field(default=default, default_factory=factory, metadata={"doc": text})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "gpt2"  # hub id or local directory
-    revision: str | None = None
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    attn_implementation: str = "auto"  # auto (transformers picks: sdpa where the model has it) | eager | sdpa | ...
-    dropout: float | None = None  # the base's own dropout (GPT-2: 0.1); None keeps it, 0 turns it off
-    trust_remote_code: bool = False
-    quantize: str | None = None  # nf4 | int8: the frozen base quantised by bitsandbytes (QLoRA; CUDA only)
+    name: str = doc("gpt2", "hub id or local directory")
+    revision: str | None = doc(None, "hub revision (branch, tag or commit) of the model")
+    precision: str = doc("auto", "auto | fp32 | bf16 | fp16 (auto: bf16/fp16 frozen base on GPU, fp32 on CPU)")
+    attn_implementation: str = doc("auto", "auto (transformers picks: sdpa where the model has it) | eager | sdpa | ...")
+    dropout: float | None = doc(None, "the base's own dropout (GPT-2: 0.1); null keeps it, 0 turns it off")
+    trust_remote_code: bool = doc(False, "run the model's own code from the Hub (only for models you trust)")
+    quantize: str | None = doc(None, "nf4 | int8: the frozen base quantised by bitsandbytes (QLoRA; CUDA only)")
 
 
 @dataclass
 class SourceConfig:
-    path: str = ""  # hub dataset id or local file (relative to data.root if set)
-    text_field: str | list[str] = "text"  # several fields are joined with `join`
-    join: str = "\n"
-    format: str = "auto"  # auto | hub | jsonl | json | csv | txt | parquet
-    split: str = "train"  # hub split
-    config: str | None = None  # hub config name (e.g. "3.0.0" for cnn_dailymail)
-    revision: str | None = None
-    max_examples: int | None = None  # cap, taken by seeded sampling
-    weight: float = 1.0  # sampling weight: examples kept = weight * available (after the cap)
-    separator: str | None = None  # txt: split the file on this string instead of lines
-    drop_unterminated: bool = False  # txt + separator: drop a last piece with no separator after it
-    csv_header: bool = True  # csv: False when the first row is data; fields are then indices
-    records_path: str | None = None  # json: where the records are, e.g. "data[].paragraphs[]"
-    min_chars: int = 1  # drop texts shorter than this (after stripping whitespace)
-    dedupe: bool = False  # drop exact duplicate texts
+    path: str = doc("", "hub dataset id or local file (relative to data.root if set)")
+    text_field: str | list[str] = doc("text", "the field holding the text; several fields are joined with `join`")
+    join: str = doc("\n", "what joins several text (or prompt/completion) fields")
+    format: str = doc("auto", "auto | hub | jsonl | json | csv | txt | parquet")
+    split: str = doc("train", "hub split")
+    config: str | None = doc(None, "hub config name (e.g. \"3.0.0\" for cnn_dailymail)")
+    revision: str | None = doc(None, "hub revision of the dataset")
+    max_examples: int | None = doc(None, "cap, taken by seeded sampling")
+    weight: float = doc(1.0, "sampling weight: examples kept = weight * available (after the cap)")
+    separator: str | None = doc(None, "txt: split the file on this string instead of lines")
+    drop_unterminated: bool = doc(False, "txt + separator: drop a last piece with no separator after it")
+    csv_header: bool = doc(True, "csv: false when the first row is data; fields are then indices")
+    records_path: str | None = doc(None, "json: where the records are, e.g. \"data[].paragraphs[]\"")
+    min_chars: int = doc(1, "drop texts shorter than this (after stripping whitespace)")
+    dedupe: bool = doc(False, "drop exact duplicate texts")
     # What an example is (lorafit/data/examples.py) and which of its tokens are scored (data/templates.py):
-    kind: str = "text"  # text | prompt_completion | chat
-    prompt_field: str | list[str] | None = None  # prompt_completion; None: "prompt" (template alpaca: [instruction, input])
-    completion_field: str | list[str] | None = None  # None: "completion" (template alpaca: "output")
-    messages_field: str = "messages"  # chat: a list of {role, content}
-    template: str | None = None  # None: plain ("{prompt}\n") or, for chat, the model's chat template; a name, file or format string
-    train_on: str = "completion"  # completion: only completion (assistant) tokens and the EOS are scored; all: every token
+    kind: str = doc("text", "text | prompt_completion | chat")
+    prompt_field: str | list[str] | None = doc(None, "prompt_completion; null: \"prompt\" (template alpaca: [instruction, input])")
+    completion_field: str | list[str] | None = doc(None, "null: \"completion\" (template alpaca: \"output\")")
+    messages_field: str = doc("messages", "chat: a list of {role, content}")
+    template: str | None = doc(None, "null: plain (\"{prompt}\\n\") or, for chat, the model's chat template; a name, file or format string")
+    train_on: str = doc("completion", "completion: only completion (assistant) tokens and the EOS are scored; all: every token")
 
 
 @dataclass
 class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    root: str | None = None  # base directory for relative local source paths
-    val_fraction: float = 0.1
-    split_seed: int = 42
-    stratify: bool = True  # hold out val_fraction of every source (not of the pooled rows)
-    seq_len: int = 64  # longest example in tokens, EOS included
-    long_examples: str = "truncate"  # truncate | chunk | drop
-    pack_len: int | None = None  # packed row length (rows packing); None = seq_len
-    packing: str = "auto"  # auto | segments | rows | padded: see lorafit/fastpath.py; auto = the fastest exact one
-    cache_dir: str | None = None  # tokenised-data cache; None = ~/.cache/lorafit
+    sources: dict[str, SourceConfig] = doc(factory=dict, text="named sources: {name: {path: ..., text_field: ...}}")
+    root: str | None = doc(None, "base directory for relative local source paths")
+    val_fraction: float = doc(0.1, "fraction held out for validation")
+    split_seed: int = doc(42, "seed of the train/validation split")
+    stratify: bool = doc(True, "hold out val_fraction of every source (not of the pooled rows)")
+    seq_len: int = doc(64, "longest example in tokens, EOS included")
+    long_examples: str = doc("truncate", "truncate | chunk | drop: what happens to longer examples")
+    pack_len: int | None = doc(None, "packed row length (rows packing); null = seq_len")
+    packing: str = doc("auto", "auto | segments | rows | padded: see lorafit/fastpath.py; auto = the fastest exact one")
+    cache_dir: str | None = doc(None, "tokenised-data cache; null = ~/.cache/lorafit")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    # auto: PEFT's default for the architecture (GPT-2: c_attn); all-linear: every linear layer but the head; or names
-    targets: str | list[str] = "auto"
-    bias: str = "none"  # none | all | lora_only
-    use_rslora: bool = False
-    use_dora: bool = False
+    r: int = doc(8, "LoRA rank")
+    alpha: float = doc(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = doc(0.05, "dropout on the LoRA input")
+    targets: str | list[str] = doc(
+        "auto", "auto: PEFT's default for the architecture (GPT-2: c_attn); all-linear: every linear layer but the head; or names")
+    bias: str = doc("none", "none | all | lora_only: which biases train")
+    use_rslora: bool = doc(False, "rank-stabilised scaling: alpha / sqrt(r)")
+    use_dora: bool = doc(False, "weight-decomposed LoRA (DoRA)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0
-    max_steps: int | None = None  # caps the run (optimizer steps)
-    lr: float = 2e-4
-    batch_size: int = 4  # examples per micro-batch in the original recipe
-    grad_accum: int = 1  # batch_size * grad_accum = examples per optimizer step
-    micro_batch_tokens: int | None = None  # memory knob; None = chosen for the device
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "linear"  # linear | cosine | constant
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
-    log_every: int = 10
-    eval_every: int | None = None  # optimizer steps; None = only before and after training
-    save_every: int | None = None  # optimizer steps between checkpoints; None = end only
-    keep_checkpoints: int = 2
-    compile: bool = False
-    skip_nonfinite: bool = False
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more compute
-    fsdp: bool = False  # data parallel with the frozen base sharded over the ranks (torch FSDP2 fully_shard)
+    epochs: float = doc(1.0, "passes over the training data (may be raised on --resume)")
+    max_steps: int | None = doc(None, "caps the run (optimizer steps; may be raised on --resume)")
+    lr: float = doc(2e-4, "peak learning rate")
+    batch_size: int = doc(4, "examples per micro-batch in the original recipe")
+    grad_accum: int = doc(1, "batch_size * grad_accum = examples per optimizer step")
+    micro_batch_tokens: int | None = doc(None, "memory knob; null = chosen for the device")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    warmup_steps: int = doc(0, "steps of linear warm-up")
+    schedule: str = doc("linear", "linear | cosine | constant (after the warm-up)")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.999, "AdamW beta2")
+    adam_eps: float = doc(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = doc(1.0, "clip the gradient norm to this; null: no clipping")
+    seed: int = doc(42, "seed of LoRA's initialisation and the data order")
+    log_every: int = doc(10, "optimizer steps between training log records (and lines without a terminal)")
+    eval_every: int | None = doc(None, "optimizer steps; null = only before and after training")
+    save_every: int | None = doc(None, "optimizer steps between checkpoints; null = end only")
+    keep_checkpoints: int = doc(2, "how many of the newest checkpoints to keep")
+    compile: bool = doc(False, "torch.compile the model (GPU)")
+    skip_nonfinite: bool = doc(False, "skip a step with a non-finite loss or gradient instead of stopping")
+    gradient_checkpointing: bool = doc(False, "recompute activations in the backward: less memory, ~30% more compute")
+    fsdp: bool = doc(False, "data parallel with the frozen base sharded over the ranks (torch FSDP2 fully_shard)")
+    report_to: list[str] = doc(factory=list, text="experiment trackers: tensorboard, wandb, mlflow, trackio (each an extra)")
 
 
 @dataclass
 class EvalConfig:
-    before_training: bool = True  # a quick eval at step 0, so the user sees the change
-    max_examples: int | None = None
-    batch_tokens: int | None = None  # None = chosen for the device
-    sample_prompt: str | None = None  # generated at each eval when set
-    sample_max_new_tokens: int = 40
+    before_training: bool = doc(True, "a quick eval at step 0, so the user sees the change")
+    max_examples: int | None = doc(None, "evaluate on at most this many validation examples (each source its share)")
+    batch_tokens: int | None = doc(None, "null = chosen for the device")
+    sample_prompt: str | None = doc(None, "generated at each eval when set")
+    sample_max_new_tokens: int = doc(40, "tokens generated for the sample")
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/run"
-    recipe: str | None = None  # name of the recipe this came from, for the model card
+    model: ModelConfig = doc(factory=ModelConfig, text="the base model")
+    data: DataConfig = doc(factory=DataConfig, text="the training and validation data")
+    lora: LoraConfig = doc(factory=LoraConfig, text="the adapter")
+    train: TrainConfig = doc(factory=TrainConfig, text="the optimisation")
+    eval: EvalConfig = doc(factory=EvalConfig, text="evaluation during training")
+    output_dir: str = doc("runs/run", "the run directory")
+    recipe: str | None = doc(None, "name of the recipe this came from, for the model card")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -370,6 +379,9 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         t.micro_batch_tokens is None or t.micro_batch_tokens > 0,
         f"train.micro_batch_tokens: must be positive, got {t.micro_batch_tokens}",
     )
+    trackers = ("tensorboard", "wandb", "mlflow", "trackio")  # lorafit/trackers.py
+    for name in t.report_to:
+        need(name in trackers, f"train.report_to: {name!r} is not one of {', '.join(trackers)}")
     need(
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"train.max_grad_norm: must be positive (or null to disable), got {t.max_grad_norm}",
@@ -424,7 +436,45 @@ def read_recipe(name_or_path: str) -> tuple[dict[str, Any], str | None]:
     raw = load_yaml(text, f"Recipe {name_or_path}") or {}
     if not isinstance(raw, dict):
         raise LorafitError(f"Recipe {name_or_path} must be a YAML mapping at the top level.")
+    if path.is_file() and not is_run_config(path):
+        rebase_paths(raw, path.parent)
     return raw, recipe_name
+
+
+def is_run_config(path: Path) -> bool:
+    """A run's own config.yaml: its paths are as the run used them (relative to where it was started)."""
+    from lorafit.rundir import CONFIG_FILE, MARKER_FILE
+
+    return path.name == CONFIG_FILE and (path.parent / MARKER_FILE).is_file()
+
+
+def _local_looking(value: str, folder: Path) -> bool:
+    """Would lorafit read `value` as a local path (not a Hub id)? The same test data/sources.is_local makes."""
+    from lorafit.data.sources import LOCAL_SUFFIXES
+
+    return (folder / value).exists() or value.lower().endswith(LOCAL_SUFFIXES) or value.startswith(".")
+
+
+def rebase_paths(raw: dict, folder: Path) -> None:
+    """Relative paths written in a recipe file mean the file's folder, not the current directory: data.root,
+    source paths when there is no root (with one they are relative to it), and model.name when it names a
+    directory there. They become absolute. output_dir and data.cache_dir stay relative to the current directory."""
+    def rebase(section: dict, key: str, looks_local) -> None:
+        value = section.get(key)
+        if isinstance(value, str) and value and not value.startswith("~") and not Path(value).is_absolute() \
+                and looks_local(value):
+            section[key] = os.path.normpath(folder.absolute() / value)
+
+    data, model = raw.get("data"), raw.get("model")
+    if isinstance(data, dict):
+        rebase(data, "root", lambda v: True)
+        if data.get("root") is None and isinstance(data.get("sources"), dict):
+            for src in data["sources"].values():
+                if isinstance(src, dict) and src.get("format", "auto") != "hub":
+                    explicit = src.get("format", "auto") != "auto"
+                    rebase(src, "path", lambda v: explicit or _local_looking(v, folder))
+    if isinstance(model, dict):
+        rebase(model, "name", lambda v: (folder / v).is_dir() or v.startswith("."))
 
 
 def load_yaml(text: str, what: str) -> Any:
@@ -532,6 +582,36 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
             problems += exc.problems
         raise ConfigError(problems)
     return build_config(raw, check_output_dir=True)
+
+
+def annotated_yaml(cfg: RunConfig) -> str:
+    """The config as YAML, each key followed by its one-line doc as a comment (`lorafit config`); it loads back
+    to `cfg.to_dict()`."""
+    lines: list[str] = []
+
+    def scalar(value: Any) -> str:
+        plain = str(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).split("\n")[0]
+        if re.fullmatch(r"[A-Za-z0-9_./~+-][A-Za-z0-9_./~+ -]*", plain) and yaml.safe_load(plain) == value:
+            return plain.strip() if plain.strip() == plain else json.dumps(value)
+        return json.dumps(value)  # JSON is YAML: quotes and escapes that load back to the same value
+
+    def walk(obj: Any, depth: int) -> None:
+        pad = "  " * depth
+        for f in dataclasses.fields(obj):
+            value, note = getattr(obj, f.name), f"  # {f.metadata['doc']}" if f.metadata.get("doc") else ""
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:{note}")
+                walk(value, depth + 1)
+            elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+                lines.append(f"{pad}{f.name}:{note}")
+                for name, item in value.items():
+                    lines.append(f"{pad}  {scalar(name)}:")
+                    walk(item, depth + 2)
+            else:
+                lines.append(f"{pad}{f.name}: {scalar(value)}{note}")
+
+    walk(cfg, 0)
+    return "\n".join(lines) + "\n"
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

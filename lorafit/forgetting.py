@@ -214,7 +214,7 @@ def write_eval_json(run: Path, name: str, obj: dict) -> Path:
 def refresh_model_card(run: Path) -> None:
     """Rewrite RUN/README.md with the latest evaluations; only for a finished lorafit run."""
     from lorafit.report import read_evaluations, model_card
-    from lorafit.rundir import CONFIG_FILE, MODEL_CARD, SUMMARY_FILE, atomic_write_text, saving
+    from lorafit.rundir import CONFIG_FILE, MODEL_CARD, SUMMARY_FILE, RunDir, saving
 
     run = Path(run)
     if not ((run / CONFIG_FILE).is_file() and (run / SUMMARY_FILE).is_file()):
@@ -226,4 +226,4 @@ def refresh_model_card(run: Path) -> None:
     cfg = build_config(yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")) or {})
     summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
     with saving(f"the model card {run / MODEL_CARD}", "Free space or fix the permissions, then run the evaluation again."):
-        atomic_write_text(run / MODEL_CARD, model_card(cfg, summary, read_evaluations(run / EVAL_DIR)))
+        RunDir(run).write_model_card(model_card(cfg, summary, read_evaluations(run / EVAL_DIR)))

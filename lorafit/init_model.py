@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lorafit.errors import LorafitError
 
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
 }
+
+
+def describe_sizes() -> str:
+    """`init-model --help`: what each --config is (torch is imported only to build one)."""
+    return "; ".join(f"{name}: {s['n_layer']} layers, {s['n_head']} heads, width {s['n_embd']}, {s['n_positions']} positions"
+                     + (" (full-size GPT-2, 124M parameters)" if name == "gpt2" else "") for name, s in SIZES.items())
 
 
 def is_raw_gpt2_bpe(tok_dir: Path) -> bool:
@@ -37,6 +41,7 @@ def tokenizer_from_dir(tok_dir: Path):
 
 
 def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if size not in SIZES:
@@ -77,6 +82,7 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
 def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("c_attn",), scale: float = 0.5) -> Path:
     """A LoRA adapter with random non-zero weights on a local base, saved as a lorafit run saves one
     (tests and the serving load test need several adapters that differ, without training them)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from lorafit.config import LoraConfig, ModelConfig

@@ -20,8 +20,11 @@ from lorafit.errors import LorafitError
 # (recorded in the run's marker, config.yaml updated). A trailing dot means the whole section.
 RESUME_MAY_CHANGE = (
     "recipe", "output_dir", "data.cache_dir", "eval.",
-    "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.report_to",
 )
+# Settings a resume may raise, to train a finished or unfinished run for longer. The LR schedule is then the one
+# of the longer run (as if it had been planned so from the start): the steps already taken keep the rates they had.
+RESUME_MAY_RAISE = ("train.max_steps", "train.epochs")
 
 
 def may_change_on_resume(key: str) -> bool:
@@ -52,11 +55,22 @@ def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
     for k in sorted(saved.keys() | now.keys()):
         if saved.get(k) == now.get(k):
             continue
-        if may_change_on_resume(k):
+        if may_change_on_resume(k) or (k in RESUME_MAY_RAISE and raised(saved.get(k), now.get(k))):
             allowed[k] = [saved.get(k), now.get(k)]
         else:
-            refused.append(f"{k}: {_short(saved.get(k))} in the run, {_short(now.get(k))} now")
+            hint = " (a resume may only raise it)" if k in RESUME_MAY_RAISE else ""
+            refused.append(f"{k}: {_short(saved.get(k))} in the run, {_short(now.get(k))} now{hint}")
     return allowed, refused
+
+
+def raised(old, new) -> bool:
+    """A longer run: a larger number, or no cap (null) where there was one."""
+    return isinstance(old, int | float) and (new is None or (isinstance(new, int | float) and new > old))
+
+
+def extends_run(changed: dict) -> bool:
+    """Did a resume raise the run's length (so a finished run trains on)?"""
+    return any(k in changed for k in RESUME_MAY_RAISE)
 
 
 def with_defaults(raw: dict) -> dict:

@@ -1,7 +1,7 @@
 """The run directory and safe file writing.
 
 Layout:  adapter/  config.yaml  metrics.jsonl  summary.json  loss.png  README.md  checkpoints/
-         .lorafit-run.json (the marker: lorafit made this directory for a run)  .lorafit.lock
+         .lorafit-run.json (the marker: lorafit made this directory for a run)  .lorafit.lock (while in use)
 Every file and directory is written to a temporary name and renamed into place, so a crash or a
 full disk never leaves a half-written file where a complete one was. Temporaries are named
 `.NAME.tmp-PID` (or `.NAME.old-PID` for a directory being replaced) and are removed when a run
@@ -35,11 +35,12 @@ CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
+TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
 TEMP_MARKERS = (".tmp-", ".old-")
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
-    LOCK_FILE, MARKER_FILE,
+    LOCK_FILE, MARKER_FILE, *TRACKER_DIRS,
 })
 
 
@@ -199,6 +200,14 @@ def _check_writable(path: Path) -> None:
         ) from None
 
 
+def _same_file(handle, path: Path) -> bool:
+    """Is the open file `handle` still the one at `path`?"""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -209,6 +218,7 @@ class RunDir:
         # Records in metrics.jsonl, counted as they are kept and appended (a run starts with
         # keep_metrics), so a checkpoint need not re-read the log to know where it stands.
         self.metrics_records = 0
+        self.listeners: list[Callable[[dict], None]] = []  # each gets every record written (lorafit/trackers.py)
 
     @property
     def adapter(self) -> Path:
@@ -309,25 +319,34 @@ class RunDir:
         """
         import fcntl
 
+        lock_path = self.path / LOCK_FILE
         with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
             self.path.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path / LOCK_FILE, "a")
+            lock = open(lock_path, "a")
         with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise self._in_use() from None
-            self.check_new_run(resume, overwrite, locked=True)  # again: another process may have written a run meanwhile
-            with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
-                if overwrite and not resume:
-                    for p in self.content():
-                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-                    self.file(MARKER_FILE).unlink(missing_ok=True)
-                remove_temporaries(self.path)
-                remove_temporaries(self.checkpoints)
-                if not self.has_marker():
-                    self.write_json(MARKER_FILE, {"lorafit_run": 1, "created": _now(), "resumes": []})
-            yield self
+            # The holder removes the file when it is done (below). A process that opened it just before then holds
+            # a file no longer at lock_path: its lock guards nothing, so it counts as "in use" and the user retries.
+            if not _same_file(lock, lock_path):
+                raise self._in_use()
+            try:
+                self.check_new_run(resume, overwrite, locked=True)  # again: another process may have written a run meanwhile
+                with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
+                    if overwrite and not resume:
+                        for p in self.content():
+                            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                        self.file(MARKER_FILE).unlink(missing_ok=True)
+                    remove_temporaries(self.path)
+                    remove_temporaries(self.checkpoints)
+                    if not self.has_marker():
+                        self.write_json(MARKER_FILE, {"lorafit_run": 1, "created": _now(), "resumes": []})
+                yield self
+            finally:
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()  # still holding the lock: no other process can hold this file now
 
     def record_resume(self, step: int, changed: dict) -> None:
         """Note in the marker that the run was resumed at `step` with these settings changed ({key: [old, new]})."""
@@ -345,6 +364,8 @@ class RunDir:
         with open(self.file(METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(to_json(record) + "\n")
         self.metrics_records += 1
+        for listener in self.listeners:
+            listener(record)
 
     def read_metrics(self) -> list[dict]:
         path = self.file(METRICS_FILE)
@@ -364,6 +385,13 @@ class RunDir:
         kept = self.read_metrics()[:n]
         atomic_write_text(self.file(METRICS_FILE), "".join(to_json(r) + "\n" for r in kept))
         self.metrics_records = len(kept)
+
+    def write_model_card(self, text: str) -> None:
+        """The model card, in the run and in adapter/ (where it replaces PEFT's placeholder: the adapter
+        directory alone, e.g. uploaded to the Hub, says what it is)."""
+        atomic_write_text(self.file(MODEL_CARD), text)
+        if self.adapter.is_dir():
+            atomic_write_text(self.adapter / MODEL_CARD, text)
 
     def write_json(self, name: str, obj: dict) -> None:
         atomic_write_text(self.file(name), json.dumps(json.loads(to_json(obj)), indent=2) + "\n")

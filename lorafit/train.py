@@ -34,14 +34,17 @@ from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
 from lorafit.rundir import (
-    CONFIG_FILE, LOSS_PLOT, MODEL_CARD, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, atomic_write_text, saving,
+    CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, saving,
 )
-from lorafit.runcheck import check_before_training, config_changes, data_fingerprint, same_data
+from lorafit.runcheck import check_before_training, config_changes, data_fingerprint, extends_run, same_data
 
 
 def log(msg: str) -> None:
     if dist.world().is_main:  # one voice for the whole job
-        print(msg, file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)  # above a progress bar, not into it
+        sys.stderr.flush()
 
 
 # ---------------------------------------------------------------- data
@@ -276,6 +279,8 @@ class Trainer:
             self.run.append_metrics(record)
         if bar is not None:
             bar.set_postfix(loss=f"{loss or 0:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
+        else:  # no bar (not a terminal, or --no-progress): a line a log window, for nohup and CI logs
+            log(progress_line(record, self.plan.total_steps, w.seconds / w.steps if w.steps else 0.0))
         self.window = Window()
 
     def run_eval(self, label: str) -> dict:
@@ -339,7 +344,8 @@ class Trainer:
 
     def _restore_state(self, path: Path, state: dict) -> None:
         then, now = (state["train_examples"], state["total_steps"]), (self.plan.n_train, self.plan.total_steps)
-        if then != now:
+        # A longer run (train.max_steps / epochs raised on resume, checked by runcheck) has more steps, never fewer.
+        if then[0] != now[0] or now[1] < then[1]:
             raise LorafitError(
                 f"Checkpoint {path} was made with {then[0]:,} training examples and {then[1]:,} steps; the data now "
                 f"gives {now[0]:,} and {now[1]:,}. Did the data files change? Resume needs the same data, or start "
@@ -355,6 +361,11 @@ class Trainer:
         self.nonfinite_skipped, self.last_train_loss = state["nonfinite_skipped"], state["last_train_loss"]
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        if now[1] != then[1]:  # the schedule of the longer run from this step on (the next step's rate included)
+            lrs = [base * fn(self.scheduler.last_epoch) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self.scheduler._last_lr = lrs
         if dist.world().is_main:
             self.run.keep_metrics(state["metrics_records"])
 
@@ -362,7 +373,7 @@ class Trainer:
     def fit(self, progress: bool = True) -> None:
         t = self.cfg.train
         bar = None
-        if progress and dist.world().is_main:
+        if progress and dist.world().is_main and sys.stderr.isatty():  # elsewhere a bar is noise: log lines
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
@@ -399,6 +410,16 @@ class Trainer:
         flag = torch.tensor([self.stop_signal or 0], dtype=torch.int64)
         flag = dist.all_reduce_sum(flag.to(self.device) if self.device.type == "cuda" else flag)
         return (self.stop_signal or signal.SIGTERM) if int(flag.item()) else None
+
+
+def progress_line(record: dict, total_steps: int, seconds_per_step: float) -> str:
+    """`step 10/283: loss 3.2145, lr 2.00e-04, 1,234 tokens/s, ETA 12m05s` (ETA from the window's pace)."""
+    loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
+    speed = f", {record['tokens_per_second']:,.0f} tokens/s" if record["tokens_per_second"] else ""
+    eta = int(round(max(total_steps - record["step"], 0) * seconds_per_step))
+    hours, rest = divmod(eta, 3600)
+    clock = f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    return f"step {record['step']}/{total_steps}: loss {loss}, lr {record['lr']:.2e}{speed}, ETA {clock}"
 
 
 class stop_signals:
@@ -584,11 +605,12 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
         trainer.restore(newest[0][1])
         log(f"resumed from {newest[0][1]} (step {trainer.step} of {trainer.plan.total_steps})")
         if changed:
-            log("settings changed on resume (they do not change the training): "
-                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+            log("settings changed on resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
             if dist.world().is_main:
                 run.record_resume(trainer.step, changed)
                 save_config(trainer.cfg, run.file(CONFIG_FILE))
+                if extends_run(changed):  # a longer run is unfinished until it ends: its outputs are written anew
+                    run.file(SUMMARY_FILE).unlink(missing_ok=True)
         return next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
     if resume:
         log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
@@ -605,8 +627,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     overwrite = overwrite and not resume  # --resume wins: it never deletes
     run.check_new_run(resume, overwrite)  # cheap and read-only: a plain mistake fails before minutes of set-up
     if resume and run.is_run():
-        check_same_config(run, cfg)
-        if run.is_finished():
+        changed = check_same_config(run, cfg)
+        if run.is_finished() and not extends_run(changed):
             log(f"The run in {run.path} has already finished; nothing to do.")
             return run.read_summary()
     try:
@@ -617,13 +639,18 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         with claim:  # decided again under the lock: another run may have come meanwhile
             dist.barrier()  # the directory is claimed (and emptied for --overwrite) before any rank reads it
             changed = check_same_config(run, cfg) if resume and run.is_run() else {}
-            if resume and run.is_finished():
+            if resume and run.is_finished() and not extends_run(changed):
                 log(f"The run in {run.path} has already finished; nothing to do.")
                 return run.read_summary()
-            with saving(f"the run's files in {run.path}", lambda: resume_advice(run)):
-                before = start(trainer, resume, changed)
-                trainer.fit(progress=progress)
-            return finish(trainer, before)
+            from lorafit import trackers
+
+            reporting = trackers.opened(cfg.train.report_to, run, cfg.to_dict()) if dist.world().is_main \
+                else contextlib.nullcontext()
+            with reporting:  # the trackers get what metrics.jsonl gets (rank 0 writes it)
+                with saving(f"the run's files in {run.path}", lambda: resume_advice(run)):
+                    before = start(trainer, resume, changed)
+                    trainer.fit(progress=progress)
+                return finish(trainer, before)
     except torch.OutOfMemoryError:
         newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
         kept = f" The newest complete checkpoint, {newest[0][1]}, resumes with --resume." if newest else ""
@@ -689,5 +716,5 @@ def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | Non
     if len(after["val_by_source"]) > 1:
         with atomic_path(run.file(SOURCE_PLOT)) as tmp:
             plot_by_source((before or {}).get("val_by_source", {}), after["val_by_source"], tmp)
-    atomic_write_text(run.file(MODEL_CARD), model_card(cfg, summary))
+    run.write_model_card(model_card(cfg, summary))
     run.write_json(SUMMARY_FILE, summary)

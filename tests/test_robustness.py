@@ -135,9 +135,9 @@ def test_tilde_in_output_dir_is_the_home_directory(tmp_path, monkeypatch, tiny_m
 def test_overwrite_of_a_run_in_progress_is_refused_and_deletes_nothing(run, tmp_path, tiny_model_dir, texts_file, capsys):
     busy = tmp_path / "run"
     shutil.copytree(run, busy)
-    before = snapshot(busy)
-    with open(busy / ".lorafit.lock", "a") as held:
+    with open(busy / ".lorafit.lock", "a") as held:  # the other process's lock (a finished run has none)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = snapshot(busy)
         code = main(train_args(tiny_model_dir, texts_file, busy, "--overwrite"))
     refused(code, capsys.readouterr().err, "Another lorafit process is using")
     assert snapshot(busy) == before

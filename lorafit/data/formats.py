@@ -95,8 +95,9 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
         raise DataError(f"Source '{name}': {path} is {why}. Fix the link, or point data.sources.{name}.path at the file itself.")
     if not path.exists():
         raise DataError(
-            f"Source '{name}': file not found: {path}. "
-            f"Check data.sources.{name}.path (relative paths are resolved against data.root)."
+            f"Source '{name}': file not found: {path.absolute()}. Check data.sources.{name}.path (relative paths "
+            "are resolved against data.root when it is set, else against a recipe file's folder, or for shipped "
+            "recipes and command-line overrides the current directory)."
         )
     if path.is_dir():
         raise DataError(
