@@ -172,17 +172,20 @@ class Trainer:
 
     # -- one optimizer step
     def step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(all examples of step `step`, the targets of each): a function of the step alone, the same on every rank."""
+        """(all examples of step `step`, the scored targets of each): a function of the step alone, the same on
+        every rank."""
         examples = self.plan.examples(step)
-        return examples, self.data.train.lengths()[examples] - 1
+        return examples, self.data.train.targets_per_example()[examples]
 
     def step_batches(self, step: int) -> list:
-        """This rank's packed micro-batches of optimizer step `step`: its token-balanced share of the step."""
-        examples, targets = self.step_examples(step)
-        return micro_batches(
-            self.data.train, dist.my_share(examples, targets), self.fast.layout, self.micro_tokens,
-            self.tokenizer.pad_token_id, shape_multiple(self.device),
-        )
+        """This rank's packed micro-batches of optimizer step `step`: its share of the step, balanced by the
+        positions each example costs to compute."""
+        examples = self.plan.examples(step)
+        return self._micro_batches(dist.my_share(examples, self.data.train.lengths()[examples] - 1))
+
+    def _micro_batches(self, indices: np.ndarray) -> list:
+        return micro_batches(self.data.train, indices, self.fast.layout, self.micro_tokens, self.tokenizer.pad_token_id,
+                             shape_multiple(self.device))
 
     def train_step(self) -> torch.Tensor:
         examples, targets = self.step_examples(self.step)
@@ -190,10 +193,8 @@ class Trainer:
         batches = self.step_batches(self.step)
         # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0; with a
         # sharded model every forward is a collective, so each rank runs as many micro-batches as the busiest.
-        idle = micro_batches(self.data.train, examples[:1], self.fast.layout, self.micro_tokens,
-                             self.tokenizer.pad_token_id, shape_multiple(self.device))
         n_work = dist.common_count(len(batches)) if dist.sharded() else max(1, len(batches))
-        work = batches + idle * (n_work - len(batches))
+        work = batches + (self._micro_batches(examples[:1]) * (n_work - len(batches)) if n_work > len(batches) else [])
         world = dist.world()
         scale = world.size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
         forward = self.ddp or (lambda b: token_nll(self.model, b, fused=self.fast.fused_head)[0])
@@ -209,8 +210,8 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_nll += nll_sum.detach().double()
         dist.all_reduce_sum(step_nll)  # every rank judges (and logs) the same step loss
-        if world.parallel:
-            shares = dist.shares(targets, world.size)
+        if world.parallel:  # the scored targets in each rank's share (the shares balance positions)
+            shares = dist.shares(self.data.train.lengths()[examples] - 1, world.size)
             step_ranks = [int(targets[s].sum()) for s in shares]
             self.window.rank_tokens = [a + b for a, b in zip(self.window.rank_tokens or [0] * world.size, step_ranks)]
         if self.scaler:
@@ -513,17 +514,19 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
 
 
-SPLIT_ARRAYS = ("ids", "offsets", "sources", "n_bytes", "truncated")
+SPLIT_ARRAYS = ("ids", "offsets", "sources", "n_bytes", "truncated", "scored")  # scored: None for plain text
 
 
 def share_data(data: Data | None) -> Data:
-    """Rank 0's data on every rank (the identity on one process): the others never read or tokenise."""
+    """Rank 0's data on every rank (the identity on one process): the others never read or tokenise.
+    (The length-policy counts stay on rank 0, which alone writes summary.json.)"""
     if not dist.world().parallel:
         return data
     arrays = None if data is None else {f"{part}.{name}": getattr(getattr(data, part), name)
-                                        for part in ("train", "val") for name in SPLIT_ARRAYS}
+                                        for part in ("train", "val") for name in SPLIT_ARRAYS
+                                        if getattr(getattr(data, part), name) is not None}
     arrays, names = dist.broadcast_arrays(arrays, None if data is None else data.source_names)
-    split = lambda part: TokenizedSplit(**{name: arrays[f"{part}.{name}"] for name in SPLIT_ARRAYS})  # noqa: E731
+    split = lambda part: TokenizedSplit(**{name: arrays.get(f"{part}.{name}") for name in SPLIT_ARRAYS})  # noqa: E731
     return Data(split("train"), split("val"), names)
 
 

@@ -233,3 +233,24 @@ def test_nproc_relaunches_the_same_command_through_torchrun(monkeypatch):
     (command,) = launched
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
     assert command[6:] == ["lorafit", "train", "quotes", "train.max_steps=2", "--resume"]
+
+
+def test_prompt_completion_data_trains_as_one_on_two_processes(tiny_model_dir, tmp_path):
+    """Only the completion is scored: the other rank must receive rank 0's scored mask, and every rank must
+    normalise by the step's scored targets (not its positions), or 2 processes would differ from 1."""
+    from conftest import make_texts
+
+    data = tmp_path / "pairs.jsonl"
+    texts = make_texts(60, seed=5, max_words=14)
+    data.write_text("".join(json.dumps({"prompt": a, "completion": b}) + "\n" for a, b in zip(texts[::2], texts[1::2])))
+    pairs = ["data.sources.quotes.kind=prompt_completion", "data.sources.quotes.prompt_field=prompt",
+             "data.sources.quotes.completion_field=completion"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(tiny_model_dir, data, one, *pairs)) == 0
+    proc = torchrun(tmp_path, train_args(tiny_model_dir, data, two, *pairs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip([r for r in records(one) if "loss" in r], [r for r in records(two) if "loss" in r]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    summary_one, summary_two = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert summary_two["train_tokens"] == summary_one["train_tokens"]
+    assert abs(summary_one["val_loss"] - summary_two["val_loss"]) <= 1e-5 * summary_one["val_loss"]

@@ -396,3 +396,25 @@ def test_hub_prompt_completion_with_nested_answers_streamed_or_not_and_cached(mo
     src.completion_field = "answers.label"
     with pytest.raises(DataError, match="row 1: no field 'answers.label'"):
         read_source("squad", src, None, seed=0, cache_dir=tmp_path)
+
+
+def test_a_training_step_is_normalised_by_its_scored_targets(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The step's loss divides by the completion tokens (and EOS) it scores, not by every position."""
+    import json as _json
+
+    from conftest import make_texts
+    from lorafit.config import load_config
+    from lorafit.train import StepPlan, prepare_data, train
+
+    data = tmp_path / "pairs.jsonl"
+    texts = make_texts(40, seed=6, max_words=14)
+    data.write_text("".join(_json.dumps({"prompt": a, "completion": b}) + "\n" for a, b in zip(texts[::2], texts[1::2])))
+    cfg = load_config("quotes", [f"model.name={tiny_model_dir}", f"data.sources.quotes.path={data}", "train.max_steps=1",
+                                 "data.sources.quotes.kind=prompt_completion", "data.sources.quotes.prompt_field=prompt",
+                                 "data.sources.quotes.completion_field=completion", "eval.before_training=false",
+                                 "eval.sample_prompt=null", f"output_dir={tmp_path / 'run'}"])
+    split = prepare_data(cfg, tiny_tokenizer).train
+    step = StepPlan(len(split), 8, cfg.train.epochs, 1, cfg.train.seed).examples(0)
+    scored, positions = int(split.targets_per_example()[step].sum()), int((split.lengths()[step] - 1).sum())
+    assert scored < positions  # the prompts are not scored
+    assert train(cfg, progress=False)["train_tokens"] == scored
