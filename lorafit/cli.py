@@ -152,50 +152,25 @@ def cmd_eval(args) -> int:
 
     if wants_comparison(args):  # --data / --tasks: base vs base + adapter (lorafit/forgetting.py)
         return eval_command(args)
-    from lorafit.config import apply_overrides, build_config, read_recipe
-    from lorafit.evaluate import evaluate
-    from lorafit.fastpath import fast_paths_for
+    from lorafit.console import log
+    from lorafit.data.prepare import prepare_data
+    from lorafit.evaluate import evaluate_run, saved_scoring
+    from lorafit.forgetting import run_config
     from lorafit.generate import load_for_inference, resolve_adapter_dir
-    from lorafit.modeling import resolve_precision
-    from lorafit.rundir import CONFIG_FILE
-    from lorafit.train import default_micro_tokens, prepare_data
-
-    import yaml
+    from lorafit.rundir import CONFIG_FILE, to_json
 
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
-    config_path = run / CONFIG_FILE
-    if config_path.is_file():
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    elif args.recipe:
-        raw, name = read_recipe(args.recipe)
-        raw.setdefault("recipe", name)
-    else:
+    if not (run / CONFIG_FILE).is_file() and not args.recipe:
         raise LorafitError(f"'{run}' has no {CONFIG_FILE}; pass --recipe NAME to say which data to evaluate on.")
-    problems: list[str] = []
-    raw = apply_overrides(raw, args.overrides, problems)
-    cfg = build_config(raw)
-    if problems:
-        from lorafit.errors import ConfigError
-
-        raise ConfigError(problems)
-    from lorafit.train import log
-
+    cfg = run_config(run, args.recipe, args.overrides)
     log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
                                                      attn_implementation=args.attn_implementation)
-    device = next(model.parameters()).device
-    autocast = resolve_precision(cfg.model.precision, device).autocast
-    fast = fast_paths_for(model, cfg, device, autocast, log=lambda m: print(m, file=sys.stderr))
-    data = prepare_data(cfg, tokenizer)
-    log(f"scoring {len(data.val):,} validation examples on {device} ...")
-    result = evaluate(
-        model, data.val, data.source_names, device=device, autocast_dtype=autocast, fast=fast,
-        batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device), pad_id=tokenizer.pad_token_id,
-    )
-    result = {"run": str(run), "base_model": base_name, **result}
-    from lorafit.rundir import to_json
-
+    scoring = saved_scoring(run, cfg, model, tokenizer, base=args.base)
+    data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
+    log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
+    result = {"run": str(run), "base_model": base_name, **evaluate_run(model, data.val, data.source_names, scoring)}
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lorafit import distributed as dist
-from lorafit.data.packing import micro_batches, shape_multiple
+from lorafit.data.packing import Layout, default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.fastpath import FastPaths
 from lorafit.loss import token_nll
@@ -22,43 +23,66 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How a model's examples are scored: on which device, in which precision, with which fast paths
+    (checked on that model), and how many tokens a forward pass."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    fast: FastPaths
+    batch_tokens: int
+    pad_id: int
+
+
+# Exact on any model that trains at all, with no check: one example a row, right-padded and masked, and
+# the NLL from the model's own logits (fastpath refuses to train a model on which this is not exact).
+PLAIN = FastPaths(Layout("padded"), fused_head=False)
+
+
+def scoring_for(cfg, model, tokenizer, fast: FastPaths | None = None, device: torch.device | None = None) -> Scoring:
+    """The Scoring of a RunConfig (model.precision, eval.batch_tokens) on `model`. `fast`: the fast paths
+    already decided for it; None checks them on the model now (lorafit.fastpath)."""
+    from lorafit.modeling import resolve_precision
+
+    device = device or next(model.parameters()).device
+    autocast = resolve_precision(cfg.model.precision, device).autocast
+    if fast is None:
+        from lorafit.fastpath import fast_paths_for
+
+        fast = fast_paths_for(model, cfg, device, autocast)
+    batch_tokens = cfg.eval.batch_tokens or 4 * default_micro_tokens(device)
+    return Scoring(device, autocast, fast, batch_tokens, tokenizer.pad_token_id)
+
+
 @torch.inference_mode()
-def example_nll(model, split: TokenizedSplit, *, device, autocast_dtype, fast: FastPaths, batch_tokens: int, pad_id: int):
-    """Summed NLL of every example (float64, on CPU), in the layout and head loss `fast` allows. Data
+def example_nll(model, split: TokenizedSplit, scoring: Scoring):
+    """Summed NLL of every example (float64, on CPU), in the layout and head loss `scoring.fast` allows. Data
     parallel: each rank scores its token-balanced share and the sums are reduced (exact: disjoint shares)."""
+    device, fast = scoring.device, scoring.fast
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
     mine = dist.my_share(np.arange(len(split)), split.lengths() - 1)
-    batches = micro_batches(split, mine, fast.layout, batch_tokens, pad_id, shape_multiple(device))
+    batches = micro_batches(split, mine, fast.layout, scoring.batch_tokens, scoring.pad_id, shape_multiple(device))
     if dist.sharded():  # every forward is a collective: as many on every rank, the extra ones not counted
-        idle = micro_batches(split, np.arange(1), fast.layout, batch_tokens, pad_id, shape_multiple(device))
+        idle = micro_batches(split, np.arange(1), fast.layout, scoring.batch_tokens, scoring.pad_id, shape_multiple(device))
         batches += [None] * (dist.common_count(len(batches)) - len(batches))
     for batch in batches:
         counted = batch is not None
         batch = (batch if counted else idle[0]).to(device)
-        with autocast_context(device, autocast_dtype):
+        with autocast_context(device, scoring.autocast_dtype):
             nll, example = token_nll(model, batch, fused=fast.fused_head)
         if counted:
             totals.index_add_(0, example, nll.double())
     return dist.all_reduce_sum(totals).cpu().numpy()
 
 
-def evaluate(
-    model,
-    split: TokenizedSplit,
-    source_names: list[str],
-    *,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    fast: FastPaths,
-    batch_tokens: int,
-    pad_id: int,
-) -> dict:
+def evaluate_run(model, split: TokenizedSplit, source_names: list[str], scoring: Scoring) -> dict:
+    """Token-weighted validation metrics of `model` on `split`, overall and per source, with throughput:
+    what training, `lorafit eval`, the forgetting comparison and the bench all report."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    nll = example_nll(
-        model, split, device=device, autocast_dtype=autocast_dtype, fast=fast, batch_tokens=batch_tokens, pad_id=pad_id
-    )
+    nll = example_nll(model, split, scoring)
     seconds = time.perf_counter() - start
     model.train(was_training)
 
@@ -80,3 +104,51 @@ def evaluate(
         "eval_tokens_per_second": overall.tokens / seconds if seconds > 0 else float("nan"),
         "val_by_source": by_source,
     }
+
+
+def saved_scoring(run, cfg, model, tokenizer, *, base: str | None = None) -> Scoring:
+    """The Scoring of a trained run's adapter, with no probe: the fast paths training checked on this
+    model (summary.json's `fast_paths`) where the model is loaded and scored as it was trained, else
+    PLAIN, exact by construction. Either way no fast path goes unchecked on the model that uses it."""
+    from lorafit.console import log
+
+    fast, why_not = recorded_fast_paths(run, cfg, model, base)
+    if fast is None:
+        log(f"scoring one example a row with the model's own logits: {why_not}")
+    return scoring_for(cfg, model, tokenizer, fast=fast or PLAIN)
+
+
+def recorded_fast_paths(run, cfg, model, base: str | None) -> tuple[FastPaths | None, str]:
+    """(the fast paths of the finished run in `run`, or None and why they do not apply to `model` now)."""
+    import json
+    from pathlib import Path
+
+    from lorafit.config import build_config, load_yaml
+    from lorafit.lora import unwrapped
+    from lorafit.measure import device_name
+    from lorafit.rundir import CONFIG_FILE, SUMMARY_FILE
+
+    run = Path(run)
+    try:
+        summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
+        recorded = summary["fast_paths"]
+        trained = build_config(load_yaml((run / CONFIG_FILE).read_text(encoding="utf-8"), str(run / CONFIG_FILE)) or {})
+        fast = FastPaths(Layout(recorded["packing"], recorded["row_len"]), bool(recorded["fused_head"]),
+                         dict(recorded["why_not"]))
+    except Exception:  # noqa: BLE001 - no finished lorafit run here (a bare adapter), or its files are not ours
+        return None, f"no fast paths recorded by a finished run in {run}"
+    device = next(model.parameters()).device
+    loaded_attention = getattr(unwrapped(model).config, "_attn_implementation", None)
+    trained_attention = summary.get("attn_implementation")
+    differences = [
+        (base is not None and base != trained.model.name, f"another base (--base {base})"),
+        (device_name(device) != summary.get("device"), f"another device ({device_name(device)}, trained on "
+                                                        f"{summary.get('device')})"),
+        (loaded_attention != trained_attention, f"attention {loaded_attention}, trained with {trained_attention}"),
+        (cfg.model != trained.model, "model settings differ from the run's"),
+        ((cfg.data.seq_len, cfg.data.packing, cfg.data.pack_len) != (trained.data.seq_len, trained.data.packing,
+                                                                       trained.data.pack_len),
+         "data.seq_len, data.packing or data.pack_len differ from the run's"),
+    ]
+    why = [reason for differs, reason in differences if differs]
+    return (None, "; ".join(why) + " (the run's checked fast paths do not apply)") if why else (fast, "")

@@ -122,11 +122,8 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
                     max_examples: int | None, base: str | None) -> dict:
     """Loss, perplexity and bits of base and base + adapter on every source; written to eval/forgetting.json."""
     from lorafit.data.tokenize import default_cache_dir, tokenize_cached
-    from lorafit.evaluate import evaluate
+    from lorafit.evaluate import evaluate_run, saved_scoring
     from lorafit.generate import load_for_inference
-    from lorafit.fastpath import fast_paths_for
-    from lorafit.modeling import resolve_precision
-    from lorafit.train import default_micro_tokens
 
     duplicates = sorted({s for s in sources if sources.count(s) > 1})
     if duplicates:
@@ -137,20 +134,15 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
     texts = {s: read_texts(s, configs[s], d.split_seed, cache) for s in sources}  # bad data fails before any model loads
 
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision)
-    device = next(model.parameters()).device
-    autocast = resolve_precision(cfg.model.precision, device).autocast
-    settings = dict(
-        device=device, autocast_dtype=autocast, fast=fast_paths_for(model, cfg, device, autocast),
-        batch_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device), pad_id=tokenizer.pad_token_id,
-    )
+    scoring = saved_scoring(run, cfg, model, tokenizer, base=base)
     data = {}
     for source in sources:
         split, _ = tokenize_cached(texts[source], [0] * len(texts[source]), tokenizer, d.seq_len, d.long_examples, cache)
         if len(split) == 0:
             raise DataError(f"--data {source}: no example is left after tokenisation (data.long_examples={d.long_examples}).")
-        tuned = evaluate(model, split, [source], **settings)
+        tuned = evaluate_run(model, split, [source], scoring)
         with model.disable_adapter():
-            plain = evaluate(model, split, [source], **settings)
+            plain = evaluate_run(model, split, [source], scoring)
         data[source] = {
             "text_field": configs[source].text_field,
             "max_examples": max_examples,

@@ -40,3 +40,8 @@ def peak_memory_bytes(device) -> int:
     except OSError:
         pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def device_name(device) -> str:
+    """`cpu`, or the GPU's model name: what summary.json and the bench record."""
+    return torch.cuda.get_device_name(device) if _is_cuda(device) else str(device)

@@ -63,6 +63,21 @@ def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
     return allowed, refused
 
 
+def check_same_config(run, cfg: RunConfig) -> dict:
+    """A resume must use the config the run (a RunDir) started with, or it would silently train something else.
+    Settings that do not change the training (RESUME_MAY_CHANGE) may differ: returns them, {key: [old, new]}."""
+    from lorafit.rundir import CONFIG_FILE
+
+    allowed, changed = config_changes(run.file(CONFIG_FILE), cfg)
+    if changed:
+        raise LorafitError(
+            f"--resume: the config differs from the one the run in '{run.path}' started with:\n"
+            + "\n".join(f"  - {c}" for c in changed)
+            + "\nResume with the same recipe and overrides, or start a new run (--overwrite or another output_dir)."
+        )
+    return allowed
+
+
 def raised(old, new) -> bool:
     """A longer run: a larger number, or no cap (null) where there was one."""
     return isinstance(old, int | float) and (new is None or (isinstance(new, int | float) and new > old))

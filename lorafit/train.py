@@ -9,7 +9,6 @@ tokens divided by their count, so how the step is cut into micro-batches never c
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -22,125 +21,27 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
 from lorafit.config import RunConfig, save_config
-from lorafit.data.packing import micro_batches, shape_multiple
-from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, policy_summary, tokenize_cached
+from lorafit.console import log
+from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
+from lorafit.data.prepare import Data, prepare_data, share_data
+from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
-from lorafit.evaluate import autocast_context, evaluate
+from lorafit.evaluate import Scoring, autocast_context, evaluate_run
 from lorafit.fastpath import FastPaths
 from lorafit.lora import apply_lora, count_parameters, format_counts, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
-from lorafit.measure import peak_memory_bytes, sync
+from lorafit.measure import device_name, peak_memory_bytes, sync
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
+from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, saving,
 )
-from lorafit.runcheck import check_before_training, config_changes, data_fingerprint, extends_run, same_data
-
-
-def log(msg: str) -> None:
-    if dist.world().is_main:  # one voice for the whole job
-        from tqdm import tqdm
-
-        tqdm.write(msg, file=sys.stderr)  # above a progress bar, not into it
-        sys.stderr.flush()
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class Data:
-    train: TokenizedSplit
-    val: TokenizedSplit
-    source_names: list[str]
-
-
-def check_seq_len(cfg: RunConfig, model) -> None:
-    limit = max_positions(model)
-    if limit is not None and cfg.data.seq_len > limit:
-        raise LorafitError(
-            f"data.seq_len={cfg.data.seq_len} is longer than the maximum of {limit} positions of model "
-            f"'{cfg.model.name}'; set data.seq_len={limit} or less."
-        )
-
-
-def prepare_data(cfg: RunConfig, tokenizer) -> Data:
-    from lorafit.data.sources import load_corpus
-    from lorafit.data.templates import render_examples
-
-    d = cfg.data
-    corpus = load_corpus(d)
-    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
-    # prompt-completion and chat examples become text segments, scored or not (texts stay as they are)
-    train_items = render_examples(corpus.train_texts, corpus.train_sources, d, tokenizer)
-    val_items = render_examples(corpus.val_texts, corpus.val_sources, d, tokenizer)
-    train, hit_t = tokenize_cached(train_items, corpus.train_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True)
-    val, hit_v = tokenize_cached(val_items, corpus.val_sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True)
-    if cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:
-        val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
-    if len(train) == 0 or len(val) == 0:
-        raise LorafitError("No training or validation examples are left after tokenisation; check the data and seq_len.")
-    log(
-        f"data: {len(train):,} train / {len(val):,} val examples, {train.n_targets:,} train target tokens"
-        f"{' (tokenised data from cache)' if hit_t and hit_v else ''}; {int(train.truncated.sum()):,} truncated"
-    )
-    policy = policy_summary(train.policy_counts, corpus.source_names)
-    if any(set(c) - {"truncated"} for c in policy.values()):
-        log(f"length policy ({d.long_examples}) on training examples: {policy}")
-    return Data(train, val, corpus.source_names)
-
-
-@dataclass
-class StepPlan:
-    """Which examples each optimizer step takes: a seeded permutation per epoch, then slices."""
-
-    n_train: int
-    per_step: int
-    epochs: float
-    max_steps: int | None
-    seed: int
-    _perm_epoch: int = -1
-    _perm: np.ndarray | None = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_train / self.per_step)
-
-    @property
-    def total_steps(self) -> int:
-        total = math.ceil(self.steps_per_epoch * self.epochs)
-        return min(total, self.max_steps) if self.max_steps else total
-
-    def examples(self, step: int) -> np.ndarray:
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
-            self._perm_epoch = epoch
-        return self._perm[j * self.per_step : (j + 1) * self.per_step]
-
-    def epoch(self, step: int) -> float:
-        return step / self.steps_per_epoch
+from lorafit.runcheck import check_before_training, check_same_config, data_fingerprint, extends_run, same_data
 
 
 # ---------------------------------------------------------------- the loop
-
-
-@dataclass
-class Window:
-    """Training loss and throughput since the last log line (summed on device, read on log steps)."""
-
-    nll: torch.Tensor | float = 0.0
-    tokens: int = 0
-    examples: int = 0
-    seconds: float = 0.0
-    steps: int = 0
-    rank_tokens: list[int] | None = None  # data parallel: the target tokens each rank computed
-
-    def to_state(self) -> dict:
-        return {"nll": float(self.nll), "tokens": self.tokens, "examples": self.examples, "seconds": self.seconds,
-                "steps": self.steps, "rank_tokens": self.rank_tokens}
 
 
 @dataclass
@@ -158,15 +59,10 @@ class Trainer:
     fast: FastPaths
     lora_targets: list[str]
     micro_tokens: int
-    eval_tokens: int
+    scoring: Scoring  # how validation is scored (the fast paths above, eval.batch_tokens)
     scaler: torch.amp.GradScaler | None = None
     ddp: torch.nn.Module | None = None  # data parallel: the step loss under DistributedDataParallel
-    step: int = 0
-    window: Window = field(default_factory=Window)
-    train_seconds: float = 0.0
-    train_tokens: int = 0
-    last_train_loss: float | None = None
-    nonfinite_skipped: int = 0
+    progress: Progress = field(default_factory=Progress)
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
     fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
 
@@ -188,9 +84,9 @@ class Trainer:
                              shape_multiple(self.device))
 
     def train_step(self) -> torch.Tensor:
-        examples, targets = self.step_examples(self.step)
+        examples, targets = self.step_examples(self.progress.step)
         n_targets = int(targets.sum())  # the whole step's, over every rank: the loss is normalised by it
-        batches = self.step_batches(self.step)
+        batches = self.step_batches(self.progress.step)
         # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0; with a
         # sharded model every forward is a collective, so each rank runs as many micro-batches as the busiest.
         n_work = dist.common_count(len(batches)) if dist.sharded() else max(1, len(batches))
@@ -213,7 +109,7 @@ class Trainer:
         if world.parallel:  # the scored targets in each rank's share (the shares balance positions)
             shares = dist.shares(self.data.train.lengths()[examples] - 1, world.size)
             step_ranks = [int(targets[s].sum()) for s in shares]
-            self.window.rank_tokens = [a + b for a, b in zip(self.window.rank_tokens or [0] * world.size, step_ranks)]
+            self.progress.window.rank_tokens = [a + b for a, b in zip(self.progress.window.rank_tokens or [0] * world.size, step_ranks)]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -222,13 +118,13 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
             grad_norm = grad_norm.full_tensor()
         if self.apply_update(step_nll, grad_norm, n_targets):
-            self.window.nll = self.window.nll + step_nll
-            self.window.tokens += n_targets
-            self.window.examples += len(examples)
-            self.train_tokens += n_targets
+            self.progress.window.nll = self.progress.window.nll + step_nll
+            self.progress.window.tokens += n_targets
+            self.progress.window.examples += len(examples)
+            self.progress.train_tokens += n_targets
         self.scheduler.step()  # a skipped step still counts: lr and data stay aligned with the step number
         self.optimizer.zero_grad(set_to_none=True)
-        self.window.steps += 1
+        self.progress.window.steps += 1
         return grad_norm
 
     def apply_update(self, step_nll: torch.Tensor, grad_norm: torch.Tensor, n_targets: int) -> bool:
@@ -247,32 +143,32 @@ class Trainer:
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
         """Count the step as skipped (train.skip_nonfinite) or stop the run, leaving the checkpoints as they are."""
         if self.cfg.train.skip_nonfinite:
-            self.nonfinite_skipped += 1
-            log(f"step {self.step + 1}: non-finite loss/gradient (loss {loss}, grad norm {grad_norm}); step skipped")
+            self.progress.nonfinite_skipped += 1
+            log(f"step {self.progress.step + 1}: non-finite loss/gradient (loss {loss}, grad norm {grad_norm}); step skipped")
             return
         newest = ckpt.list_checkpoints(self.run.checkpoints)[-1:]
         kept = f"The last good checkpoint, {newest[0][1]}, is the newest." if newest else "No checkpoint was saved yet."
         raise LorafitError(
-            f"Non-finite loss or gradient at step {self.step + 1} (loss {loss}, grad norm {grad_norm}). "
+            f"Non-finite loss or gradient at step {self.progress.step + 1} (loss {loss}, grad norm {grad_norm}). "
             "Likely causes: a learning rate too high (train.lr), fp16 overflow (try model.precision=bf16 or fp32), "
             f"or bad data. {kept} Set train.skip_nonfinite=true to skip such steps instead."
         )
 
     # -- logging, evaluation, checkpoints
     def log_window(self, grad_norm, bar) -> None:
-        w = self.window
+        w = self.progress.window
         loss = float(w.nll) / w.tokens if w.tokens else None  # None: every step of the window was skipped
-        self.last_train_loss = loss if loss is not None else self.last_train_loss
+        self.progress.last_train_loss = loss if loss is not None else self.progress.last_train_loss
         record = {
-            "step": self.step,
-            "epoch": round(self.plan.epoch(self.step), 4),
+            "step": self.progress.step,
+            "epoch": round(self.plan.epoch(self.progress.step), 4),
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "tokens_per_second": w.tokens / w.seconds if w.seconds else None,
             "examples_per_second": w.examples / w.seconds if w.seconds else None,
             "peak_memory_bytes": peak_memory_bytes(self.device),
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.progress.train_seconds,
         }
         if w.rank_tokens:
             record["rank_tokens"] = w.rank_tokens
@@ -282,20 +178,11 @@ class Trainer:
             bar.set_postfix(loss=f"{loss or 0:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
         else:  # no bar (not a terminal, or --no-progress): a line a log window, for nohup and CI logs
             log(progress_line(record, self.plan.total_steps, w.seconds / w.steps if w.steps else 0.0))
-        self.window = Window()
+        self.progress.window = Window()
 
     def run_eval(self, label: str) -> dict:
-        result = evaluate(
-            self.model,
-            self.data.val,
-            self.data.source_names,
-            device=self.device,
-            autocast_dtype=self.precision.autocast,
-            fast=self.fast,
-            batch_tokens=self.eval_tokens,
-            pad_id=self.tokenizer.pad_token_id,
-        )
-        record = {"step": self.step, **result}
+        result = evaluate_run(self.model, self.data.val, self.data.source_names, self.scoring)
+        record = {"step": self.progress.step, **result}
         # Rank 0 samples; with a sharded model every rank does (each forward is a collective), alike.
         prompt = self.cfg.eval.sample_prompt if dist.world().is_main or dist.sharded() else None
         if prompt:
@@ -308,7 +195,7 @@ class Trainer:
         if dist.world().is_main:
             self.run.append_metrics(record)
         log(
-            f"[{label}] step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
+            f"[{label}] step {self.progress.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
             f"{result['eval_samples_per_second']:.1f} samples/s" + (f"\n  sample: {record['sample']!r}" if prompt else "")
         )
         return result
@@ -317,17 +204,16 @@ class Trainer:
         """Rank 0 writes; every rank holds the same weights and optimizer state (the gradients were all-reduced)."""
         gathered = dist.full_state(self.model, self.optimizer) if dist.sharded() else None  # a collective
         if not dist.world().is_main:
-            return self.run.checkpoints / f"step-{self.step}"
+            return self.run.checkpoints / f"step-{self.progress.step}"
         state = {
-            "window": self.window.to_state(), "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
-            "nonfinite_skipped": self.nonfinite_skipped, "last_train_loss": self.last_train_loss,
+            **self.progress.to_state(),
             # metrics.jsonl records written so far: a resume drops later ones, so none is doubled or lost
             "metrics_records": self.run.metrics_records,
             "train_examples": self.plan.n_train, "total_steps": self.plan.total_steps,
             "data_fingerprint": self.data_fingerprint(),
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
         }
-        return ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler, state,
+        return ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler, state,
                                     self.cfg.train.keep_checkpoints, gathered)
 
     def data_fingerprint(self) -> dict:
@@ -353,13 +239,7 @@ class Trainer:
                 "again with --overwrite."
             )
         same_data(path, state.get("data_fingerprint"), self.data_fingerprint())
-        self.step = state["step"]
-        w = state["window"]
-        self.window = Window(torch.tensor(w["nll"], dtype=torch.float64, device=self.device), w["tokens"], w["examples"], w["seconds"], w["steps"])
-        if w.get("rank_tokens") and len(w["rank_tokens"]) == dist.world().size:  # per rank: kept only at the same world size
-            self.window.rank_tokens = w["rank_tokens"]
-        self.train_seconds, self.train_tokens = state["train_seconds"], state["train_tokens"]
-        self.nonfinite_skipped, self.last_train_loss = state["nonfinite_skipped"], state["last_train_loss"]
+        self.progress = Progress.from_state(state, self.device, dist.world().size)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if now[1] != then[1]:  # the schedule of the longer run from this step on (the next step's rate included)
@@ -377,31 +257,31 @@ class Trainer:
         if progress and dist.world().is_main and sys.stderr.isatty():  # elsewhere a bar is noise: log lines
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.plan.total_steps, initial=self.progress.step, desc="training", unit="step", dynamic_ncols=True)
         self.model.train()
         with stop_signals(self):
-            while self.step < self.plan.total_steps:
+            while self.progress.step < self.plan.total_steps:
                 start = time.perf_counter()
                 grad_norm = self.train_step()
                 sync(self.device)  # honest step timing
                 elapsed = time.perf_counter() - start
-                self.window.seconds += elapsed
-                self.train_seconds += elapsed
-                self.step += 1
+                self.progress.window.seconds += elapsed
+                self.progress.train_seconds += elapsed
+                self.progress.step += 1
                 if bar is not None:
                     bar.update(1)
-                last = self.step == self.plan.total_steps
-                if self.step % t.log_every == 0 or last:
+                last = self.progress.step == self.plan.total_steps
+                if self.progress.step % t.log_every == 0 or last:
                     self.log_window(grad_norm, bar)
-                if t.eval_every and self.step % t.eval_every == 0 and not last:
+                if t.eval_every and self.progress.step % t.eval_every == 0 and not last:
                     self.run_eval("eval")
                 # Read once: a signal arriving from here on is handled after the next step. All ranks stop together.
                 stopping = self.stop_signal if not dist.world().parallel else self.agreed_stop()
                 # The last step is saved too: a crash in the final eval or save then resumes without redoing steps.
-                if (t.save_every and self.step % t.save_every == 0) or last or stopping:
+                if (t.save_every and self.progress.step % t.save_every == 0) or last or stopping:
                     path = self.save_checkpoint()
                 if stopping:
-                    raise Stopped(stopping, f"stopped at step {self.step} of {self.plan.total_steps}; saved {path}.")
+                    raise Stopped(stopping, f"stopped at step {self.progress.step} of {self.plan.total_steps}; saved {path}.")
         if bar is not None:
             bar.close()
 
@@ -411,16 +291,6 @@ class Trainer:
         flag = torch.tensor([self.stop_signal or 0], dtype=torch.int64)
         flag = dist.all_reduce_sum(flag.to(self.device) if self.device.type == "cuda" else flag)
         return (self.stop_signal or signal.SIGTERM) if int(flag.item()) else None
-
-
-def progress_line(record: dict, total_steps: int, seconds_per_step: float) -> str:
-    """`step 10/283: loss 3.2145, lr 2.00e-04, 1,234 tokens/s, ETA 12m05s` (ETA from the window's pace)."""
-    loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
-    speed = f", {record['tokens_per_second']:,.0f} tokens/s" if record["tokens_per_second"] else ""
-    eta = int(round(max(total_steps - record["step"], 0) * seconds_per_step))
-    hours, rest = divmod(eta, 3600)
-    clock = f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-    return f"step {record['step']}/{total_steps}: loss {loss}, lr {record['lr']:.2e}{speed}, ETA {clock}"
 
 
 class stop_signals:
@@ -450,12 +320,6 @@ class stop_signals:
         return False
 
 
-def default_micro_tokens(device: torch.device) -> int:
-    # Training keeps ~3 MB of activations a token for full-size GPT-2 (LoRA on c_attn + c_proj):
-    # 2,048 tokens is ~6.5 GB on a laptop CPU; a GPU takes 16k (the head never holds full logits).
-    return 16384 if device.type == "cuda" else 2048
-
-
 # ---------------------------------------------------------------- set-up and results
 
 
@@ -483,17 +347,13 @@ def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None 
         write_base_signature(tmp, model.get_base_model(), load)
 
 
-def check_same_config(run: RunDir, cfg: RunConfig) -> dict:
-    """A resume must use the config the run started with, or it would silently train something else. Settings
-    that do not change the training (see runcheck.RESUME_MAY_CHANGE) may differ: returns them, {key: [old, new]}."""
-    allowed, changed = config_changes(run.file(CONFIG_FILE), cfg)
-    if changed:
+def check_seq_len(cfg: RunConfig, model) -> None:
+    limit = max_positions(model)
+    if limit is not None and cfg.data.seq_len > limit:
         raise LorafitError(
-            f"--resume: the config differs from the one the run in '{run.path}' started with:\n"
-            + "\n".join(f"  - {c}" for c in changed)
-            + "\nResume with the same recipe and overrides, or start a new run (--overwrite or another output_dir)."
+            f"data.seq_len={cfg.data.seq_len} is longer than the maximum of {limit} positions of model "
+            f"'{cfg.model.name}'; set data.seq_len={limit} or less."
         )
-    return allowed
 
 
 def setup(cfg: RunConfig, run: RunDir) -> Trainer:
@@ -512,22 +372,6 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     model, targets, fast = prepare_model(cfg, model, device, precision)
     data = share_data(prepare_data(cfg, tokenizer) if dist.world().is_main else None)  # read and tokenised once
     return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
-
-
-SPLIT_ARRAYS = ("ids", "offsets", "sources", "n_bytes", "truncated", "scored")  # scored: None for plain text
-
-
-def share_data(data: Data | None) -> Data:
-    """Rank 0's data on every rank (the identity on one process): the others never read or tokenise.
-    (The length-policy counts stay on rank 0, which alone writes summary.json.)"""
-    if not dist.world().parallel:
-        return data
-    arrays = None if data is None else {f"{part}.{name}": getattr(getattr(data, part), name)
-                                        for part in ("train", "val") for name in SPLIT_ARRAYS
-                                        if getattr(getattr(data, part), name) is not None}
-    arrays, names = dist.broadcast_arrays(arrays, None if data is None else data.source_names)
-    split = lambda part: TokenizedSplit(**{name: arrays.get(f"{part}.{name}") for name in SPLIT_ARRAYS})  # noqa: E731
-    return Data(split("train"), split("val"), names)
 
 
 def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precision):
@@ -566,7 +410,8 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
     return Trainer(
         cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, fast, targets,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
-        eval_tokens=cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
+        scoring=Scoring(device, precision.autocast, fast, cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
+                        tokenizer.pad_token_id),
         scaler=scaler,
         ddp=data_parallel(model, fast) if dist.world().parallel and not dist.sharded() else None,
     )
@@ -606,11 +451,11 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
     newest = ckpt.list_checkpoints(run.checkpoints)[-1:] if resume else []
     if newest:
         trainer.restore(newest[0][1])
-        log(f"resumed from {newest[0][1]} (step {trainer.step} of {trainer.plan.total_steps})")
+        log(f"resumed from {newest[0][1]} (step {trainer.progress.step} of {trainer.plan.total_steps})")
         if changed:
             log("settings changed on resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
             if dist.world().is_main:
-                run.record_resume(trainer.step, changed)
+                run.record_resume(trainer.progress.step, changed)
                 save_config(trainer.cfg, run.file(CONFIG_FILE))
                 if extends_run(changed):  # a longer run is unfinished until it ends: its outputs are written anew
                     run.file(SUMMARY_FILE).unlink(missing_ok=True)
@@ -681,22 +526,23 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     summary = {
         "recipe": cfg.recipe,
         "base_model": cfg.model.name,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "precision": str(trainer.precision.weights).replace("torch.", ""),
         "lora_targets": trainer.lora_targets,
         "packing": trainer.fast.layout.kind,
         "fast_paths": trainer.fast.record(),
+        "attn_implementation": getattr(unwrapped(trainer.model).config, "_attn_implementation", None),
         "trainable_params": trainable,
         "total_params": total,
         "train_examples": len(trainer.data.train),
         "val_examples": len(trainer.data.val),
-        "train_tokens": trainer.train_tokens,
-        "optimizer_steps": trainer.step,
-        "epochs": round(trainer.plan.epoch(trainer.step), 4),
-        "train_seconds": trainer.train_seconds,
-        "train_tokens_per_second": trainer.train_tokens / trainer.train_seconds if trainer.train_seconds else None,
-        "final_train_loss": trainer.last_train_loss,
-        "nonfinite_steps_skipped": trainer.nonfinite_skipped,
+        "train_tokens": trainer.progress.train_tokens,
+        "optimizer_steps": trainer.progress.step,
+        "epochs": round(trainer.plan.epoch(trainer.progress.step), 4),
+        "train_seconds": trainer.progress.train_seconds,
+        "train_tokens_per_second": trainer.progress.train_tokens / trainer.progress.train_seconds if trainer.progress.train_seconds else None,
+        "final_train_loss": trainer.progress.last_train_loss,
+        "nonfinite_steps_skipped": trainer.progress.nonfinite_skipped,
         # what data.long_examples did, per source: truncated, dropped_too_long, completion_truncated, ...
         "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names)
                           for name, split in (("train", trainer.data.train), ("val", trainer.data.val))},

@@ -59,14 +59,42 @@ def test_metrics_log_has_each_logged_step_once(trained_run):
     assert all("sample" in r for r in records if "val_loss" in r)
 
 
-def test_eval_command_reproduces_the_summary(trained_run, capsys):
+def test_eval_command_reproduces_the_summary_without_probing_or_tokenising_training_data(trained_run, capsys,
+                                                                                         monkeypatch):
+    import lorafit.data.prepare
+    import lorafit.fastpath
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("lorafit eval ran the fast-path probe")
+
+    tokenised, real_tokenize = [], lorafit.data.prepare.tokenize_cached
+    monkeypatch.setattr(lorafit.fastpath, "choose_fast_paths", no_probe)
+    monkeypatch.setattr(lorafit.data.prepare, "tokenize_cached",
+                        lambda items, *a, **k: tokenised.append(len(items)) or real_tokenize(items, *a, **k))
     assert main(["eval", str(trained_run)]) == 0
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((trained_run / "summary.json").read_text())
+    assert tokenised == [summary["val_examples"]]  # validation alone
     assert result["val_examples"] == summary["val_examples"]
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
     assert result["val_ppl"] == pytest.approx(torch.tensor(result["val_loss"]).exp().item(), rel=1e-6)
     assert result["eval_samples_per_second"] > 0 and result["eval_tokens_per_second"] > 0
+
+
+def test_eval_loaded_otherwise_than_trained_scores_plainly_and_the_same(trained_run, capsys, monkeypatch):
+    """Another attention implementation than training's: the run's checked fast paths do not apply, so
+    scoring falls back to one example a row and the model's own logits (still no probe), same loss."""
+    import lorafit.evaluate
+    import lorafit.fastpath
+
+    monkeypatch.setattr(lorafit.fastpath, "choose_fast_paths", lambda *a, **k: pytest.fail("probe ran"))
+    used, real = [], lorafit.evaluate.evaluate_run
+    monkeypatch.setattr(lorafit.evaluate, "evaluate_run", lambda m, s, n, scoring: used.append(scoring.fast) or real(m, s, n, scoring))
+    assert main(["eval", str(trained_run), "--attn-implementation", "eager"]) == 0
+    out = capsys.readouterr()
+    result, summary = json.loads(out.out), json.loads((trained_run / "summary.json").read_text())
+    assert used == [lorafit.evaluate.PLAIN] and "attention eager" in out.err
+    assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
 
 
 def test_generate_compare_base_shows_both(trained_run, capsys):

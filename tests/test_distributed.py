@@ -32,7 +32,7 @@ kill_rank, _, kill_step = os.environ.get("KILL_RANK_AT", "").partition(":")
 if kill_rank and os.environ.get("RANK") == kill_rank:  # one rank dies mid-run, as a lost node would
     real_step = train.Trainer.train_step
     def train_step(self):
-        if self.step == int(kill_step):
+        if self.progress.step == int(kill_step):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self)
     train.Trainer.train_step = train_step

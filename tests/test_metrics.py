@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from lorafit.evaluate import evaluate
+from lorafit.evaluate import PLAIN, Scoring, evaluate_run
 from lorafit.metrics import NllTotals
 
 
@@ -37,8 +37,9 @@ def test_evaluate_overall_and_per_source_sum_to_the_same_totals():
     from lorafit.data.packing import Layout
     from lorafit.fastpath import FastPaths
 
-    out = evaluate(model, split, ["a", "b", "c"], device=torch.device("cpu"), autocast_dtype=None,
-                   fast=FastPaths(Layout("rows", 64), fused_head=True), batch_tokens=50, pad_id=299)
+    cpu = torch.device("cpu")
+    out = evaluate_run(model, split, ["a", "b", "c"], Scoring(cpu, None, FastPaths(Layout("rows", 64), True), 50, 299))
+    plain = evaluate_run(model, split, ["a", "b", "c"], Scoring(cpu, None, PLAIN, 50, 299))  # no fast path at all
     # Reference: each example alone through the plain model, summed in float64.
     total = 0.0
     for e in examples:
@@ -48,6 +49,7 @@ def test_evaluate_overall_and_per_source_sum_to_the_same_totals():
     tokens = sum(len(e) - 1 for e in examples)
     assert out["val_tokens"] == tokens and out["val_examples"] == 10
     assert math.isclose(out["val_loss"], total / tokens, rel_tol=1e-6)
+    assert math.isclose(plain["val_loss"], total / tokens, rel_tol=1e-6)
     assert math.isclose(out["val_bits_per_byte"], total / (math.log(2) * 145), rel_tol=1e-6)
     by = out["val_by_source"]
     assert sum(s["tokens"] for s in by.values()) == tokens

@@ -278,7 +278,7 @@ def test_mixture8_recipe_has_the_published_settings():
     from importlib import resources
 
     from lorafit.config import list_recipes
-    from lorafit.train import StepPlan
+    from lorafit.progress import StepPlan
 
     cfg = load_config("mixture8")
     expected = {

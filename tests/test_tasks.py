@@ -404,7 +404,9 @@ def test_a_training_step_is_normalised_by_its_scored_targets(tiny_model_dir, tin
 
     from conftest import make_texts
     from lorafit.config import load_config
-    from lorafit.train import StepPlan, prepare_data, train
+    from lorafit.data.prepare import prepare_data
+    from lorafit.progress import StepPlan
+    from lorafit.train import train
 
     data = tmp_path / "pairs.jsonl"
     texts = make_texts(40, seed=6, max_words=14)

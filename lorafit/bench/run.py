@@ -107,7 +107,8 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
     from lorafit.config import load_config
     from lorafit.data.tokenize import TokenizedSplit, tokenize_texts
     from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
-    from lorafit.train import Data, assemble, prepare_model
+    from lorafit.data.prepare import Data
+    from lorafit.train import assemble, prepare_model
 
     cfg = load_config("quotes", [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
     precision = resolve_precision(cfg.model.precision, device)
@@ -132,13 +133,13 @@ def time_steps(trainer, warmup_steps: int) -> tuple[float, int, int]:
     for step in range(trainer.plan.total_steps):
         if step == warmup_steps:
             sync(trainer.device)
-            start, tokens_before = time.perf_counter(), trainer.train_tokens
+            start, tokens_before = time.perf_counter(), trainer.progress.train_tokens
         if step >= warmup_steps:
             examples += len(trainer.plan.examples(step))
         trainer.train_step()
-        trainer.step += 1
+        trainer.progress.step += 1
     sync(trainer.device)
-    return time.perf_counter() - start, trainer.train_tokens - tokens_before, examples
+    return time.perf_counter() - start, trainer.progress.train_tokens - tokens_before, examples
 
 
 def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_steps: int, device: torch.device,
@@ -161,19 +162,13 @@ def quotes_evaluator(tokenizer, val_texts: list[str], device: torch.device, comp
     batching, precision): a function of any PEFT model, so both sides are measured the same way."""
     from lorafit.config import load_config
     from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate import evaluate
-    from lorafit.fastpath import fast_paths_for
-    from lorafit.modeling import resolve_precision
-    from lorafit.train import default_micro_tokens
+    from lorafit.evaluate import evaluate_run, scoring_for
 
     cfg = load_config("quotes", [f"train.compile={str(compiled).lower()}"])
     val = tokenize_texts(val_texts, [0] * len(val_texts), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
-    autocast = resolve_precision(cfg.model.precision, device).autocast
 
-    def run(model) -> dict:
-        return evaluate(model, val, ["quotes"], device=device, autocast_dtype=autocast,
-                        fast=fast_paths_for(model, cfg, device, autocast), batch_tokens=4 * default_micro_tokens(device),
-                        pad_id=tokenizer.pad_token_id)
+    def run(model) -> dict:  # the fast paths are checked on each model: the peer's is not lorafit's
+        return evaluate_run(model, val, ["quotes"], scoring_for(cfg, model, tokenizer, device=device))
 
     return run
 
