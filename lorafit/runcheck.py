@@ -123,8 +123,18 @@ def data_fingerprint(data, cfg: RunConfig) -> dict:
             "eval_max_examples": cfg.eval.max_examples}
 
 
-def same_data(checkpoint: Path, saved: dict | None, now: dict) -> None:
-    """Refuse to resume on data other than the checkpoint's (a checkpoint of an older lorafit has no fingerprint)."""
+def same_data(checkpoint: Path, state: dict, n_train: int, total_steps: int, now: dict) -> None:
+    """Refuse to resume on data other than the checkpoint's (`state`: its state.json): other training examples,
+    fewer steps (a longer run, with train.max_steps / epochs raised, has more, never fewer), or other tokens
+    (a checkpoint of an older lorafit has no fingerprint)."""
+    then = (state["train_examples"], state["total_steps"])
+    if then[0] != n_train or total_steps < then[1]:
+        raise LorafitError(
+            f"Checkpoint {checkpoint} was made with {then[0]:,} training examples and {then[1]:,} steps; the data now "
+            f"gives {n_train:,} and {total_steps:,}. Did the data files change? Resume needs the same data, or start "
+            "again with --overwrite."
+        )
+    saved = state.get("data_fingerprint")
     if saved is None:
         return
     which = None

@@ -230,19 +230,12 @@ class Trainer:
             raise ckpt.unreadable(path / ckpt.STATE, exc) from None
 
     def _restore_state(self, path: Path, state: dict) -> None:
-        then, now = (state["train_examples"], state["total_steps"]), (self.plan.n_train, self.plan.total_steps)
-        # A longer run (train.max_steps / epochs raised on resume, checked by runcheck) has more steps, never fewer.
-        if then[0] != now[0] or now[1] < then[1]:
-            raise LorafitError(
-                f"Checkpoint {path} was made with {then[0]:,} training examples and {then[1]:,} steps; the data now "
-                f"gives {now[0]:,} and {now[1]:,}. Did the data files change? Resume needs the same data, or start "
-                "again with --overwrite."
-            )
-        same_data(path, state.get("data_fingerprint"), self.data_fingerprint())
+        same_data(path, state, self.plan.n_train, self.plan.total_steps, self.data_fingerprint())
         self.progress = Progress.from_state(state, self.device, dist.world().size)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if now[1] != then[1]:  # the schedule of the longer run from this step on (the next step's rate included)
+        if self.plan.total_steps != state["total_steps"]:
+            # A longer run: its schedule from this step on (the next step's rate included).
             lrs = [base * fn(self.scheduler.last_epoch) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
             for group, lr in zip(self.optimizer.param_groups, lrs):
                 group["lr"] = lr
