@@ -9,15 +9,13 @@ and layer: nothing next to a CPU step, but on a GPU those kernel launches add up
 `auto` picks segments on CPU only.
 
 The attention is registered with transformers under SEGMENTS and switched on only around a
-packed forward (`segment_attention`), so the model's own setting (sdpa) serves everything else:
+packed forward (`lorafit.fast.forward_state`), so the model's own setting (sdpa) serves everything else:
 generation, padded batches, a saved or merged model. Whether it stands in for a model's own
 attention exactly is checked on the model itself (lorafit.fastpath); what it cannot do (soft-capping,
 a window shorter than an example) it refuses, which that check reports.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +65,3 @@ def _no_mask(*args, **kwargs):
 
 AttentionInterface.register(SEGMENTS, segment_sdpa)
 AttentionMaskInterface.register(SEGMENTS, _no_mask)
-
-
-@contextlib.contextmanager
-def segment_attention(config):
-    """Run the model's attention as segment attention for the duration of one forward."""
-    saved = config._attn_implementation
-    config._attn_implementation = SEGMENTS
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved

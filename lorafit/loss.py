@@ -9,22 +9,18 @@ frozen head gets no gradient, so this costs the same matmuls as the plain path.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from lorafit.attention import segment_attention
 from lorafit.data.packing import IGNORE, PackedBatch
+from lorafit.fast import forward_state
 from lorafit.lora import unwrapped
 
 DEFAULT_CHUNK = 2048
 CPU_CHUNK = 512  # rows of logits a chunk on CPU, where the chunk's buffer is kept (512 x 50257 fp32: 103 MB)
 VOCAB_ALIGN = 64  # tensor-core GEMMs need aligned sizes; 50257 is not, and costs ~2x on the LM head
-
-_cpu_scratch: dict[torch.dtype, torch.Tensor] = {}
-
 
 def _aligned_head(weight: torch.Tensor) -> torch.Tensor:
     """The head weight with zero rows appended to a multiple of VOCAB_ALIGN (CUDA only; the extra
@@ -36,16 +32,13 @@ def _aligned_head(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """One chunk's logits in acc_dtype. On CPU they go into a buffer kept across chunks and steps:
-    a fresh 50 MB tensor is a fresh mmap, and page-faulting it in cost ~19 ms, twice a quotes step."""
+    """One chunk's logits in acc_dtype; on CPU into the head loss's kept buffer (lorafit.fast.head_buffer)."""
     if h.device.type != "cpu" or h.dtype != acc_dtype:
         return (h @ weight.t()).to(acc_dtype)
+    from lorafit.fast import head_buffer
+
     rows, cols = h.shape[0], weight.shape[0]
-    buf = _cpu_scratch.get(acc_dtype)
-    if buf is None or buf.numel() < rows * cols:
-        with torch.inference_mode(False):  # a normal tensor: evaluation (inference mode) and training share it
-            buf = _cpu_scratch[acc_dtype] = torch.empty(rows * cols, dtype=acc_dtype)
-    return torch.mm(h, weight.t(), out=buf[: rows * cols].view(rows, cols))
+    return torch.mm(h, weight.t(), out=head_buffer(rows * cols, acc_dtype).view(rows, cols))
 
 
 def _nll_and_grad_logits(logits: torch.Tensor, t: torch.Tensor, need_grad: bool, in_place: bool):
@@ -116,24 +109,6 @@ def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
 
 
-@contextlib.contextmanager
-def _no_adapter_input_casts(model, device: torch.device):
-    """Under autocast, PEFT's cast of every LoRA input to fp32 is a full copy of the activations that
-    autocast immediately casts back; skip it (autocast still computes the LoRA matmuls correctly)."""
-    if not torch.is_autocast_enabled(device.type):
-        yield
-        return
-    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
-    saved = [m.cast_input_dtype_enabled for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, saved):
-            m.cast_input_dtype_enabled = flag
-
-
 def head_is_linear(model) -> bool:
     """The head is one frozen, bias-free linear map: the precondition of the fused loss. Whether the
     model's logits are that map alone (no soft-capping, scaling...) is checked by lorafit.fastpath."""
@@ -151,7 +126,7 @@ def token_nll(model, batch: PackedBatch, chunk: int | None = None, fused: bool =
     base = unwrapped(model)
     mask = batch.targets != IGNORE
     targets = batch.targets[mask]
-    with _no_adapter_input_casts(model, batch.input_ids.device):
+    with forward_state(model, base, batch.input_ids.device, segments=batch.segments is not None):
         return _token_nll(base, batch, mask, targets, chunk, fused and head_is_linear(base))
 
 
@@ -167,12 +142,9 @@ def model_inputs(batch: PackedBatch) -> dict:
 
 def _token_nll(base, batch: PackedBatch, mask, targets, chunk: int, fused: bool):
     inputs = model_inputs(batch)
-    # One row of segments: attention example by example (lorafit.attention).
-    attention = segment_attention(base.config) if batch.segments is not None else contextlib.nullcontext()
-    with attention:
-        if fused:
-            hidden = getattr(base, base.base_model_prefix)(**inputs).last_hidden_state
-            nll = linear_cross_entropy(hidden[mask], base.get_output_embeddings().weight, targets, chunk)
-        else:
-            nll = plain_cross_entropy(base(**inputs).logits[mask], targets)
+    if fused:
+        hidden = getattr(base, base.base_model_prefix)(**inputs).last_hidden_state
+        nll = linear_cross_entropy(hidden[mask], base.get_output_embeddings().weight, targets, chunk)
+    else:
+        nll = plain_cross_entropy(base(**inputs).logits[mask], targets)
     return nll, batch.example_ids[mask]

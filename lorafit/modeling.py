@@ -177,10 +177,6 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
     model.config.use_cache = False  # training never needs the KV cache
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    if device.type == "cuda":
-        # cuDNN attention builds an execution plan per input shape (milliseconds of CPU each); packed
-        # batches change shape every step, so use the flash / memory-efficient kernels instead.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 

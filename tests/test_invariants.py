@@ -234,15 +234,15 @@ def test_both_head_softmax_forms_match_autograd_in_float64(in_place):
 
 
 def test_cpu_logits_buffer_is_shared_by_evaluation_and_training():
-    import lorafit.loss as loss_mod
+    import lorafit.fast as fast
 
-    loss_mod._cpu_scratch.clear()
+    fast._head_buffers.clear()
     torch.manual_seed(2)
     w = torch.randn(40, 16, dtype=torch.float64)
     t = torch.randint(0, 40, (90,))
     with torch.inference_mode():  # evaluation comes first in a run, so it creates the buffer
         evaluated = linear_cross_entropy(torch.randn(90, 16, dtype=torch.float64), w, t, chunk=64)
-    assert loss_mod._cpu_scratch[torch.float64].numel() == 45 * 40  # two equal chunks of 45, not 64 + 26
+    assert fast._head_buffers[torch.float64].numel() == 45 * 40  # two equal chunks of 45, not 64 + 26
     h = torch.randn(90, 16, dtype=torch.float64, requires_grad=True)
     linear_cross_entropy(h, w, t, chunk=64).sum().backward()  # training writes into the same buffer
     ref = h.detach().clone().requires_grad_()
@@ -394,3 +394,39 @@ def test_segment_attention_handles_grouped_query_heads_as_the_model_does():
             x = torch.tensor([e])
             alone = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="none")
             torch.testing.assert_close(nll[ex == i], alone, atol=1e-10, rtol=1e-10)
+
+
+def test_speed_switches_are_restored_after_each_forward_and_off_gives_the_same_loss(monkeypatch):
+    """lorafit.fast.forward_state is the one place that flips state outside lorafit: under bf16 autocast
+    PEFT's input casts are off and a segments batch runs segment attention, only during the forward.
+    LORAFIT_SPEEDUPS off (the one switch) keeps the casts and the buffer, and gives the same NLL."""
+    import lorafit.fast as fast
+    from lorafit.data.packing import Layout, pack
+    from lorafit.loss import token_nll
+
+    model = lora_model(seed=5)
+    split = make_split(random_examples(4, seed=5))
+    batch = pack(split, np.arange(4), Layout("segments"), pad_id=0)
+    base = model.get_base_model()
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    seen = {}
+    real_forward = type(base.transformer).forward
+
+    def spy(self, *args, **kwargs):
+        seen["attention"] = base.config._attn_implementation
+        seen["casts"] = {m.cast_input_dtype_enabled for m in layers}
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(base.transformer), "forward", spy)
+    before = (base.config._attn_implementation, {m.cast_input_dtype_enabled for m in layers})
+    results = {}
+    for speedups in (True, False):
+        monkeypatch.setattr(fast, "SPEEDUPS", speedups)
+        fast._head_buffers.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results[speedups] = token_nll(model, batch)[0].float()
+        assert seen["attention"] == "lorafit_segments"
+        assert seen["casts"] == ({False} if speedups else {True})
+        assert bool(fast._head_buffers) == speedups
+        assert (base.config._attn_implementation, {m.cast_input_dtype_enabled for m in layers}) == before
+    torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
