@@ -244,10 +244,10 @@ class Trainer:
             self.run.keep_metrics(state["metrics_records"])
 
     # -- the loop
-    def fit(self, progress: bool = True) -> None:
+    def fit(self, show_bar: bool = True) -> None:
         t = self.cfg.train
         bar = None
-        if progress and dist.world().is_main and sys.stderr.isatty():  # elsewhere a bar is noise: log lines
+        if show_bar and dist.world().is_main and sys.stderr.isatty():  # elsewhere a bar is noise: log lines
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.plan.total_steps, initial=self.progress.step, desc="training", unit="step", dynamic_ncols=True)
@@ -490,7 +490,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             with reporting:  # the trackers get what metrics.jsonl gets (rank 0 writes it)
                 with saving(f"the run's files in {run.path}", lambda: resume_advice(run)):
                     before = start(trainer, resume, changed)
-                    trainer.fit(progress=progress)
+                    trainer.fit(show_bar=progress)
                 return finish(trainer, before)
     except torch.OutOfMemoryError:
         newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
