@@ -74,11 +74,10 @@ def check_fields(fields: Iterable[str], present: Collection, where: Callable[[],
     missing = next((f for f in fields if f not in present), None)
     if missing is None:
         return
-    key = {"prompt_completion": "prompt_field / completion_field", "chat": "messages_field"}.get(src.kind, "text_field")
-    raise DataError(
-        f"{where()}: no {noun} '{missing}'; its {noun}s are: {', '.join(map(str, present)) or '(none)'}. "
-        f"Set data.sources.{name}.{key} to {'one of them' if key == 'text_field' else 'name them'}{hint}."
-    )
+    fix = {"prompt_completion": f"Fix data.sources.{name}.prompt_field / completion_field to name fields among them",
+           "chat": f"Fix data.sources.{name}.messages_field to name one of them"}.get(
+        src.kind, f"Set data.sources.{name}.text_field to one of them")
+    raise DataError(f"{where()}: no {noun} '{missing}'; its {noun}s are: {', '.join(map(str, present)) or '(none)'}. {fix}{hint}.")
 
 
 def _path(field: str) -> list[str | int]:
