@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from lorafit.atomic import atomic_write_text
 from lorafit.errors import ConfigError, LorafitError
 
 RECIPE_PACKAGE = "lorafit.recipes"
@@ -71,6 +72,12 @@ class SourceConfig:
     messages_field: str = doc("messages", "chat: a list of {role, content}")
     template: str | None = doc(None, "null: plain (\"{prompt}\\n\") or, for chat, the model's chat template; a name, file or format string")
     train_on: str = doc("completion", "completion: only completion (assistant) tokens and the EOS are scored; all: every token")
+
+    @property
+    def text_fields(self) -> list[str]:
+        """`text_field` as a list of field names (a CSV column index as its digits)."""
+        fields = self.text_field if isinstance(self.text_field, list | tuple) else [self.text_field]
+        return [str(f) for f in fields]
 
 
 @dataclass
@@ -337,8 +344,7 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
             f"data.sources.{name}.max_examples: must be positive, got {src.max_examples}",
         )
         need(0 < src.weight, f"data.sources.{name}.weight: must be positive, got {src.weight}")
-        fields = src.text_field if isinstance(src.text_field, list) else [src.text_field]
-        need(len(fields) > 0 and all(str(f) != "" for f in fields), f"data.sources.{name}.text_field: required")
+        need(len(src.text_fields) > 0 and all(src.text_fields), f"data.sources.{name}.text_field: required")
         from lorafit.data.templates import source_problems
 
         problems += source_problems(name, src, d.root)
@@ -615,11 +621,4 @@ def annotated_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from lorafit.rundir import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def load_saved_config(path: Path) -> RunConfig:
-    raw = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
-    return build_config(raw)

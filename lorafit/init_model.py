@@ -31,13 +31,15 @@ def is_raw_gpt2_bpe(tok_dir: Path) -> bool:
 
 
 def tokenizer_from_dir(tok_dir: Path):
-    """A tokenizer from a saved transformers tokenizer directory or from the raw GPT-2 BPE files."""
-    from transformers import AutoTokenizer, GPT2Tokenizer
-
+    """A tokenizer from a saved transformers tokenizer directory (lorafit's loader) or from the raw GPT-2 BPE files."""
     tok_dir = Path(tok_dir)
-    if is_raw_gpt2_bpe(tok_dir):
+    if is_raw_gpt2_bpe(tok_dir):  # transformers' loader cannot read these (it would need a tokenizer_config.json)
+        from transformers import GPT2Tokenizer
+
         return GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    from lorafit.modeling import load_tokenizer
+
+    return load_tokenizer(str(tok_dir))
 
 
 def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
@@ -53,6 +55,8 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
         raise LorafitError(f"--tokenizer '{tokenizer_dir}' is empty (expected tokenizer files or vocab.json + merges.txt).")
     try:
         tokenizer = tokenizer_from_dir(tok_dir)
+    except LorafitError:
+        raise
     except Exception as exc:  # transformers raises ValueError/OSError/TypeError for the same problem
         from lorafit.modeling import _whole_reason
 

@@ -215,6 +215,8 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
 
     from lorafit.modeling import is_network_error
 
+    # Not atomic_dir: eval/ also holds the other side's and `eval --data`'s results, so lm-eval's files are renamed
+    # into it one by one (the results file last: its presence means the side is complete).
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".lm_eval_{side}.tmp-"))
     try:
         tracker = EvaluationTracker(output_path=str(tmp / results_file(side)))

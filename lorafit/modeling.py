@@ -30,10 +30,6 @@ class Precision:
     weights: torch.dtype  # how the frozen base is stored
     autocast: torch.dtype | None  # compute dtype under autocast; None = no autocast
 
-    @property
-    def accelerate_name(self) -> str:
-        return {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast]
-
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
     if device.type != "cuda":
@@ -77,7 +73,7 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
     local = Path(name).expanduser()
     if local.is_dir() and what == "Tokenizer" and not any((local / f).is_file() for f in TOKENIZER_FILES):
         return LorafitError(
-            f"'{name}' holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Give a directory with a saved "
+            f"'{name}' holds no tokenizer that loads (none of {', '.join(TOKENIZER_FILES)}). Give a directory with a saved "
             "tokenizer (a saved transformers model has one), or GPT-2's vocab.json + merges.txt."
         )
     if local.is_dir() and what == "Model" and (local / "config.json").exists() and not any(local.glob("*.safetensors")) \
@@ -118,6 +114,8 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False, hint: str = ""):
+    """The tokenizer of a hub id or a saved directory, with an EOS and a pad token: every lorafit tokenizer
+    comes from here (the bench's re-created original pipeline alone loads its own, as the original did)."""
     from transformers import AutoTokenizer
 
     try:

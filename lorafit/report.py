@@ -93,8 +93,7 @@ def _text_label(src) -> str:
     """What a source's text is: its field(s), or for plain text files its lines or pieces."""
     if src.format == "txt" or (src.format == "auto" and src.path.lower().endswith(".txt")):
         return f"pieces split on `{src.separator}`" if src.separator else "one per line"
-    fields = src.text_field if isinstance(src.text_field, list) else [src.text_field]
-    return " + ".join(f"`{f}`" for f in fields)
+    return " + ".join(f"`{f}`" for f in src.text_fields)
 
 
 def _targets(asked: str | list[str], resolved: list[str] | None) -> str:

@@ -2,10 +2,9 @@
 
 Layout:  adapter/  config.yaml  metrics.jsonl  summary.json  loss.png  README.md  checkpoints/
          .lorafit-run.json (the marker: lorafit made this directory for a run)  .lorafit.lock (while in use)
-Every file and directory is written to a temporary name and renamed into place, so a crash or a
-full disk never leaves a half-written file where a complete one was. Temporaries are named
-`.NAME.tmp-PID` (or `.NAME.old-PID` for a directory being replaced) and are removed when a run
-is resumed. `summary.json` is written last: its presence means the run finished.
+Every file and directory is written to a temporary name and renamed into place (lorafit/atomic.py),
+so a crash or a full disk never leaves a half-written file where a complete one was. Temporaries
+are removed when a run is resumed. `summary.json` is written last: its presence means the run finished.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lorafit.atomic import atomic_dir, atomic_path, atomic_write_text, is_temporary  # noqa: F401 (re-exported for the run's writers)
 from lorafit.errors import LorafitError
 
 ADAPTER_DIR = "adapter"
@@ -36,72 +36,11 @@ EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
 TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
-TEMP_MARKERS = (".tmp-", ".old-")
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
     LOCK_FILE, MARKER_FILE, *TRACKER_DIRS,
 })
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path to write a file to; on success it replaces `path` in one rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # keep the suffix: writers choose formats by it
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary directory; on success it replaces `final` by renames."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # two renames; a crash between them leaves no `final`, never a mixed one
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and any(m in name for m in TEMP_MARKERS)
 
 
 def remove_temporaries(directory: Path) -> None:

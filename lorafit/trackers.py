@@ -78,50 +78,43 @@ class TensorBoard:
         self.writer.close()
 
 
-class Wandb:
-    def __init__(self, run_dir: Path, name: str, config: dict):
-        import wandb
+class Scalars:
+    """A backend with a `log(numbers, step=)` call and one call that ends its run (wandb, MLflow, trackio)."""
 
-        self.run = wandb.init(project=PROJECT, name=name, dir=str(run_dir), config=config)  # writes RUN/wandb/
-
-    def log(self, record: dict) -> None:
-        self.run.log(scalars(record), step=record["step"])
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class MLflow:
-    def __init__(self, run_dir: Path, name: str, config: dict):
-        import mlflow
-
-        self.mlflow = mlflow
-        mlflow.set_experiment(PROJECT)
-        mlflow.start_run(run_name=name)
-        mlflow.log_params({k: v[:500] for k, v in flat_config(config).items()})  # MLflow caps a value's length
+    def __init__(self, log, finish):
+        self._log, self._finish = log, finish
 
     def log(self, record: dict) -> None:
-        self.mlflow.log_metrics(scalars(record), step=record["step"])
+        self._log(scalars(record), step=record["step"])
 
     def close(self) -> None:
-        self.mlflow.end_run()
+        self._finish()
 
 
-class Trackio:
-    def __init__(self, run_dir: Path, name: str, config: dict):
-        import trackio
+def wandb_run(run_dir: Path, name: str, config: dict) -> Scalars:
+    import wandb
 
-        self.trackio = trackio
-        trackio.init(project=PROJECT, name=name, config=config)
-
-    def log(self, record: dict) -> None:
-        self.trackio.log(scalars(record), step=record["step"])
-
-    def close(self) -> None:
-        self.trackio.finish()
+    run = wandb.init(project=PROJECT, name=name, dir=str(run_dir), config=config)  # writes RUN/wandb/
+    return Scalars(run.log, run.finish)
 
 
-FACTORIES = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": MLflow, "trackio": Trackio}
+def mlflow_run(run_dir: Path, name: str, config: dict) -> Scalars:
+    import mlflow
+
+    mlflow.set_experiment(PROJECT)
+    mlflow.start_run(run_name=name)
+    mlflow.log_params({k: v[:500] for k, v in flat_config(config).items()})  # MLflow caps a value's length
+    return Scalars(mlflow.log_metrics, mlflow.end_run)
+
+
+def trackio_run(run_dir: Path, name: str, config: dict) -> Scalars:
+    import trackio
+
+    trackio.init(project=PROJECT, name=name, config=config)
+    return Scalars(trackio.log, trackio.finish)
+
+
+FACTORIES = {"tensorboard": TensorBoard, "wandb": wandb_run, "mlflow": mlflow_run, "trackio": trackio_run}
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafit.config import list_recipes, load_config, load_saved_config, save_config
+from lorafit.config import list_recipes, load_config, save_config
 from lorafit.errors import ConfigError, LorafitError
 
 
@@ -56,4 +56,4 @@ def test_yaml_file_recipe_and_round_trip(tmp_path):
     cfg = load_config(str(path))
     assert cfg.recipe == "mine" and cfg.lora.r == 2
     save_config(cfg, tmp_path / "saved.yaml")
-    assert load_saved_config(tmp_path / "saved.yaml") == cfg
+    assert load_config(str(tmp_path / "saved.yaml")) == cfg  # as `train --resume RUN_DIR` reads a run's config.yaml

@@ -74,6 +74,20 @@ def test_tokenisation_cache_hit_skips_work_and_a_changed_config_misses(tmp_path,
     assert (hit3, hit4) == (False, False) and len(calls) == 3
 
 
+def test_a_failed_cache_write_leaves_nothing_behind(tmp_path, tiny_tokenizer, monkeypatch):
+    texts = make_texts(10, seed=5)
+
+    def disk_full(self, path):
+        path.write_bytes(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tok_mod.TokenizedSplit, "save", disk_full)
+    split, hit = tokenize_cached(texts, [0] * 10, tiny_tokenizer, 32, "truncate", tmp_path)
+    expected = tok_mod.tokenize_texts(texts, [0] * 10, tiny_tokenizer, 32, "truncate")
+    assert not hit and np.array_equal(split.ids, expected.ids)  # the run goes on without its cache
+    assert list((tmp_path / "tokens").iterdir()) == []  # no temporary, and no half file a later run would read
+
+
 def test_every_example_ends_with_eos_and_bytes_count_the_targets(tiny_tokenizer):
     texts = ["héllo wörld", "a"]
     split, _ = tokenize_cached(texts, [0, 0], tiny_tokenizer, 64, "truncate", None)

@@ -353,7 +353,12 @@ def test_parquet_missing_column(tmp_path):
     p = tmp_path / "d.parquet"
     pq.write_table(pa.table({"title": ["a"], "body": ["b"]}), p)
     msg = error(p)
-    assert "d.parquet" in msg and "'text'" in msg and "title, body" in msg
+    assert "d.parquet" in msg and "'text'" in msg and "title, body" in msg and "data.sources.demo.text_field" in msg
+    # the same check for the other kinds names the keys that name their fields
+    msg = error(p, kind="prompt_completion")
+    assert "no column 'prompt'" in msg and "title, body" in msg and "data.sources.demo.prompt_field / completion_field" in msg
+    msg = error(p, kind="chat")
+    assert "no column 'messages'" in msg and "data.sources.demo.messages_field" in msg
 
 
 def test_parquet_not_parquet(tmp_path):

@@ -144,6 +144,7 @@ def run_baseline(
     reset_peak_memory(device)
 
     torch.manual_seed(seed)
+    # As the original loaded it (not lorafit's load_tokenizer): this side re-creates that pipeline, flaws included.
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.pad_token = tokenizer.eos_token
     # The original loaded the base in fp16 and trained with fp16 AMP; PEFT upcasts the adapter to fp32.

@@ -26,6 +26,7 @@ import torch
 from lorafit.bench.baseline import BATCH_SIZE, GRAD_ACCUM, MAX_LENGTH, SideResult, _StepTimer, quiet
 from lorafit.errors import LorafitError
 from lorafit.measure import peak_memory_bytes, reset_peak_memory
+from lorafit.modeling import load_tokenizer
 
 KNOWN = ("trl", "liger")
 ROWS_PER_STEP = BATCH_SIZE * GRAD_ACCUM
@@ -77,22 +78,13 @@ def liger_supports(model_type: str) -> bool:
     return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def _tokenizer(tokenizer_dir: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def trl_packed_rows(texts: list[str], tokenizer_dir: str) -> int:
     """How many rows TRL's bfd packing makes of `texts` (text + EOS, truncated to max_length), without a
     model: the bench checks --examples against it before anything is trained."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     ids = [row[:MAX_LENGTH] for row in tokenizer([t + tokenizer.eos_token for t in texts])["input_ids"]]
     with _quiet_datasets():
         return len(pack_dataset(Dataset.from_dict({"input_ids": ids}), MAX_LENGTH, strategy="bfd"))
@@ -171,7 +163,7 @@ def run_trl(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_step
                            f"{ROWS_PER_STEP} rows, not more than --warmup-steps {warmup_steps}; pass more --examples.")
     reset_peak_memory(device)
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)  # lorafit's loader: pad = EOS where there is none (GPT-2)
     # The base in the training precision (bf16 weights + bf16 autocast on CUDA, as TRL's examples load it).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa").to(device)

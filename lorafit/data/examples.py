@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import DataError
@@ -54,7 +54,7 @@ def record_fields(src: SourceConfig) -> list[str]:
         return prompt_fields(src) + completion_fields(src)
     if src.kind == "chat":
         return [str(src.messages_field)]
-    return _as_list(src.text_field)
+    return src.text_fields
 
 
 def columns_needed(src: SourceConfig, columns: list[str]) -> list[str]:
@@ -65,6 +65,19 @@ def columns_needed(src: SourceConfig, columns: list[str]) -> list[str]:
         if col not in out:
             out.append(col)
     return out
+
+
+def check_fields(fields: Iterable[str], present: Collection, where: Callable[[], str], name: str, src: SourceConfig,
+                 noun: str = "field", hint: str = "") -> None:
+    """Refuse a record, file or dataset (`where()` names it: file and line or record, or hub dataset) that lacks
+    one of `fields` (among `present`: its keys or columns), naming the field, what is there, and the key to fix."""
+    missing = next((f for f in fields if f not in present), None)
+    if missing is None:
+        return
+    fix = {"prompt_completion": f"Fix data.sources.{name}.prompt_field / completion_field to name fields among them",
+           "chat": f"Fix data.sources.{name}.messages_field to name one of them"}.get(
+        src.kind, f"Set data.sources.{name}.text_field to one of them")
+    raise DataError(f"{where()}: no {noun} '{missing}'; its {noun}s are: {', '.join(map(str, present)) or '(none)'}. {fix}{hint}.")
 
 
 def _path(field: str) -> list[str | int]:

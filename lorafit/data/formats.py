@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit.data.examples import check_fields, columns_needed, from_record
 from lorafit.errors import DataError
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def read_local_texts(path: Path, src: SourceConfig, source_name: str) -> list[st
     fmt = _format(path, src, source_name)
     _check_file(path, fmt, source_name)
     _numbers_as_text[0] = 0
-    if _kind(src) != "text" and fmt == "txt":
+    if src.kind != "text" and fmt == "txt":
         raise DataError(
             f"Source '{source_name}': kind {src.kind} reads fields, and a txt file ({path}) has none. Use a jsonl, "
             f"json, csv or parquet file, or set data.sources.{source_name}.format to the file's real format."
@@ -153,10 +154,6 @@ def _lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
 # ---------------------------------------------------------------- fields and values
 
 
-def _fields(src: SourceConfig) -> list:
-    return list(src.text_field) if isinstance(src.text_field, list | tuple) else [src.text_field]
-
-
 def _text(values: list[tuple[Any, Any]], src: SourceConfig, where: Callable[[], str]) -> str:
     """Join the (field, value) pairs' values as text; `where` names the record for errors."""
     out = []
@@ -182,28 +179,18 @@ def _text(values: list[tuple[Any, Any]], src: SourceConfig, where: Callable[[], 
     return src.join.join(out)
 
 
-def _kind(src: SourceConfig) -> str:
-    return getattr(src, "kind", "text")
-
-
-def _record_text(record: Any, fields: list, src: SourceConfig, where: Callable[[], str]) -> str:
+def _record_text(record: Any, src: SourceConfig, name: str, where: Callable[[], str]) -> str:
     """Text of one JSON record (jsonl line or json element); a prompt_completion or chat example instead
     for those kinds (lorafit/data/examples.py)."""
-    if _kind(src) != "text":
-        from lorafit.data.examples import from_record
-
+    if src.kind != "text":
         return from_record(record, src, where)
+    fields = src.text_fields
     if not isinstance(record, dict):
         raise DataError(
-            f"{where()}: expected a JSON object with field(s) {', '.join(map(str, fields))}, "
+            f"{where()}: expected a JSON object with field(s) {', '.join(fields)}, "
             f"got {type(record).__name__} {str(record)[:60]!r}. Each record must be an object."
         )
-    missing = [f for f in fields if f not in record]
-    if missing:
-        raise DataError(
-            f"{where()}: no field '{missing[0]}'; this record has fields: "
-            f"{', '.join(map(str, record)) or '(none)'}. Set text_field to one of them."
-        )
+    check_fields(fields, record, where, name, src)
     text = _text([(f, record[f]) for f in fields], src, where)
     try:
         text.encode("utf-8")
@@ -283,13 +270,12 @@ def _read_txt_pieces(path: Path, src: SourceConfig, name: str) -> list[str]:
                 offset += len(piece) + len(sep)
             parts, window = [rest], rest[max(0, len(rest) - keep) :]
     # The last piece has no separator after it: in a file cut mid-example it is a fragment.
-    if not getattr(src, "drop_unterminated", False):
+    if not src.drop_unterminated:
         texts.append(_decode(b"".join(parts), path, name, offset))
     return texts
 
 
 def _read_jsonl(path: Path, src: SourceConfig, name: str) -> list[str]:
-    fields = _fields(src)
     texts = []
     for lineno, line in _lines(path, name):
         if not line.strip():
@@ -303,7 +289,7 @@ def _read_jsonl(path: Path, src: SourceConfig, name: str) -> list[str]:
             ) from None
         except (ValueError, RecursionError) as e:
             raise _json_failure(e, f"Source '{name}': {path} line {lineno}") from None
-        texts.append(_record_text(record, fields, src, lambda: f"Source '{name}': {path} line {lineno}"))
+        texts.append(_record_text(record, src, name, lambda: f"Source '{name}': {path} line {lineno}"))
     return texts
 
 
@@ -322,19 +308,20 @@ def _read_json(path: Path, src: SourceConfig, name: str) -> list[str]:
     except (ValueError, RecursionError) as e:
         line = _too_deep_line(text) if isinstance(e, RecursionError) else _line_of(text, r"\d{4000,}")
         raise _json_failure(e, f"Source '{name}': {path}{f' line {line}' if line else ''}") from None
-    if _kind(src) != "text" and src.records_path:
-        _inherit_fields(root, src.records_path)
-    records = _records(root, src.records_path, path, name)
-    fields = _fields(src)
+    records = _records(root, src.records_path, path, name, inherit=src.kind != "text")
     where = f"records_path '{src.records_path}'" if src.records_path else "the top-level list"
     return [
-        _record_text(r, fields, src, lambda i=i: f"Source '{name}': {path} record {i} of {where}")
+        _record_text(r, src, name, lambda i=i: f"Source '{name}': {path} record {i} of {where}")
         for i, r in enumerate(records, 1)
     ]
 
 
-def _records(root: Any, records_path: str | None, path: Path, name: str) -> list:
-    """The records `records_path` points at: "a.b[].c[]" walks keys, "[]" means each element."""
+def _records(root: Any, records_path: str | None, path: Path, name: str, inherit: bool = False) -> list:
+    """The records `records_path` points at: "a.b[].c[]" walks keys, "[]" means each element.
+
+    With `inherit` (prompt_completion and chat sources), each object along the path is given, in place, the
+    fields of the object around it that it lacks, so that a SQuAD question (`data[].paragraphs[].qas[]`)
+    sees its paragraph's `context`."""
     if not records_path:
         if isinstance(root, list):
             return root
@@ -358,7 +345,12 @@ def _records(root: Any, records_path: str | None, path: Path, name: str) -> list
                         f"no key '{key}' at component '{part}'; what is there: {there}. "
                         f"Fix data.sources.{name}.records_path."
                     )
+                outer = {k: v for k, v in node.items() if k != key} if inherit else {}
                 node = node[key]
+                for child in (node if isinstance(node, list) else [node]) if outer else ():
+                    if isinstance(child, dict):
+                        for k, v in outer.items():
+                            child.setdefault(k, v)
             if each and not isinstance(node, list):
                 raise DataError(
                     f"Source '{name}': records_path '{records_path}' in {path}: component '{part}' "
@@ -368,28 +360,6 @@ def _records(root: Any, records_path: str | None, path: Path, name: str) -> list
         nodes = found
     # A path that ends at a list (e.g. "data") means its elements are the records.
     return [r for node in nodes for r in (node if isinstance(node, list) else [node])]
-
-
-def _inherit_fields(root: Any, records_path: str) -> None:
-    """Give each object along `records_path` the fields of the objects around it that it lacks (in place),
-    so that a SQuAD question (`data[].paragraphs[].qas[]`) sees its paragraph's `context`. For
-    prompt_completion and chat sources; what does not resolve is left for `_records` to report."""
-    nodes = [root]
-    for part in records_path.split("."):
-        key, each = (part[:-2], True) if part.endswith("[]") else (part, False)
-        found = []
-        for node in nodes:
-            if key:
-                if not isinstance(node, dict) or key not in node:
-                    return
-                outer = {k: v for k, v in node.items() if k != key}
-                node = node[key]
-                for child in node if isinstance(node, list) else [node]:
-                    if isinstance(child, dict):
-                        for k, v in outer.items():
-                            child.setdefault(k, v)
-            found.extend(node if each and isinstance(node, list) else [node])
-        nodes = found
 
 
 def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
@@ -407,7 +377,7 @@ def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
                 continue
             if not width:
                 width = len(row)
-                if _kind(src) != "text":  # fields by name (the header) or index, read per row as a record
+                if src.kind != "text":  # fields by name (the header) or index, read per row as a record
                     header = row if src.csv_header else [str(i) for i in range(width)]
                     if src.csv_header:
                         continue
@@ -420,9 +390,7 @@ def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
                     f"{where()} has {len(row)} fields but the first row has {width}. "
                     f"Fix that row (quote fields that contain '{delimiter}' or newlines)."
                 )
-            if _kind(src) != "text":
-                from lorafit.data.examples import from_record
-
+            if src.kind != "text":
                 texts.append(from_record(dict(zip(header, row)), src, where))
                 continue
             texts.append(src.join.join(row[c] for c in cols))  # csv values are always strings
@@ -433,19 +401,14 @@ def _read_csv(path: Path, src: SourceConfig, name: str) -> list[str]:
 
 def _csv_columns(first: list[str], src: SourceConfig, path: Path, name: str) -> list[int]:
     """Indices of the text fields: names looked up in the header, or given directly."""
-    fields = _fields(src)
+    fields = src.text_fields
     if src.csv_header:
-        missing = [f for f in fields if str(f) not in first]
-        if missing:
-            raise DataError(
-                f"Source '{name}': {path} has no column '{missing[0]}'; its columns are: "
-                f"{', '.join(first)}. Set data.sources.{name}.text_field to one of them "
-                f"(or csv_header: false if the first row is data)."
-            )
-        return [first.index(str(f)) for f in fields]
+        check_fields(fields, first, lambda: f"Source '{name}': {path}", name, src, noun="column",
+                     hint=" (or csv_header: false if the first row is data)")
+        return [first.index(f) for f in fields]
     cols = []
     for f in fields:
-        if not (isinstance(f, int) or str(f).isdigit()):
+        if not f.isdigit():
             raise DataError(
                 f"Source '{name}': {path} is read with csv_header: false, so text_field entries "
                 f"must be 0-based column indices, got '{f}'. Use indices, or set csv_header: true."
@@ -470,16 +433,11 @@ def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
             f"Source '{name}': {path} is not a readable parquet file ({e}). "
             f"Check the file, or set data.sources.{name}.format to its real format."
         ) from None
-    fields = [str(f) for f in _fields(src)]
+    fields = src.text_fields
     columns = pf.schema_arrow.names
-    if _kind(src) != "text":
+    if src.kind != "text":
         return _read_parquet_examples(pf, columns, path, src, name)
-    missing = [f for f in fields if f not in columns]
-    if missing:
-        raise DataError(
-            f"Source '{name}': {path} has no column '{missing[0]}'; its columns are: "
-            f"{', '.join(columns)}. Set data.sources.{name}.text_field to one of them."
-        )
+    check_fields(fields, columns, lambda: f"Source '{name}': {path}", name, src, noun="column")
     texts: list[str] = []
     for batch in pf.iter_batches(columns=fields):  # streamed, one row group slice at a time
         cols = [batch.column(f).to_pylist() for f in fields]
@@ -491,15 +449,8 @@ def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
 
 def _read_parquet_examples(pf, columns: list[str], path: Path, src: SourceConfig, name: str) -> list:
     """prompt_completion / chat examples from a parquet file: each row a record of the columns the fields need."""
-    from lorafit.data.examples import columns_needed, from_record
-
     needed = columns_needed(src, columns)
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise DataError(
-            f"Source '{name}': {path} has no column '{missing[0]}'; its columns are: {', '.join(columns)}. "
-            f"Fix data.sources.{name}'s field names."
-        )
+    check_fields(needed, columns, lambda: f"Source '{name}': {path}", name, src, noun="column")
     examples: list = []
     for batch in pf.iter_batches(columns=needed):
         for record in batch.to_pylist():

@@ -18,30 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from lorafit.atomic import atomic_write_text
 from lorafit.config import SourceConfig
+from lorafit.data.examples import check_fields, columns_needed, from_record, is_example, record_fields
+from lorafit.data.filters import filter_texts, kept
 from lorafit.errors import DataError, LorafitError
 
 SHUFFLE_BUFFER = 10_000
 SAMPLE_CACHE_VERSION = 1
 PROGRESS_MIN_ROWS = 1000  # a progress bar for streams at least this long
-
-
-def _fields(src: SourceConfig) -> list[str]:
-    return [str(f) for f in src.text_field] if isinstance(src.text_field, list) else [str(src.text_field)]
-
-
-def _check_fields(columns: Iterable[str], fields: list[str], name: str, src: SourceConfig) -> None:
-    columns = list(columns)
-    missing = [f for f in fields if f not in columns]
-    if missing:
-        raise DataError(
-            f"Source '{name}' (hub dataset {src.path}) has no field {missing[0]!r}; its fields are: "
-            f"{', '.join(columns)}. Set data.sources.{name}.text_field to one of them."
-        )
 
 
 def _join(values: Iterable, join: str) -> str:
@@ -59,11 +47,9 @@ def _failure(name: str, src: SourceConfig, exc: Exception, doing: str) -> Lorafi
 
 
 def sample_cache_path(cache_dir: Path, src: SourceConfig, seed: int) -> Path:
-    what = [SAMPLE_CACHE_VERSION, src.path, src.config, src.split, src.revision, _fields(src), src.join,
+    what = [SAMPLE_CACHE_VERSION, src.path, src.config, src.split, src.revision, src.text_fields, src.join,
             src.max_examples, src.min_chars, src.dedupe, seed, SHUFFLE_BUFFER]
     if src.kind != "text":  # text keys stay as they were, so cached samples stay valid
-        from lorafit.data.examples import record_fields
-
         what += [src.kind, record_fields(src), src.train_on]
     key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
     return Path(cache_dir) / "hub" / f"{key}.json"
@@ -76,8 +62,6 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
     path = sample_cache_path(cache_dir, src, seed)
     try:
         texts = json.loads(path.read_text(encoding="utf-8"))["texts"]
-        from lorafit.data.examples import is_example
-
         if isinstance(texts, list) and all(is_example(t) for t in texts):
             return texts
     except (OSError, ValueError, KeyError, TypeError):
@@ -85,10 +69,8 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
     texts = _read(name, src, seed)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"source": src.path, "config": src.config, "split": src.split, "texts": texts}),
-                       encoding="utf-8")
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        # atomic: a reader never sees half a file
+        atomic_write_text(path, json.dumps({"source": src.path, "config": src.config, "split": src.split, "texts": texts}))
     except OSError:
         pass  # the cache is an optimisation; an unwritable cache dir must not stop the run
     return texts
@@ -97,11 +79,8 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
 def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
     import datasets
 
-    from lorafit.data.examples import columns_needed, dedupe_key, from_record, scored_text
-    from lorafit.data.sources import is_usable
-
     examples = src.kind != "text"
-    fields = _fields(src)
+    fields = src.text_fields
     streaming = src.max_examples is not None
     try:
         ds = datasets.load_dataset(
@@ -112,40 +91,33 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
 
     if examples:  # the top-level columns the fields are read from (e.g. `answers` for `answers.text[0]`)
         fields = columns_needed(src, list(ds.column_names or []))
-    where = lambda i: lambda: f"Source '{name}' (hub dataset {src.path}) row {i + 1}"  # noqa: E731
+    dataset = lambda: f"Source '{name}' (hub dataset {src.path})"  # noqa: E731
+    where = lambda i: lambda: f"{dataset()} row {i + 1}"  # noqa: E731
     if not streaming:
-        _check_fields(ds.column_names, fields, name, src)
+        check_fields(fields, ds.column_names, dataset, name, src)
         columns = [ds[f] for f in fields]  # column access: no per-row dicts of unused fields
         if examples:
             texts = [from_record(dict(zip(fields, values)), src, where(i)) for i, values in enumerate(zip(*columns))]
         else:
             texts = [_join(values, src.join) for values in zip(*columns)]
-        from lorafit.data.sources import filter_texts
-
         return filter_texts(texts, src)
 
     if ds.column_names is not None:  # known up front when the hub publishes the features
-        _check_fields(ds.column_names, fields, name, src)
+        check_fields(fields, ds.column_names, dataset, name, src)
+
+    def rows():
+        for i, row in enumerate(ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)):  # a seeded shuffle within a buffer
+            check_fields(fields, row, dataset, name, src)
+            yield from_record(row, src, where(i)) if examples else _join((row[f] for f in fields), src.join)
+
     texts: list[str] = []
-    seen: set[str] = set()
     bar = None
     if src.max_examples >= PROGRESS_MIN_ROWS:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=src.max_examples, desc=f"streaming {name}", unit="row", unit_scale=True, dynamic_ncols=True)
     try:
-        # Seeded shuffle within a buffer; keep rows that pass the filters; stop at the cap.
-        for i, row in enumerate(ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)):
-            if any(f not in row for f in fields):
-                _check_fields(row, fields, name, src)
-            text = from_record(row, src, where(i)) if examples else _join((row[f] for f in fields), src.join)
-            if not is_usable(scored_text(text, src), src):
-                continue
-            if src.dedupe:
-                key = dedupe_key(text)
-                if key in seen:
-                    continue
-                seen.add(key)
+        for text in kept(rows(), src):  # rows that pass the filters, until the cap
             texts.append(text)
             if bar is not None:
                 bar.update(1)

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.config import DataConfig, SourceConfig
+from lorafit.data.filters import filter_texts, is_usable
+from lorafit.data.formats import read_local_texts
+from lorafit.data.hub import read_hub_texts
+from lorafit.data.tokenize import default_cache_dir
 from lorafit.errors import DataError, LorafitError
 
 LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet")
@@ -53,14 +57,10 @@ def read_source(name: str, src: SourceConfig, root: str | None, seed: int, cache
     """All usable texts of one source: read, filtered, deduplicated and capped (seeded).
     A capped hub source is streamed once and then read from `cache_dir` (see hub.py)."""
     if is_local(src, root):
-        from lorafit.data.formats import read_local_texts
-
         texts = read_local_texts(resolve_path(src.path, root), src, name)
         texts = filter_texts(texts, src)
         where = str(resolve_path(src.path, root))
     else:
-        from lorafit.data.hub import read_hub_texts
-
         texts = read_hub_texts(name, src, seed, cache_dir)  # already filtered; capped while streaming
         where = f"hub dataset {src.path}"
     if not texts:
@@ -70,25 +70,6 @@ def read_source(name: str, src: SourceConfig, root: str | None, seed: int, cache
             "and the filters."
         )
     return cap_texts(texts, src.max_examples, seed)
-
-
-def is_usable(text: str, src: SourceConfig) -> bool:
-    """Not empty, not whitespace only, and at least min_chars characters once stripped."""
-    return len(text.strip()) >= max(1, src.min_chars)
-
-
-def filter_texts(texts: list, src: SourceConfig) -> list:
-    """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept).
-    A prompt-completion or chat example is judged by what would be scored (e.g. its completion)."""
-    from lorafit.data.examples import dedupe_key, scored_text
-
-    kept = [t for t in texts if is_usable(scored_text(t, src), src)]
-    if src.dedupe:
-        firsts: dict[str, object] = {}
-        for t in kept:
-            firsts.setdefault(dedupe_key(t), t)
-        kept = list(firsts.values())
-    return kept
 
 
 def cap_texts(texts: list[str], cap: int | None, seed: int) -> list[str]:
@@ -124,8 +105,6 @@ def weighted_indices(n: int, weight: float, seed: int) -> np.ndarray:
 def load_corpus(data: DataConfig) -> Corpus:
     names = list(data.sources)
     corpus = Corpus(source_names=names)
-    from lorafit.data.tokenize import default_cache_dir
-
     cache = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
     per_source = [read_source(name, data.sources[name], data.root, data.split_seed, cache) for name in names]
     weights = [data.sources[name].weight for name in names]

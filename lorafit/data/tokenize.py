@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.atomic import atomic_path
+
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
 PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
@@ -421,9 +423,8 @@ def tokenize_cached(
     split = tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        split.save(tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        with atomic_path(path) as tmp:  # a reader never sees half a file
+            split.save(tmp)
     except OSError:
         pass  # caching is an optimisation; an unwritable cache dir must not stop the run
     return split, False
