@@ -10,7 +10,6 @@ number of target tokens, so N ranks make the update one process makes with the s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -109,15 +108,6 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def agree(ok: bool) -> bool:
-    """True on every rank only when `ok` is true on every rank: a failure on one stops all of them."""
-    if not _world.parallel:
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_comm_device())
-    all_reduce_sum(flag)
-    return int(flag.item()) == 0
-
-
 def _comm_device() -> torch.device:
     return device() if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
@@ -148,17 +138,6 @@ def _broadcast_bytes(data: bytes | None, dev: torch.device) -> bytes:
         int(size.item()), dtype=torch.uint8, device=dev)
     torch.distributed.broadcast(buf, src=0)
     return bytes(buf.cpu().numpy().tobytes())
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (e.g. builds a cache); the others wait, then run it."""
-    if _world.is_main:
-        yield
-        barrier()
-    else:
-        barrier()
-        yield
 
 
 # ---------------------------------------------------------------- FSDP2: the frozen base sharded over the ranks

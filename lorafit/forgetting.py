@@ -83,7 +83,7 @@ def eval_command(args) -> int:
         if plan is not None:
             from lorafit.lm_eval_bridge import compare_on_tasks
 
-            tasks = compare_on_tasks(run, adapter_dir, cfg, plan, base=args.base)
+            tasks = compare_on_tasks(run, adapter_dir, plan, base=args.base)
             result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
     finally:
         if (run / EVAL_DIR).is_dir():

@@ -177,7 +177,7 @@ def plan_tasks(tasks_spec: str, *, limit: str | None, num_fewshot: int | None, b
     return TaskPlan(lm_eval, manager, tasks, limit_value, num_fewshot, batch, include_path)
 
 
-def compare_on_tasks(run: Path, adapter_dir: Path, cfg, plan: TaskPlan, base: str | None = None) -> dict:
+def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None) -> dict:
     """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison."""
     from lorafit.forgetting import eval_dir
     from lorafit.generate import base_load_config

@@ -94,7 +94,7 @@ def test_bench_peers_trl_side_by_side(tmp_path, tiny_model_dir, tiny_tokenizer_d
     from lorafit.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
-    _, val = run.quotes_split(str(quotes), str(tiny_tokenizer_dir))
+    _, val = run.quotes_split(str(quotes))
     model = trained["model"]
     assert trl["val_loss"] == pytest.approx(run.quotes_evaluator(tokenizer, val, torch.device("cpu"))(model)["val_loss"], rel=1e-6)
     # ... which is the token-weighted NLL of text + EOS, as plain transformers computes it.

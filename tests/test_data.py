@@ -104,7 +104,6 @@ def test_every_example_ends_with_eos_and_bytes_count_the_targets(tiny_tokenizer)
 
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
-    from lorafit.modeling import load_tokenizer
     from transformers import GPT2Tokenizer
 
     d = shared_path("assets", "gpt2-tokenizer")

@@ -16,7 +16,7 @@ from lorafit.config import DataConfig, SourceConfig, load_config
 from lorafit.data import hub as hub_mod
 from lorafit.data import tokenize as tok_mod
 from lorafit.data.sources import load_corpus, read_source
-from lorafit.data.tokenize import TokenizedSplit, _quotas, token_byte_lengths, tokenize_cached, tokenize_texts
+from lorafit.data.tokenize import _quotas, token_byte_lengths, tokenize_cached, tokenize_texts
 from lorafit.errors import DataError, LorafitError
 
 SOURCES = ["wikitext", "tinystories", "ag_news", "yelp_review_full", "cnn_dailymail", "xsum", "squad", "imdb"]

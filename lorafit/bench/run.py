@@ -57,7 +57,7 @@ def ensure_model(model: str | None, tokenizer_dir: Path) -> str:
     return str(path)
 
 
-def quotes_split(data: str, tokenizer_dir: str) -> tuple[list[str], list[str]]:
+def quotes_split(data: str) -> tuple[list[str], list[str]]:
     from lorafit.config import load_config
     from lorafit.data.sources import load_corpus
 
@@ -303,7 +303,7 @@ def main(args) -> int:
     date = dt.date.today().isoformat()
     out = results_path(args.json, REPO / "bench" / "results" / f"{date}-{device.type}.json")
     tok_dir = _tokenizer_dir(tokenizer_dir)
-    train_texts, val_texts = quotes_split(data, tok_dir)
+    train_texts, val_texts = quotes_split(data)
     check_examples(args.examples, args.warmup_steps, len(train_texts))
     texts = train_texts[: args.examples]
     if "trl" in peers and (need := trl_min_examples(texts, tok_dir, args.warmup_steps)):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+from lorafit.serve.models import BASE_ADAPTER
+
 
 
 @dataclass

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -87,7 +89,7 @@ class ModelHost:
     def adapter_for(self, model_id: str) -> str | None:
         """The batcher's adapter name for a request's `model`, or None when no such model is served."""
         if model_id == self.base_id:
-            return "__base__"
+            return BASE_ADAPTER
         return model_id if model_id in self.adapters else None
 
 
