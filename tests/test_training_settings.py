@@ -115,8 +115,8 @@ def trainable(trainer) -> dict:
 
 def assert_weights_close(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
-    for n in expected:
-        torch.testing.assert_close(actual[n], expected[n], atol=1e-6, rtol=1e-4, msg=n)
+    for n, want in expected.items():
+        torch.testing.assert_close(actual[n], want, atol=1e-6, rtol=1e-4, msg=n)
 
 
 def test_max_grad_norm_clips_the_update_and_null_does_not(tmp_path, tiny_model_dir, texts_file):
