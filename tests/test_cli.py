@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import greedy_continuation
 from lorafit.cli import main
 
 TRAIN_ARGS = ["train.max_steps=6", "train.eval_every=3", "train.log_every=2", "eval.sample_max_new_tokens=5"]
@@ -81,15 +82,9 @@ def greedy_reference(run: Path, prompt: str, n: int, adapter: bool = True) -> st
 
     base_name = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = AutoModelForCausalLM.from_pretrained(base_name)
-    model = (PeftModel.from_pretrained(model, str(run / "adapter")) if adapter else model).eval()
+    model = PeftModel.from_pretrained(model, str(run / "adapter")) if adapter else model
     tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
-    ids = torch.tensor([tok(prompt)["input_ids"]])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    new = out[0, ids.shape[1]:]
-    assert len(new) == n and tok.eos_token_id not in new.tolist()  # n real tokens: the comparison has teeth
-    return tok.decode(new, skip_special_tokens=True)
+    return greedy_continuation(model, tok, tok(prompt)["input_ids"], n)
 
 
 def test_generate_compare_base_gives_the_base_and_the_tuned_continuations(trained_run, monkeypatch):
