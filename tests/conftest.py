@@ -37,6 +37,23 @@ def make_texts(n: int, seed: int = 0, max_words: int = 30) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))).capitalize() + "." for _ in range(n)]
 
 
+def greedy_continuation(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """The reference for `lorafit generate --temperature 0`: plain transformers' greedy decoding of the prompt
+    tokens `ids`, stopping at EOS, decoded without special tokens. Refuses an empty continuation, so a test
+    comparing against it cannot pass on zero generated tokens."""
+    import torch
+
+    x = torch.tensor([ids])
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                    do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=pad)
+    text = tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+    assert text, "the reference generated no token: choose another prompt"
+    return text
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters (as in the original encoder.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -55,10 +55,8 @@ def test_run_baseline_and_throughput_helpers(tiny_dirs):
     assert result.optimizer_steps == 24 // 8 - 1
     assert result.examples == result.optimizer_steps * 8
     assert result.wall_seconds > 0
-    assert result.examples_per_second == pytest.approx(result.examples / result.wall_seconds)
     assert 0 < result.real_tokens_per_second <= result.token_slots_per_second
     assert result.real_tokens_per_second / result.token_slots_per_second == pytest.approx(40 / 64)
-    assert result.token_slots_per_second == pytest.approx(result.examples * 64 / result.wall_seconds)
     assert result.peak_memory_bytes > 0
     assert model.peft_config["default"].r == 8
 

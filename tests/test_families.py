@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_texts
+from conftest import greedy_continuation, make_texts
 from families import FAMILIES, build_model, save_family_model
 
 
@@ -83,5 +83,11 @@ def test_family_trains_with_default_targets_and_reports_the_plain_models_loss(fa
     assert main(["eval", str(run)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert abs(evaluated["val_loss"] - summary["val_loss"]) <= 1e-6 * reference
-    assert main(["generate", str(run), "The", "--max-new-tokens", "4", "--temperature", "0"]) == 0
-    assert "The" in capsys.readouterr().out
+    import lorafit.cli
+
+    shown = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lorafit.cli, "show", lambda *a: shown.append(a))
+        assert main(["generate", str(run), "The", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    ((prompt, tuned, _, _),) = shown
+    assert prompt == "The" and tuned == [greedy_continuation(theirs, tiny_tokenizer, tiny_tokenizer("The")["input_ids"], 4)]

@@ -301,20 +301,31 @@ def test_fused_gelu_matches_gpt2_gelu_new():
         torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_backbone_matches_eager_loss_and_gradients():
-    pytest.importorskip("torch._inductor")
+def test_compiled_backbone_matches_eager_loss_and_gradients(monkeypatch):
+    """train.compile: the backbone goes through torch.compile in place (LoRA names kept) and gives eager's loss and
+    gradients. Traced by dynamo and AOT autograd as inductor would be, run by the aot_eager backend: inductor's
+    C++ code generation is torch's to test, and costs minutes of compiling on a CPU."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from lorafit.fast import prepare_for_speed
+
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real_compile(model, **{**kw, "backend": counter}))
+    torch._dynamo.reset()
     split = make_split(random_examples(6, seed=13))
     batch = pack(split, np.arange(6), ROWS64, pad_id=EOS)
     results = []
     for compiled in (False, True):
         model = lora_model(seed=13)
         if compiled:
-            from lorafit.fast import prepare_for_speed
-
             prepare_for_speed(model, compile=True)
         nll, _ = token_nll(model, batch)
         nll.sum().backward()
         results.append((nll.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch._dynamo.reset()
+    assert counter.frame_count >= 1 and counter.op_count > 0  # the backbone did run compiled
+    assert results[1][1].keys() == results[0][1].keys() and results[0][1]  # the same LoRA parameters, by name
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-4, rtol=1e-3)

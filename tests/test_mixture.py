@@ -377,7 +377,6 @@ def test_three_source_run_reports_every_source(tmp_path, tiny_model_dir, monkeyp
     assert list(by) == ["alpha", "beta", "gamma"] and summary["val_examples"] == 9
     for m in by.values():
         assert m["tokens"] > 0 and all(m[k] is not None for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte"))
-        assert math.isclose(m["val_ppl"], math.exp(m["val_loss"]), rel_tol=1e-9)
     tokens = sum(m["tokens"] for m in by.values())
     assert tokens == summary["val_tokens"]
     assert math.isclose(sum(m["val_loss"] * m["tokens"] for m in by.values()) / tokens, summary["val_loss"], rel_tol=1e-9)

@@ -259,6 +259,38 @@ def test_resume_on_other_data_with_as_many_rows_is_refused(run, tmp_path, tiny_m
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("override, named", [
+    ("lora.r=4", "lora.r: 8 in the run, 4 now"),
+    ("lora.targets=[c_attn, c_proj]", "lora.targets: 'auto' in the run, ['c_attn', 'c_proj'] now"),
+    ("train.warmup_steps=2", "train.warmup_steps: 0 in the run, 2 now"),
+    ("data.seq_len=32", "data.seq_len: 64 in the run, 32 now"),
+], ids=["lora.r", "lora.targets", "train.warmup_steps", "data.seq_len"])
+def test_resume_refuses_a_changed_training_setting_and_names_it(override, named, run, tmp_path, tiny_model_dir,
+                                                                 texts_file, capsys):
+    out = unfinished_copy(run, tmp_path / "run")
+    before = snapshot(out)
+    code = main(train_args(tiny_model_dir, texts_file, out, override, "--resume"))
+    refused(code, capsys.readouterr().err, "the config differs", named, "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_resume_on_other_validation_data_is_refused(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    """Only the held-out rows edited: the training examples are the checkpoint's, the validation ones are not."""
+    from lorafit.data.sources import split_indices
+
+    out = unfinished_copy(run, tmp_path / "run")
+    rows = [json.loads(line) for line in texts_file.read_text().splitlines()]
+    _, val = split_indices(len(rows), 0.1, 42)  # the quotes recipe's split
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "quote": r["quote"].upper()} if i in set(val.tolist()) else r) + "\n"
+                             for i, r in enumerate(rows)))
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace(str(texts_file), str(other)))
+    before = snapshot(out)
+    code = main(train_args(tiny_model_dir, other, out, "--resume"))
+    refused(code, capsys.readouterr().err, "was trained on other data", "validation examples differ", "--overwrite")
+    assert snapshot(out) == before
+
+
 # ---------------------------------------------------------------- 7. lorafit generate
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_texts, shared_path
+from conftest import greedy_continuation, make_texts, shared_path
 from lorafit.config import ConfigError, SourceConfig, load_config
 from lorafit.data.formats import read_local_texts
 from lorafit.data.packing import IGNORE, Layout, micro_batches
@@ -93,8 +93,21 @@ def test_generate_template_renders_the_prompt_as_training_did(qa_run, tiny_token
     trained = render({"prompt": {"q": "Where is it?"}, "completion": "Here."}, resolve_template(None), cfg.data.sources["quotes"],
                      tiny_tokenizer)
     assert segments == [trained.segments[0][0]] == ["Where is it?\n"]
-    assert main(["generate", str(run), "Where is it?", "--template", "plain", "--max-new-tokens", "3", "--temperature", "0"]) == 0
-    assert "Where is it?" in capsys.readouterr().out
+    import lorafit.cli
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shown = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lorafit.cli, "show", lambda *a: shown.append(a))
+        assert main(["generate", str(run), "Where is it?", "--template", "plain", "--max-new-tokens", "3",
+                     "--temperature", "0"]) == 0
+    ((prompt, tuned, _, _),) = shown
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run / "adapter"))
+    # the continuation of the prompt as training rendered it, each segment encoded on its own
+    assert prompt == "Where is it?\n"
+    assert tuned == [greedy_continuation(model, tiny_tokenizer, ids_of(tiny_tokenizer, "Where is it?\n"), 3)]
     assert main(["generate", str(run), "x", "--template", "no-such-template"]) == 2
     assert "named templates" in capsys.readouterr().err
 
