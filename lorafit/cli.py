@@ -34,8 +34,11 @@ def _offline_if_hub_unreachable() -> None:
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
+        from lorafit.errors import OFFLINE_REASON
+
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ[OFFLINE_REASON] = f"{host} does not resolve: this machine looks offline, so lorafit ran in offline mode"
 
 
 def _quiet_libraries() -> None:

@@ -7,6 +7,8 @@ a bug in lorafit and keeps its traceback. `Stopped` is a run stopped on request,
 
 from __future__ import annotations
 
+import os
+
 EXIT_USER_ERROR = 2
 
 
@@ -14,6 +16,15 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): enough to say why."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+OFFLINE_REASON = "LORAFIT_OFFLINE_REASON"  # set by the CLI when it switched to offline mode itself
+
+
+def offline_note() -> str:
+    """Why the Hub was not asked, when lorafit found it unreachable and went offline (else nothing)."""
+    reason = os.environ.get(OFFLINE_REASON)
+    return f"\n({reason})" if reason else ""
 
 
 class LorafitError(Exception):

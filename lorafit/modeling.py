@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, offline_note
 
 NETWORK_ERROR_NAMES = (
     "OfflineModeIsEnabled",
@@ -108,7 +108,7 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
     if is_network_error(exc) or not local.exists():
         return LorafitError(
             f"Could not load {what.lower()} '{name}': not a local directory, and the Hugging Face Hub "
-            f"could not provide it ({reason}).\nTo run offline, point lorafit at local files:{hint}"
+            f"could not provide it ({reason}).{offline_note()}\nTo run offline, point lorafit at local files:{hint}"
         )
     return LorafitError(f"Could not load {what.lower()} '{name}': {reason}")
 

@@ -142,6 +142,7 @@ def hub_check(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("LORAFIT_OFFLINE_REASON", raising=False)
     monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)  # restored afterwards
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
     asked = []
@@ -163,12 +164,18 @@ def test_unresolvable_hub_name_switches_to_offline_mode(hub_check):
     asked = hub_check(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
     assert asked == [("hub.example.org", 443)]  # the endpoint in use, not always huggingface.co
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    from lorafit.errors import offline_note
+
+    assert "hub.example.org does not resolve: this machine looks offline" in offline_note()  # said in load errors
 
 
 def test_resolvable_hub_name_stays_online(hub_check):
     asked = hub_check([(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))])
     assert asked == [("hub.example.org", 443)]
     assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    from lorafit.errors import offline_note
+
+    assert offline_note() == ""
 
 
 def test_no_lookup_when_offline_is_set_or_too_late(hub_check, monkeypatch):
@@ -210,7 +217,8 @@ def test_the_real_command_offline_says_what_to_do_exits_2_and_writes_nothing(tmp
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("error: ") == 1
-    for fragment in ("error: Could not load tokenizer 'gpt2'", "To run offline, point lorafit at local files",
+    for fragment in ("error: Could not load tokenizer 'gpt2'", "huggingface.co does not resolve: this machine looks offline",
+                     "To run offline, point lorafit at local files",
                      "model.name=LOCAL_MODEL_DIR", "data.sources.quotes.path=LOCAL_FILE"):
         assert fragment in proc.stderr, (fragment, proc.stderr)
     assert proc.stdout == ""  # stdout is for results only
