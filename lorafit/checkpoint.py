@@ -152,7 +152,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, apply=None) -> dict
 def check_weights(path: Path, model, weights: dict[str, torch.Tensor]) -> None:
     """The checkpoint holds exactly this model's trainable tensors, with their shapes."""
     expected = {k: p.shape for k, p in model.named_parameters() if p.requires_grad}
-    problems = key_problems(expected, {k: v.shape for k, v in weights.items()}, "the checkpoint", "the model")
+    problems = key_problems(expected, {k: v.shape for k, v in weights.items()}, "checkpoint", "model")
     if problems:
         raise LorafitError(
             f"Checkpoint {path} does not match this run's model: {'; '.join(problems)}. "

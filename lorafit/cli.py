@@ -51,8 +51,9 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    # FutureWarnings are the libraries' deprecation notices to developers (e.g. transformers' `is_gradient_checkpointing`,
-    # which PEFT itself calls on every load): nothing a user of the command can act on. The test suite sees them.
+    # FutureWarnings are the libraries' deprecation notices to developers (e.g. transformers'
+    # `is_gradient_checkpointing`, which PEFT itself calls on every load): nothing a user of the command can act
+    # on. The test suite still shows them.
     # PEFT's UserWarnings show, but for the one about fan_in_fan_out (lora.peft_detects_fan_in_fan_out).
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("peft").setLevel(logging.ERROR)

@@ -243,7 +243,7 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
     return model if is_trainable else model.eval()
 
 
-def key_problems(expected: dict, saved: dict, saved_as: str = "the adapter", model_as: str = "the base",
+def key_problems(expected: dict, saved: dict, saved_as: str = "adapter", model_as: str = "base",
                  show: int = 5) -> list[str]:
     """What keeps `saved` {name: shape} from loading into a model that expects `expected` {name: shape}:
     missing and unexpected tensor names and shape differences, a few of each named. `saved_as` and
@@ -257,9 +257,9 @@ def key_problems(expected: dict, saved: dict, saved_as: str = "the adapter", mod
     shapes = [f"{k} {tuple(saved[k])} vs {tuple(s)}" for k, s in sorted(expected.items()) if k in saved and saved[k] != s]
     problems = []
     if missing:
-        problems.append(f"missing from {saved_as}: {listed(missing)}")
+        problems.append(f"missing from the {saved_as}: {listed(missing)}")
     if unexpected:
-        problems.append(f"not in {model_as}: {listed(unexpected)}")
+        problems.append(f"not in the {model_as}: {listed(unexpected)}")
     if shapes:
         problems.append(f"shape ({saved_as} vs {model_as}): {listed(shapes)}")
     return problems

@@ -101,6 +101,29 @@ def test_saved_adapter_loads_in_peft_with_identical_logits(tmp_path):
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter does change the output
 
 
+def test_peft_sets_fan_in_fan_out_by_layer_type_and_only_that_warning_is_hidden(tmp_path):
+    """lorafit leaves fan_in_fan_out to PEFT: True for GPT-2's Conv1D (in adapter_config.json too), False for
+    nn.Linear. PEFT's warning that it set it is filtered; its other warnings are not."""
+    import json
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gpt2 = lora_model(seed=6)
+        gpt2.save_pretrained(str(tmp_path / "adapter"))
+        linear = apply_lora(llama, LoraConfig(r=4, targets=["q_proj"]))
+        assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+        apply_lora(gpt2.get_base_model(), LoraConfig(r=4, targets=["c_fc"]))  # wrapped twice: PEFT says so
+    assert any("modify a model with PEFT for a second time" in str(w.message) for w in caught)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert gpt2.base_model.model.transformer.h[0].attn.c_attn.fan_in_fan_out
+    assert not linear.base_model.model.model.layers[0].self_attn.q_proj.fan_in_fan_out
+
+
 def test_merged_model_matches_base_plus_adapter():
     model = lora_model(seed=5, targets=("c_attn", "c_proj"))
     ids = torch.randint(0, VOCAB, (2, 25))
