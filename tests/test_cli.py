@@ -116,6 +116,31 @@ def test_peft_loads_the_run_adapter_with_lorafits_logits(trained_run):
                 torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_the_command_hides_two_peft_warnings_only(tmp_path, monkeypatch):
+    """No blanket filter on PEFT: only its notes that it set fan_in_fan_out and that it could not check a Hub
+    base's vocabulary offline are hidden (both by their message); another PEFT warning still shows."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorafit.cli import _quiet_libraries
+    from lorafit.config import LoraConfig
+    from lorafit.lora import apply_lora
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=300))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_libraries()
+        model = apply_lora(base, LoraConfig(r=4, targets=["c_attn"]))
+        model.peft_config["default"].base_model_name_or_path = "gpt2"  # a Hub id, offline
+        model.save_pretrained(str(tmp_path / "adapter"))
+        apply_lora(base, LoraConfig(r=4, targets=["c_fc"]))  # wrapped twice: PEFT says so
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert not [m for m in messages if "fan_in_fan_out" in m or "vocabulary" in m], messages
+    assert any("modify a model with PEFT for a second time" in m for m in messages), messages
+
+
 # ---------------------------------------------------------------- failures: one message, exit 2, no traceback
 
 
