@@ -124,6 +124,20 @@ def test_peft_sets_fan_in_fan_out_by_layer_type_and_only_that_warning_is_hidden(
     assert not linear.base_model.model.model.layers[0].self_attn.q_proj.fan_in_fan_out
 
 
+def test_saved_adapter_names_the_base_as_the_user_gave_it(tmp_path, tiny_tokenizer):
+    """adapter_config.json's base_model_name_or_path is the load record's name (set before PEFT saves), whatever
+    the model object says; the resolved path stays in lorafit_base.json."""
+    import json
+
+    from lorafit.train import save_adapter
+
+    model = lora_model(seed=7)  # built from a config: PEFT alone would record no base at all
+    load = {"name": "models/my-gpt2", "resolved": "/abs/models/my-gpt2"}
+    save_adapter(model, tiny_tokenizer, tmp_path / "adapter", load)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == load["name"]
+    assert json.loads((tmp_path / "adapter" / "lorafit_base.json").read_text())["load"] == load
+
+
 def test_merged_model_matches_base_plus_adapter():
     model = lora_model(seed=5, targets=("c_attn", "c_proj"))
     ids = torch.randint(0, VOCAB, (2, 25))
