@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
+from lorafit.lora import key_problems
 from lorafit.rundir import atomic_dir, saving
 
 WEIGHTS = "adapter_model.safetensors"
@@ -151,15 +152,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, apply=None) -> dict
 def check_weights(path: Path, model, weights: dict[str, torch.Tensor]) -> None:
     """The checkpoint holds exactly this model's trainable tensors, with their shapes."""
     expected = {k: p.shape for k, p in model.named_parameters() if p.requires_grad}
-    problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
-    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
-    problems += [
-        f"{k} has shape {tuple(weights[k].shape)}, the model {tuple(s)}"
-        for k, s in expected.items()
-        if k in weights and weights[k].shape != s
-    ]
+    problems = key_problems(expected, {k: v.shape for k, v in weights.items()}, "checkpoint", "model")
     if problems:
         raise LorafitError(
-            f"Checkpoint {path} does not match this run's model: {'; '.join(problems[:4])}"
-            f"{' ...' if len(problems) > 4 else ''}. Was the config changed since the run started?"
+            f"Checkpoint {path} does not match this run's model: {'; '.join(problems)}. "
+            "Was the config changed since the run started?"
         )

@@ -54,8 +54,15 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    # FutureWarnings are the libraries' deprecation notices to developers (e.g. transformers'
+    # `is_gradient_checkpointing`, which PEFT itself calls on every load): nothing a user of the command can act
+    # on. The test suite still shows them.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    # PEFT's UserWarnings show but two: fan_in_fan_out set by PEFT (lora.peft_detects_fan_in_fan_out), and, when
+    # saving an adapter of a Hub base offline, that it could not check the base's vocabulary on the Hub (lorafit
+    # never resizes it, so there is nothing to check).
+    warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary was "
+                            "not modified", category=UserWarning)
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 

@@ -1,8 +1,10 @@
-"""LoRA through PEFT: wrap a frozen base, count parameters, load saved adapters safely."""
+"""LoRA through PEFT: wrap a frozen base, load saved adapters safely, check saved tensors against a model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,46 +101,38 @@ def peft_config(cfg: LoraConfig, targets: list[str]):
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
-        # GPT-2's Conv1D stores weights as (in, out); PEFT must know to transpose.
-        fan_in_fan_out=None,
+        # fan_in_fan_out (GPT-2's Conv1D stores weights as (in, out)) is left to PEFT: it sets it for
+        # Conv1D targets, and the saved adapter_config.json records it.
     )
+
+
+FAN_IN_FAN_OUT_WARNING = r"fan_in_fan_out is set to \w+ but the target module is"  # peft/tuners/lora/layer.py
+
+
+@contextlib.contextmanager
+def peft_detects_fan_in_fan_out():
+    """PEFT sets fan_in_fan_out by the target's layer type (True for Conv1D) and warns that it did: lorafit
+    leaves it to PEFT on purpose, so that one warning says nothing to a user. Every other warning shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=FAN_IN_FAN_OUT_WARNING, category=UserWarning)
+        yield
 
 
 def apply_lora(model, cfg: LoraConfig, targets: list[str] | None = None):
     """Freeze the base and add fresh LoRA weights (B = 0, so outputs are unchanged). `targets`: the
     names `resolve_targets` gave for cfg.targets (resolved here when not given)."""
-    import warnings
-
     from peft import get_peft_model
-    from transformers.pytorch_utils import Conv1D
 
     targets = targets if targets is not None else resolve_targets(model, cfg.targets)[0]
-    pc = peft_config(cfg, targets)
-    pc.fan_in_fan_out = any(
-        isinstance(m, Conv1D) for n, m in model.named_modules() if any(_matches(n, t) for t in targets)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out defaults we set explicitly
+    with peft_detects_fan_in_fan_out():
         try:
-            peft_model = get_peft_model(model, pc)
+            peft_model = get_peft_model(model, peft_config(cfg, targets))
         except ValueError as exc:  # e.g. a setting this module type does not support
             raise LorafitError(f"PEFT cannot apply this LoRA config: {first_line(exc)}") from None
     for param in peft_model.parameters():  # PEFT keeps adapters fp32; make sure of it
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return peft_model
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counting tied weights once."""
-    seen, trainable, total = set(), 0, 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
-    return trainable, total
 
 
 def format_counts(trainable: int, total: int) -> str:
@@ -223,11 +217,12 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
         config.inference_mode = not is_trainable
-        if adding:
-            model = base_model
-            model.add_adapter(adapter_name, config)
-        else:
-            model = PeftModel(base_model, config, adapter_name=adapter_name)
+        with peft_detects_fan_in_fan_out():  # a plain PEFT adapter may have left it False for GPT-2
+            if adding:
+                model = base_model
+                model.add_adapter(adapter_name, config)
+            else:
+                model = PeftModel(base_model, config, adapter_name=adapter_name)
     except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules absent from this base
         raise mismatch(first_line(exc)) from None
 
@@ -248,8 +243,11 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
     return model if is_trainable else model.eval()
 
 
-def key_problems(expected: dict, saved: dict, show: int = 5) -> list[str]:
-    """Missing and unexpected tensor names and shape differences, a few of each named."""
+def key_problems(expected: dict, saved: dict, saved_as: str = "adapter", model_as: str = "base",
+                 show: int = 5) -> list[str]:
+    """What keeps `saved` {name: shape} from loading into a model that expects `expected` {name: shape}:
+    missing and unexpected tensor names and shape differences, a few of each named. `saved_as` and
+    `model_as` name the two sides in the messages (an adapter and its base, a checkpoint and the run's model)."""
 
     def listed(names: list[str]) -> str:
         return ", ".join(names[:show]) + (f" (+{len(names) - show} more)" if len(names) > show else "")
@@ -259,9 +257,9 @@ def key_problems(expected: dict, saved: dict, show: int = 5) -> list[str]:
     shapes = [f"{k} {tuple(saved[k])} vs {tuple(s)}" for k, s in sorted(expected.items()) if k in saved and saved[k] != s]
     problems = []
     if missing:
-        problems.append(f"missing from the adapter: {listed(missing)}")
+        problems.append(f"missing from the {saved_as}: {listed(missing)}")
     if unexpected:
-        problems.append(f"not in the base: {listed(unexpected)}")
+        problems.append(f"not in the {model_as}: {listed(unexpected)}")
     if shapes:
-        problems.append(f"shape (adapter vs base): {listed(shapes)}")
+        problems.append(f"shape ({saved_as} vs {model_as}): {listed(shapes)}")
     return problems

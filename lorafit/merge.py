@@ -8,6 +8,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.generate import load_for_inference
+from lorafit.modeling import restore_activation_names
 from lorafit.rundir import atomic_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,6 +27,7 @@ def merge(run_or_adapter, out: Path, base: str | None = None, dtype: str = "fp32
     model, tokenizer, _ = load_for_inference(run_or_adapter, base=base, precision="fp32", device=torch.device("cpu"),
                                              attn_implementation=attn_implementation)
     merged = model.merge_and_unload()
+    restore_activation_names(merged)  # loaded with the one-kernel GELU; saved with the base's own name
     merged = merged.to(DTYPES[dtype])
     merged.config.use_cache = True
     with atomic_dir(out) as tmp:

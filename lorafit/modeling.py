@@ -151,14 +151,49 @@ def quantization_config(cfg: ModelConfig, precision: Precision, device: torch.de
                               bnb_4bit_compute_dtype=precision.autocast or torch.bfloat16)
 
 
+# GPT-2's `gelu_new` (also GPT-J's, GPT-Neo's, CodeGen's, Phi's) is written as seven elementwise ops (pow, mul,
+# add, tanh, ...), each a full pass over the (tokens x 4 hidden) MLP activations, forward and backward. transformers'
+# `gelu_pytorch_tanh` is the same function in one kernel, F.gelu(approximate="tanh"): 3.4x faster forward + backward
+# on CPU too (6.6 vs 2.0 ms for one quotes step's activations, ~5% of the step). Every load of a base (training, eval,
+# generate, merge, serve) goes through load_base_model, so an adapter is always evaluated as it was trained.
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+ACTIVATION_KEYS = ("activation_function", "hidden_act")  # GPT-2/GPT-J/GPT-Neo/CodeGen; most others
+ORIGINAL_ACTIVATIONS = "lorafit_original_activations"  # on the loaded model: {key: the base's own name}
+
+
+def fuse_activations(config) -> dict[str, str]:
+    """Name the one-kernel equivalent in `config` where the base says `gelu_new`; returns {key: original}.
+    Only transformers' own model classes: code shipped with a model may not know the name."""
+    if not type(config).__module__.startswith("transformers."):
+        return {}
+    originals = {}
+    for key in ACTIVATION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, str) and value in FUSED_ACTIVATIONS:
+            originals[key] = value
+            setattr(config, key, FUSED_ACTIVATIONS[value])
+    return originals
+
+
+def restore_activation_names(model) -> None:
+    """The base's own activation names back in model.config (the same function): a model saved from a loaded
+    base (lorafit merge) has the config its user knows."""
+    for key, value in getattr(model, ORIGINAL_ACTIVATIONS, {}).items():
+        setattr(model.config, key, value)
+
+
 def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device, hint: str = ""):
-    """The frozen base, loaded straight onto its device (a GPU never waits for a full CPU copy first)."""
-    from transformers import AutoModelForCausalLM
+    """The frozen base, loaded straight onto its device (a GPU never waits for a full CPU copy first), with
+    the one-kernel GELU where the base names `gelu_new` (see FUSED_ACTIVATIONS)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     quantization = quantization_config(cfg, precision, device)
     try:
+        config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        originals = fuse_activations(config)
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name,
+            config=config,
             revision=cfg.revision,
             dtype=precision.weights,
             attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
@@ -172,6 +207,7 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
         raise out_of_memory(device, "loading the base model") from None
     except Exception as exc:
         raise _load_failure("Model", cfg.name, exc, hint) from None
+    setattr(model, ORIGINAL_ACTIVATIONS, originals)
     model.config.use_cache = False  # training never needs the KV cache
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)

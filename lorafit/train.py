@@ -28,7 +28,7 @@ from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, autocast_context, evaluate_run
 from lorafit.fastpath import FastPaths
-from lorafit.lora import apply_lora, count_parameters, format_counts, resolve_targets, unwrapped, write_base_signature
+from lorafit.lora import apply_lora, format_counts, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.measure import device_name, peak_memory_bytes, sync
 from lorafit.modeling import (
@@ -334,6 +334,8 @@ def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None 
     """The adapter in PEFT's format (its config names the base as the user gave it), the tokenizer,
     and lorafit's metadata: the base's signature and how to load it again (`load`). `weights`: the
     trainable weights gathered whole from a sharded model."""
+    for adapter in model.peft_config.values():  # PEFT writes it into adapter_config.json
+        adapter.base_model_name_or_path = load["name"]
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
@@ -378,7 +380,7 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
         log(note)
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
     model = apply_lora(model, cfg.lora, targets)
-    log(f"LoRA on {', '.join(targets)}: {format_counts(*count_parameters(model))}")
+    log(f"LoRA on {', '.join(targets)}: {format_counts(*model.get_nb_trainable_parameters())}")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
         base = unwrapped(model)
@@ -515,7 +517,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     with saving(f"the adapter in {run.adapter}", advice):
         save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
                      lora_weights)
-    trainable, total = count_parameters(trainer.model)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
     summary = {
         "recipe": cfg.recipe,
         "base_model": cfg.model.name,

@@ -141,6 +141,8 @@ def test_merge_gives_the_logits_of_base_plus_adapter(trained_run, tmp_path):
     from lorafit.generate import load_for_inference
 
     assert main(["merge", str(trained_run), str(tmp_path / "merged")]) == 0
+    # The base's own activation name, not the one-kernel name it was loaded with (the same function).
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["activation_function"] == "gelu_new"
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     peft_model, _, _ = load_for_inference(trained_run, precision="fp32", device=torch.device("cpu"))
     ids = torch.randint(0, 200, (2, 30))
@@ -149,18 +151,49 @@ def test_merge_gives_the_logits_of_base_plus_adapter(trained_run, tmp_path):
 
 
 def test_peft_loads_the_run_adapter_with_lorafits_logits(trained_run):
+    """Exactly lorafit's logits with the base's GELU in one kernel, as lorafit loads it (gelu_pytorch_tanh); the
+    base's own gelu_new (seven elementwise ops) differs by rounding only."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lorafit.generate import load_for_inference
 
     config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
-    theirs = PeftModel.from_pretrained(base, str(trained_run / "adapter")).eval()
     ours, _, _ = load_for_inference(trained_run, precision="fp32", device=torch.device("cpu"))
     ids = torch.randint(0, 200, (1, 40))
-    with torch.no_grad():
-        assert torch.equal(theirs(ids).logits, ours(ids).logits)
+    for activation in ("gelu_pytorch_tanh", "gelu_new"):
+        base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], activation_function=activation)
+        theirs = PeftModel.from_pretrained(base, str(trained_run / "adapter")).eval()
+        with torch.no_grad():
+            if activation == "gelu_pytorch_tanh":
+                assert torch.equal(theirs(ids).logits, ours(ids).logits)
+            else:
+                torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_command_hides_two_peft_warnings_only(tmp_path, monkeypatch):
+    """No blanket filter on PEFT: only its notes that it set fan_in_fan_out and that it could not check a Hub
+    base's vocabulary offline are hidden (both by their message); another PEFT warning still shows."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorafit.cli import _quiet_libraries
+    from lorafit.config import LoraConfig
+    from lorafit.lora import apply_lora
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=300))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_libraries()
+        model = apply_lora(base, LoraConfig(r=4, targets=["c_attn"]))
+        model.peft_config["default"].base_model_name_or_path = "gpt2"  # a Hub id, offline
+        model.save_pretrained(str(tmp_path / "adapter"))
+        apply_lora(base, LoraConfig(r=4, targets=["c_fc"]))  # wrapped twice: PEFT says so
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert not [m for m in messages if "fan_in_fan_out" in m or "vocabulary" in m], messages
+    assert any("modify a model with PEFT for a second time" in m for m in messages), messages
 
 
 # ---------------------------------------------------------------- failures (the bad-input cases: test_bad_input.py)

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lorafit.config import LoraConfig
 from lorafit.data.packing import IGNORE, Layout, micro_batches, pack
 from lorafit.data.tokenize import TokenizedSplit
-from lorafit.lora import apply_lora, count_parameters, format_counts
+from lorafit.lora import apply_lora, format_counts
 from lorafit.loss import linear_cross_entropy, plain_cross_entropy, token_nll
 
 VOCAB = 300
@@ -62,7 +62,7 @@ def random_examples(n: int, seed: int = 0, lo: int = 2, hi: int = 30) -> list[li
 def test_trainable_counts_on_the_gpt2_config(targets, dropout, trainable, total):
     with torch.device("meta"):  # the real gpt2 shapes without allocating 500 MB
         model = apply_lora(GPT2LMHeadModel(GPT2Config()), LoraConfig(r=8, alpha=16, dropout=dropout, targets=targets))
-    assert count_parameters(model) == (trainable, total)
+    assert model.get_nb_trainable_parameters() == (trainable, total)  # tied weights (wte = lm_head) once
     assert format_counts(trainable, total).startswith(f"trainable {trainable:,} / {total:,} (")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all("lora_" not in n for n in frozen)
@@ -99,6 +99,43 @@ def test_saved_adapter_loads_in_peft_with_identical_logits(tmp_path):
         plain = tiny_gpt2(seed=4)(ids).logits
     assert torch.equal(ours, theirs)
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter does change the output
+
+
+def test_peft_sets_fan_in_fan_out_by_layer_type_and_only_that_warning_is_hidden(tmp_path):
+    """lorafit leaves fan_in_fan_out to PEFT: True for GPT-2's Conv1D (in adapter_config.json too), False for
+    nn.Linear. PEFT's warning that it set it is filtered; its other warnings are not."""
+    import json
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gpt2 = lora_model(seed=6)
+        gpt2.save_pretrained(str(tmp_path / "adapter"))
+        linear = apply_lora(llama, LoraConfig(r=4, targets=["q_proj"]))
+        assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+        apply_lora(gpt2.get_base_model(), LoraConfig(r=4, targets=["c_fc"]))  # wrapped twice: PEFT says so
+    assert any("modify a model with PEFT for a second time" in str(w.message) for w in caught)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert gpt2.base_model.model.transformer.h[0].attn.c_attn.fan_in_fan_out
+    assert not linear.base_model.model.model.layers[0].self_attn.q_proj.fan_in_fan_out
+
+
+def test_saved_adapter_names_the_base_as_the_user_gave_it(tmp_path, tiny_tokenizer):
+    """adapter_config.json's base_model_name_or_path is the load record's name (set before PEFT saves), whatever
+    the model object says; the resolved path stays in lorafit_base.json."""
+    import json
+
+    from lorafit.train import save_adapter
+
+    model = lora_model(seed=7)  # built from a config: PEFT alone would record no base at all
+    load = {"name": "models/my-gpt2", "resolved": "/abs/models/my-gpt2"}
+    save_adapter(model, tiny_tokenizer, tmp_path / "adapter", load)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == load["name"]
+    assert json.loads((tmp_path / "adapter" / "lorafit_base.json").read_text())["load"] == load
 
 
 def test_merged_model_matches_base_plus_adapter():
@@ -286,19 +323,41 @@ def test_vocab_aligned_head_gives_the_same_loss_and_gradients(monkeypatch):
     torch.testing.assert_close(h.grad, ref_grad, atol=1e-12, rtol=1e-12)
 
 
-def test_fused_gelu_matches_gpt2_gelu_new():
-    from transformers.activations import NewGELUActivation
+def test_gpt2_loads_with_the_one_kernel_gelu_and_computes_gelu_new(tmp_path):
+    """load_base_model names gelu_new as transformers' gelu_pytorch_tanh: the same function (checked against
+    transformers' own NewGELUActivation) and the same model (logits as loaded by plain transformers)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
 
-    from lorafit.fast import FusedTanhGELU, fuse_gelu
+    from lorafit.config import ModelConfig
+    from lorafit.modeling import Precision, load_base_model
 
-    x = torch.randn(1000, dtype=torch.float64) * 4
-    torch.testing.assert_close(FusedTanhGELU()(x), NewGELUActivation()(x), atol=1e-12, rtol=1e-12)
-    model = tiny_gpt2(seed=12)
+    tiny_gpt2(seed=12).save_pretrained(str(tmp_path / "base"))
+    model = load_base_model(ModelConfig(name=str(tmp_path / "base"), precision="fp32"), Precision(torch.float32, None),
+                            torch.device("cpu")).eval()
+    acts = [block.mlp.act for block in model.transformer.h]
+    assert model.config.activation_function == "gelu_pytorch_tanh" and all(isinstance(a, GELUTanh) for a in acts)
+    x = torch.randn(10_000) * 4
+    torch.testing.assert_close(acts[0](x), NewGELUActivation()(x), atol=2e-6, rtol=1e-6)  # fp32 rounding
+    torch.testing.assert_close(acts[0](x.double()), NewGELUActivation()(x.double()), atol=1e-12, rtol=1e-12)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    assert plain.config.activation_function == "gelu_new"
     ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
-        before = model(ids).logits
-        assert fuse_gelu(model) == 2
-        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_only_transformers_own_gelu_new_is_renamed():
+    from transformers import GPT2Config, LlamaConfig, PhiConfig
+
+    from lorafit.modeling import fuse_activations
+
+    phi, llama, relu = PhiConfig(hidden_act="gelu_new"), LlamaConfig(), GPT2Config(activation_function="relu")
+    assert fuse_activations(phi) == {"hidden_act": "gelu_new"} and phi.hidden_act == "gelu_pytorch_tanh"
+    assert fuse_activations(llama) == {} and llama.hidden_act == "silu"
+    assert fuse_activations(relu) == {} and relu.activation_function == "relu"
+    remote = type("RemoteConfig", (GPT2Config,), {"__module__": "transformers_modules.someone.model"})()
+    assert fuse_activations(remote) == {} and remote.activation_function == "gelu_new"  # its code may not know the name
 
 
 def test_compiled_backbone_matches_eager_loss_and_gradients(monkeypatch):

@@ -22,6 +22,7 @@ import torch
 
 from lorafit import checkpoint as ckpt
 from lorafit.cli import main
+from lorafit.errors import LorafitError
 
 RUN = ["train.max_steps=10", "train.save_every=3", "train.log_every=2", "train.eval_every=4",
        "train.keep_checkpoints=2", "eval.sample_max_new_tokens=5", "--no-progress"]
@@ -259,6 +260,20 @@ def test_a_save_interrupted_midway_leaves_the_old_checkpoint_newest_and_complete
     assert ckpt.list_checkpoints(tmp_path) == [(1, tmp_path / "step-1")]
     assert [p.name for p in tmp_path.iterdir()] == ["step-1"]
     assert ckpt.load_checkpoint(tmp_path / "step-1", *tiny_state())["note"] == "one"
+
+
+def test_a_checkpoint_of_another_model_names_what_differs(tmp_path):
+    model, optimizer, scheduler = tiny_state()
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, keep=1)
+    wider = torch.nn.Linear(4, 5)  # same names, other shapes
+    with pytest.raises(LorafitError) as info:
+        ckpt.load_checkpoint(tmp_path / "step-1", wider, torch.optim.AdamW(wider.parameters()), scheduler)
+    assert f"Checkpoint {tmp_path / 'step-1'} does not match this run's model" in str(info.value)
+    assert "shape (checkpoint vs model): bias (3,) vs (5,), weight (3, 4) vs (5, 4)" in str(info.value)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3))  # other names: 0.weight, 0.bias
+    with pytest.raises(LorafitError) as info:
+        ckpt.load_checkpoint(tmp_path / "step-1", other, torch.optim.AdamW(other.parameters()), scheduler)
+    assert "missing from the checkpoint: 0.bias, 0.weight; not in the model: bias, weight" in str(info.value)
 
 
 def test_checkpoints_restore_weights_optimizer_and_rngs_and_only_the_newest_are_kept(tmp_path):

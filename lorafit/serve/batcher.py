@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafit.serve.models import BASE_ADAPTER
 
 
 
@@ -25,7 +24,7 @@ class Row:
     """One completion being generated: a prompt, its sampling settings, and where its text goes."""
 
     prompt_ids: list[int]
-    adapter: str  # an adapter name, or BASE_ADAPTER
+    adapter: str  # an adapter name, or models.BASE_ADAPTER
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
