@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-
-
 @dataclass
 class Row:
     """One completion being generated: a prompt, its sampling settings, and where its text goes."""
