@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
 from lorafit.lora import key_problems
-from lorafit.rundir import atomic_dir, saving
+from lorafit.atomic import atomic_dir
+from lorafit.rundir import saving
 
 WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER = "optimizer.pt"

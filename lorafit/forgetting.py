@@ -195,7 +195,8 @@ def eval_dir(run: Path) -> Path:
 
 
 def write_eval_json(run: Path, name: str, obj: dict) -> Path:
-    from lorafit.rundir import atomic_write_text, saving, to_json
+    from lorafit.atomic import atomic_write_text
+    from lorafit.rundir import saving, to_json
 
     path = eval_dir(run) / name
     with saving(f"{path}", "Free space or fix the permissions, then run the evaluation again."):

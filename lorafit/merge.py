@@ -9,7 +9,7 @@ import torch
 from lorafit.errors import LorafitError
 from lorafit.generate import load_for_inference
 from lorafit.modeling import restore_activation_names
-from lorafit.rundir import atomic_dir
+from lorafit.atomic import atomic_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lorafit.atomic import atomic_dir, atomic_path, atomic_write_text, is_temporary  # noqa: F401 (re-exported for the run's writers)
+from lorafit.atomic import atomic_write_text, is_temporary
 from lorafit.errors import LorafitError
 
 ADAPTER_DIR = "adapter"

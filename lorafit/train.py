@@ -20,13 +20,14 @@ import torch
 
 from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
+from lorafit.atomic import atomic_dir, atomic_path
 from lorafit.config import RunConfig, save_config
 from lorafit.console import log
 from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.prepare import Data, prepare_data, share_data
 from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
-from lorafit.evaluate import Scoring, autocast_context, evaluate_run
+from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
 from lorafit.fastpath import FastPaths
 from lorafit.lora import apply_lora, format_counts, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
@@ -36,7 +37,7 @@ from lorafit.modeling import (
 )
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
-    CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, atomic_dir, atomic_path, saving,
+    CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
 )
 from lorafit.runcheck import check_before_training, check_same_config, data_fingerprint, extends_run, same_data
 
@@ -405,8 +406,7 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
     return Trainer(
         cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, fast, targets,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
-        scoring=Scoring(device, precision.autocast, fast, cfg.eval.batch_tokens or 4 * default_micro_tokens(device),
-                        tokenizer.pad_token_id),
+        scoring=scoring_for(cfg, model, tokenizer, fast=fast, device=device),
         scaler=scaler,
         ddp=data_parallel(model, fast) if dist.world().parallel and not dist.sharded() else None,
     )
