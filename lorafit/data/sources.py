@@ -58,7 +58,7 @@ def read_source(name: str, src: SourceConfig, root: str | None, seed: int, cache
     A capped hub source is streamed once and then read from `cache_dir` (see hub.py)."""
     if is_local(src, root):
         texts = read_local_texts(resolve_path(src.path, root), src, name)
-        texts = filter_texts(texts, src)
+        texts = filter_texts(texts, src, name)
         where = str(resolve_path(src.path, root))
     else:
         texts = read_hub_texts(name, src, seed, cache_dir)  # already filtered; capped while streaming

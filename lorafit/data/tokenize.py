@@ -50,7 +50,7 @@ from lorafit.atomic import atomic_path
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
 PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
-CACHE_VERSION = 3  # 3: the per-token `scored` mask and the length-policy counts
+CACHE_VERSION = 4  # 3: the per-token `scored` mask and the length-policy counts; 4: preference pairs
 
 
 @dataclass
@@ -227,12 +227,17 @@ def tokenize_texts(
     seq_len: int,
     policy: str,
     progress: bool = False,
+    pairs: bool = False,
 ) -> TokenizedSplit:
     """Tokenise texts (str: every token scored) and rendered examples (`templates.Rendered`: segments,
-    each encoded on its own); `scored` stays None when every example is a text."""
+    each encoded on its own); `scored` stays None when every example is a text. `pairs`: the items are
+    preference pairs' sequences two by two (chosen, rejected); a pair either of whose sequences the length
+    policy drops (or splits) is left out whole (`pairs_dropped`), so sequence 2i + 1 is always 2i's pair."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; lorafit appends one to every example")
+    if pairs and (len(texts) % 2 or policy == "chunk"):
+        raise ValueError("pairs: an even number of sequences, and a policy that keeps each whole (truncate or drop)")
     masked = any(not isinstance(t, str) for t in texts)
     pieces: list[list[int]] = []
     masks: list[list[bool]] = []
@@ -277,12 +282,23 @@ def tokenize_texts(
                     c["dropped_too_long"] = c.get("dropped_too_long", 0) + 1
                 parts = [(p, None) for p in plain]
             parts = [(p, m) for p, m in parts if len(p) >= 2]  # an example needs at least one target
+            if pairs and j % 2 == 0:  # a chosen sequence waits for its rejected one: a pair is kept whole or not at all
+                held = (parts, lost)
+                continue
+            if pairs:
+                (first, first_lost), both = held, held[0] + parts
+                if len(first) != 1 or len(parts) != 1:
+                    c["pairs_dropped"] = c.get("pairs_dropped", 0) + 1
+                    continue
+                parts, flags, lost = both, [first_lost, lost], first_lost or lost
+            else:
+                flags = [lost] * len(parts)
             if lost and parts:
                 c["truncated"] = c.get("truncated", 0) + 1
             pieces += [p for p, _ in parts]
             masks += [m for _, m in parts]
             piece_sources += [source] * len(parts)
-            truncated += [lost] * len(parts)
+            truncated += flags
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
@@ -383,8 +399,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, policy: str) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{tokenizer_fp}|{seq_len}|{policy}|{len(texts)}".encode())
+def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, policy: str, pairs: bool = False) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{tokenizer_fp}|{seq_len}|{policy}|{len(texts)}|{int(pairs)}".encode())
     for text, src in zip(texts, sources):
         if isinstance(text, str):
             h.update(f"{src}|{len(text)}|".encode())
@@ -409,18 +425,19 @@ def tokenize_cached(
     policy: str,
     cache_dir: Path | None,
     progress: bool = False,
+    pairs: bool = False,
 ) -> tuple[TokenizedSplit, bool]:
     """Tokenise, reusing a cached result for identical texts/tokenizer/policy. Returns (split, hit)."""
     if cache_dir is None:
-        return tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress), False
-    key = cache_key(texts, sources, tokenizer_fingerprint(tokenizer), seq_len, policy)
+        return tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress, pairs), False
+    key = cache_key(texts, sources, tokenizer_fingerprint(tokenizer), seq_len, policy, pairs)
     path = Path(cache_dir) / "tokens" / f"{key}.npz"
     if path.is_file():
         try:
             return TokenizedSplit.load(path), True
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt below
-    split = tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress)
+    split = tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress, pairs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # a reader never sees half a file
