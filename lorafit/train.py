@@ -29,12 +29,14 @@ from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
 from lorafit.fastpath import FastPaths
-from lorafit.lora import apply_lora, format_counts, resolve_targets, unwrapped, write_base_signature
+from lorafit.lora import apply_lora, format_counts, load_adapter, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.measure import device_name, peak_memory_bytes, sync
+from lorafit.generate import resolve_adapter_dir
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
+from lorafit.preference import PreferenceObjective, attach_reference, evaluate_pairs, pair_costs, pair_sequences, settings
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
@@ -66,32 +68,44 @@ class Trainer:
     progress: Progress = field(default_factory=Progress)
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
     fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
+    objective: PreferenceObjective | None = None  # a preference objective (train.objective); None: SFT
 
     # -- one optimizer step
     def step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(all examples of step `step`, the scored targets of each): a function of the step alone, the same on
-        every rank."""
+        every rank. (A preference step takes pairs: these are their sequences.)"""
         examples = self.plan.examples(step)
+        if self.objective is not None:
+            examples = pair_sequences(examples)
         return examples, self.data.train.targets_per_example()[examples]
+
+    def unit_costs(self, units: np.ndarray) -> np.ndarray:
+        """Positions each unit of a step (an example, or a pair) costs to compute: what ranks are balanced by."""
+        if self.objective is not None:
+            return pair_costs(self.data.train, units)
+        return self.data.train.lengths()[units] - 1
 
     def step_batches(self, step: int) -> list:
         """This rank's packed micro-batches of optimizer step `step`: its share of the step, balanced by the
-        positions each example costs to compute."""
-        examples = self.plan.examples(step)
-        return self._micro_batches(dist.my_share(examples, self.data.train.lengths()[examples] - 1))
+        positions each example (or pair) costs to compute."""
+        units = self.plan.examples(step)
+        return self._micro_batches(dist.my_share(units, self.unit_costs(units)))
 
     def _micro_batches(self, indices: np.ndarray) -> list:
         return micro_batches(self.data.train, indices, self.fast.layout, self.micro_tokens, self.tokenizer.pad_token_id,
-                             shape_multiple(self.device))
+                             shape_multiple(self.device), pairs=self.objective is not None)
 
     def train_step(self) -> torch.Tensor:
+        units = self.plan.examples(self.progress.step)
         examples, targets = self.step_examples(self.progress.step)
         n_targets = int(targets.sum())  # the whole step's, over every rank: the loss is normalised by it
+        if self.objective is not None:  # a preference loss is normalised by the step's pairs (lorafit/preference.py)
+            self.objective.begin_step(units, self.device)
         batches = self.step_batches(self.progress.step)
         # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0; with a
         # sharded model every forward is a collective, so each rank runs as many micro-batches as the busiest.
         n_work = dist.common_count(len(batches)) if dist.sharded() else max(1, len(batches))
-        work = batches + (self._micro_batches(examples[:1]) * (n_work - len(batches)) if n_work > len(batches) else [])
+        work = batches + (self._micro_batches(units[:1]) * (n_work - len(batches)) if n_work > len(batches) else [])
         world = dist.world()
         scale = world.size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
         forward = self.ddp or (lambda b: token_nll(self.model, b, fused=self.fast.fused_head)[0])
@@ -102,14 +116,19 @@ class Trainer:
                 batch = batch.to(self.device)
                 with autocast_context(self.device, self.precision.autocast):
                     nll = forward(batch)
-                nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0
-                loss = nll_sum * scale  # normalised by the whole step's targets, not the micro-batch's
+                if self.objective is None:
+                    nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0
+                    loss = nll_sum * scale  # normalised by the whole step's targets, not the micro-batch's
+                else:  # already normalised by the whole step's pairs
+                    nll_sum = self.objective.micro_loss(nll, batch, counted=i < len(batches))
+                    loss = nll_sum * world.size
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_nll += nll_sum.detach().double()
         dist.all_reduce_sum(step_nll)  # every rank judges (and logs) the same step loss
         if world.parallel:  # the scored targets in each rank's share (the shares balance positions)
-            shares = dist.shares(self.data.train.lengths()[examples] - 1, world.size)
-            step_ranks = [int(targets[s].sum()) for s in shares]
+            shares = dist.shares(self.unit_costs(units), world.size)
+            per_unit = targets.reshape(len(units), -1).sum(1)  # a pair's two sequences are consecutive
+            step_ranks = [int(per_unit[s].sum()) for s in shares]
             self.progress.window.rank_tokens = [a + b for a, b in zip(self.progress.window.rank_tokens or [0] * world.size, step_ranks)]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -118,7 +137,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
             grad_norm = grad_norm.full_tensor()
-        if self.apply_update(step_nll, grad_norm, n_targets):
+        if self.apply_update(step_nll, grad_norm, 1 if self.objective else n_targets):
+            if self.objective is not None:
+                self.objective.end_step(step_nll)
             self.progress.window.nll = self.progress.window.nll + step_nll
             self.progress.window.tokens += n_targets
             self.progress.window.examples += len(examples)
@@ -159,6 +180,8 @@ class Trainer:
     def log_window(self, grad_norm, bar) -> None:
         w = self.progress.window
         loss = float(w.nll) / w.tokens if w.tokens else None  # None: every step of the window was skipped
+        extra = self.objective.window_record() if self.objective is not None else {}  # the objective's loss, rewards
+        loss = extra.pop("loss", loss)
         self.progress.last_train_loss = loss if loss is not None else self.progress.last_train_loss
         record = {
             "step": self.progress.step,
@@ -170,6 +193,7 @@ class Trainer:
             "examples_per_second": w.examples / w.seconds if w.seconds else None,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "train_seconds": self.progress.train_seconds,
+            **extra,
         }
         if w.rank_tokens:
             record["rank_tokens"] = w.rank_tokens
@@ -182,7 +206,11 @@ class Trainer:
         self.progress.window = Window()
 
     def run_eval(self, label: str) -> dict:
-        result = evaluate_run(self.model, self.data.val, self.data.source_names, self.scoring)
+        if self.objective is None:
+            result = evaluate_run(self.model, self.data.val, self.data.source_names, self.scoring)
+        else:  # preference accuracy and margin on held-out pairs; val_loss etc. of the chosen responses
+            result = evaluate_pairs(self.model, self.data.val, self.data.source_names, self.scoring,
+                                    self.objective.objective, self.objective.settings)
         record = {"step": self.progress.step, **result}
         # Rank 0 samples; with a sharded model every rank does (each forward is a collective), alike.
         prompt = self.cfg.eval.sample_prompt if dist.world().is_main or dist.sharded() else None
@@ -197,7 +225,10 @@ class Trainer:
             self.run.append_metrics(record)
         log(
             f"[{label}] step {self.progress.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
-            f"{result['eval_samples_per_second']:.1f} samples/s" + (f"\n  sample: {record['sample']!r}" if prompt else "")
+            f"{result['eval_samples_per_second']:.1f} samples/s"
+            + (", preference accuracy {accuracy:.3f}, margin {margin:.4f}".format(**result["val_preference"])
+               if "val_preference" in result else "")
+            + (f"\n  sample: {record['sample']!r}" if prompt else "")
         )
         return result
 
@@ -213,6 +244,7 @@ class Trainer:
             "train_examples": self.plan.n_train, "total_steps": self.plan.total_steps,
             "data_fingerprint": self.data_fingerprint(),
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
+            "preference": self.objective.state() if self.objective else None,  # its logging window
         }
         return ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler, state,
                                     self.cfg.train.keep_checkpoints, gathered)
@@ -233,6 +265,8 @@ class Trainer:
     def _restore_state(self, path: Path, state: dict) -> None:
         same_data(path, state, self.plan.n_train, self.plan.total_steps, self.data_fingerprint())
         self.progress = Progress.from_state(state, self.device, dist.world().size)
+        if self.objective is not None:
+            self.objective.load_state(state.get("preference"))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if self.plan.total_steps != state["total_steps"]:
@@ -376,11 +410,17 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
     from lorafit.fast import prepare_for_speed
     from lorafit.fastpath import fast_paths_for
 
-    targets, note = resolve_targets(model, cfg.lora.targets)
-    if note:
-        log(note)
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
-    model = apply_lora(model, cfg.lora, targets)
+    if cfg.model.adapter:  # continue training a saved adapter (e.g. DPO after SFT): its own LoRA settings
+        adapter_dir = resolve_adapter_dir(cfg.model.adapter)
+        model = load_adapter(model, adapter_dir, cfg.model.name, is_trainable=True)
+        targets = sorted(model.peft_config["default"].target_modules)
+        log(f"continuing the adapter in {adapter_dir}")
+    else:
+        targets, note = resolve_targets(model, cfg.lora.targets)
+        if note:
+            log(note)
+        model = apply_lora(model, cfg.lora, targets)
     log(f"LoRA on {', '.join(targets)}: {format_counts(*model.get_nb_trainable_parameters())}")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
@@ -400,7 +440,16 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
 def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targets: list[str], device: torch.device,
              precision: Precision, run: RunDir | None) -> Trainer:
     """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times)."""
-    plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
+    pairs = cfg.train.objective != "sft"  # a preference step takes pairs, each two sequences of the split
+    objective = None
+    if pairs:
+        scoring = scoring_for(cfg, model, tokenizer, fast=fast, device=device)
+        seconds = attach_reference(cfg, model, [data.train, data.val], scoring)  # once, before training
+        if seconds:
+            log(f"reference log-probabilities of {len(data.train) + len(data.val):,} sequences in {seconds:.1f} s "
+                f"({'the base, adapter off' if cfg.model.adapter is None else 'the adapter ' + cfg.model.adapter})")
+        objective = PreferenceObjective(cfg.train.objective, settings(cfg), data.train)
+    plan = StepPlan(len(data.train) // (1 + pairs), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
     return Trainer(
@@ -409,6 +458,7 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
         scoring=scoring_for(cfg, model, tokenizer, fast=fast, device=device),
         scaler=scaler,
         ddp=data_parallel(model, fast) if dist.world().parallel and not dist.sharded() else None,
+        objective=objective,
     )
 
 
@@ -529,7 +579,8 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "attn_implementation": getattr(unwrapped(trainer.model).config, "_attn_implementation", None),
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": len(trainer.data.train),
+        "objective": cfg.train.objective,
+        "train_examples": len(trainer.data.train),  # preference: sequences (two a pair)
         "val_examples": len(trainer.data.val),
         "train_tokens": trainer.progress.train_tokens,
         "optimizer_steps": trainer.progress.step,
@@ -542,7 +593,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names)
                           for name, split in (("train", trainer.data.train), ("val", trainer.data.val))},
         **after,
-        "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,
+        "val_before_training": before_summary(before),
         "peak_memory_bytes": peak_memory_bytes(device),
         "world_size": dist.world().size,
     }
@@ -550,6 +601,16 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         write_reports(run, cfg, summary, before, after)
     log(f"done: {run.path} (val_loss {after['val_loss']:.4f}, ppl {after['val_ppl']:.2f})")
     return summary
+
+
+def before_summary(before: dict | None) -> dict | None:
+    """summary.json's `val_before_training`: the same object as the final figures (a preference run: its
+    `val_preference`), measured at step 0."""
+    if not before:
+        return None
+    if "val_preference" in before:
+        return before["val_preference"]
+    return {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")}
 
 
 def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | None, after: dict) -> None:

@@ -64,6 +64,9 @@ class TokenizedSplit:
     truncated: np.ndarray  # bool, the example lost tokens to truncation
     scored: np.ndarray | None = None  # bool per token of `ids`: the token is a scored target; None: every one
     policy_counts: dict | None = None  # {source index: {what the length policy did: count}}, see the module doc
+    # preference objectives with a reference: each sequence's reference log-probability (float64), computed once
+    # before training (lorafit/preference.py); never cached on disk, since it depends on the model
+    ref_logps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -123,6 +126,7 @@ class TokenizedSplit:
                 np.concatenate([self.scored[self.offsets[i] : self.offsets[i + 1]] for i in indices]) if len(indices)
                 else np.zeros(0, bool)),
             policy_counts=self.policy_counts,
+            ref_logps=None if self.ref_logps is None else self.ref_logps[indices],
         )
 
     def save(self, path: Path) -> None:
