@@ -19,6 +19,9 @@ pytest.importorskip("trl")  # a dev dependency; listed in pyproject's dev extra
 N_PAIRS = 9  # 8 train + 1 validation (val_fraction 0.1): every step is the 8 training pairs
 STEPS = 10
 LR = 5e-3
+# TRL's ORPO and CPO trainers prepend the tokenizer's BOS (GPT-2's is <|endoftext|>) to a prompt that lacks it; the
+# prompts start with it, so every trainer sees the same tokens.
+BOS = "<|endoftext|>"
 WORDS = "the food was great awful slow kind rude tasty cold warm staff place again never".split()
 
 
@@ -33,14 +36,28 @@ def trl_classes():
             "orpo": (ORPOConfig, ORPOTrainer), "simpo": (CPOConfig, CPOTrainer)}
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
+def write_pairs(path, prompt) -> None:
     rng = random.Random(3)
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     say = lambda: " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7)))  # noqa: E731
     with open(path, "w", encoding="utf-8") as f:
         for i in range(N_PAIRS):
-            f.write(json.dumps({"prompt": f"Review {i}:", "chosen": say(), "rejected": say()}) + "\n")
+            f.write(json.dumps({"prompt": prompt(i), "chosen": say(), "rejected": say()}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    write_pairs(path, lambda i: f"{BOS}Review {i}:")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bos_pairs_file(tmp_path_factory):
+    """Pairs whose prompt is the BOS alone (rendered with the template "{prompt}"): TRL's ORPO takes the NLL term
+    over the prompt and the response, the ORPO paper (and lorafit) over the response; with no prompt target
+    (the first token is never one) the two are the same, so the rest of ORPO is compared exactly."""
+    path = tmp_path_factory.mktemp("pairs") / "bos-pairs.jsonl"
+    write_pairs(path, lambda i: BOS)
     return path
 
 
@@ -70,6 +87,7 @@ def peer_run(trl_classes, objective, trainer, initial: dict, tmp_path, max_steps
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from lorafit.data.sources import load_corpus
+    from lorafit.data.templates import prompt_text, resolve_template
     from lorafit.lora import peft_config
 
     cfg = trainer.cfg
@@ -79,7 +97,8 @@ def peer_run(trl_classes, objective, trainer, initial: dict, tmp_path, max_steps
     corpus = load_corpus(cfg.data)
     from datasets import Dataset
 
-    rows = [{"prompt": e["prompt"]["prompt"] + "\n", "chosen": e["chosen"], "rejected": e["rejected"]}
+    template = resolve_template(cfg.data.sources["quotes"].template, "preference")
+    rows = [{"prompt": prompt_text(template, e["prompt"], "\n"), "chosen": e["chosen"], "rejected": e["rejected"]}
             for e in corpus.train_texts]
     p = cfg.preference
     common = dict(output_dir=str(tmp_path / f"trl-{objective}"), per_device_train_batch_size=8,
@@ -163,8 +182,13 @@ def initial_adapter(tmp_path_factory, tiny_model_dir, pairs_file):
 
 
 @pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
-def test_step_one_and_ten_steps_equal_trl(objective, trl_classes, tmp_path, tiny_model_dir, pairs_file, initial_adapter):
-    trainer = lorafit_trainer(tmp_path, tiny_model_dir, pairs_file, objective, f"model.adapter={initial_adapter}")
+def test_step_one_and_ten_steps_equal_trl(objective, trl_classes, tmp_path, tiny_model_dir, pairs_file, bos_pairs_file,
+                                         initial_adapter):
+    if objective == "orpo":
+        pairs_file, template = bos_pairs_file, ['data.sources.quotes.template="{prompt}"']
+    else:
+        template = []
+    trainer = lorafit_trainer(tmp_path, tiny_model_dir, pairs_file, objective, f"model.adapter={initial_adapter}", *template)
     initial = lora_weights(trainer.model)
     assert any(float(v.abs().max()) > 0 for k, v in initial.items() if "lora_B" in k)
     seen, _ = lorafit_step_one(trainer)
