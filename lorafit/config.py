@@ -75,6 +75,8 @@ class SourceConfig:
     messages_field: str = doc("messages", "chat: a list of {role, content}")
     chosen_field: str | None = doc(None, "preference: the preferred response (text or messages); null: \"chosen\"")
     rejected_field: str | None = doc(None, "preference: the dispreferred response; null: \"rejected\"")
+    pair_by_label: dict[str, str] | None = doc(None, "preference from labelled texts: {field, chosen, rejected, prompt} "
+                                                     "(lorafit/data/label_pairs.py)")
     template: str | None = doc(None, "null: plain (\"{prompt}\\n\") or, for chat, the model's chat template; a name, file or format string")
     train_on: str = doc("completion", "completion: only completion (assistant) tokens and the EOS are scored; all: every token")
 
@@ -378,9 +380,10 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         )
         need(0 < src.weight, f"data.sources.{name}.weight: must be positive, got {src.weight}")
         need(len(src.text_fields) > 0 and all(src.text_fields), f"data.sources.{name}.text_field: required")
+        from lorafit.data.label_pairs import problems as label_pair_problems
         from lorafit.data.templates import source_problems
 
-        problems += source_problems(name, src, d.root)
+        problems += source_problems(name, src, d.root) + label_pair_problems(name, src)
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(d.seq_len >= 2, f"data.seq_len: must be at least 2, got {d.seq_len}")
     need(0 <= d.split_seed <= MAX_SEED, f"data.split_seed: must be in [0, {MAX_SEED}], got {d.split_seed}")

@@ -25,6 +25,8 @@ from lorafit.config import RunConfig
 from lorafit.data.packing import IGNORE, PackedBatch
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.evaluate import Scoring, example_nll
+from lorafit.generate import resolve_adapter_dir
+from lorafit.lora import load_adapter
 from lorafit.metrics import LN2, NllTotals
 from lorafit.objectives import CHOSEN_NLL, Settings, pair_terms, uses_reference
 
@@ -186,3 +188,21 @@ def evaluate_pairs(model, split: TokenizedSplit, source_names: list[str], scorin
         "val_by_source": by_source,
         "val_preference": preference,
     }
+
+
+def evaluate_saved(model, cfg: RunConfig, val: TokenizedSplit, source_names: list[str], scoring: Scoring) -> dict:
+    """`lorafit eval RUN` on a preference run: its reference again (the base with the adapter off, or the adapter
+    the run continued, loaded beside it), then `evaluate_pairs`."""
+    objective = cfg.train.objective
+    if uses_reference(objective):
+        if cfg.model.adapter is None:
+            val.ref_logps = sequence_logps(model, val, scoring, adapter_off=True)
+        else:
+            load_adapter(model, resolve_adapter_dir(cfg.model.adapter), cfg.model.name, adapter_name="reference")
+            model.set_adapter("reference")
+            try:
+                val.ref_logps = sequence_logps(model, val, scoring)
+            finally:
+                model.set_adapter("default")
+                model.delete_adapter("reference")
+    return evaluate_pairs(model, val, source_names, scoring, objective, settings(cfg))
