@@ -136,6 +136,7 @@ def trainer_for(tmp_path, model_dir, rows, objective="dpo", *overrides):
     from lorafit.rundir import RunDir
     from lorafit.train import setup
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = config(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", rows), objective, f"model.name={model_dir}",
                  "model.dropout=0", "lora.dropout=0", *overrides)
     return setup(cfg, RunDir(cfg.output_dir))
@@ -242,3 +243,21 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
     assert main(["eval", str(tmp_path / "run")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["val_preference"] == pytest.approx(after, rel=1e-9)
+
+
+def test_the_sentiment_recipe_pairs_positive_over_negative_reviews_under_one_prompt():
+    import csv
+
+    from conftest import shared_path
+    from lorafit.data.sources import load_corpus
+
+    rows = list(csv.DictReader(open(shared_path("data", "mixture-samples", "yelp_review_full", "yelp_test.csv"), encoding="utf-8")))
+    positive = {r["sentence"] for r in rows if r["label"] == "1"}
+    negative = {r["sentence"] for r in rows if r["label"] == "0"}
+    cfg = load_config("sentiment-dpo-offline")
+    assert cfg.train.objective == "dpo"
+    corpus = load_corpus(cfg.data)
+    pairs = corpus.train_texts + corpus.val_texts
+    assert len(pairs) == min(len(positive), len(negative)) == 617 and len(corpus.val_texts) == 62
+    assert all(p["chosen"] in positive and p["rejected"] in negative and p["prompt"] == {"prompt": "Review:"} for p in pairs)
+    assert len({p["rejected"] for p in pairs}) == 617  # each negative review once
