@@ -86,6 +86,7 @@ class PreferenceObjective:
     sums: torch.Tensor | None = None  # this step's sums over its pairs: loss, then STATS
     window: list[float] = field(default_factory=lambda: [0.0] * (2 + len(STATS)))  # steps, pairs, STATS sums
     window_loss: float = 0.0  # the window's step losses, summed
+    reference_seconds: float = 0.0  # the one reference pass before training
 
     def begin_step(self, pairs: np.ndarray, device) -> None:
         self.step_pairs = len(pairs)

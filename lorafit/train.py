@@ -448,7 +448,7 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
         if seconds:
             log(f"reference log-probabilities of {len(data.train) + len(data.val):,} sequences in {seconds:.1f} s "
                 f"({'the base, adapter off' if cfg.model.adapter is None else 'the adapter ' + cfg.model.adapter})")
-        objective = PreferenceObjective(cfg.train.objective, settings(cfg), data.train)
+        objective = PreferenceObjective(cfg.train.objective, settings(cfg), data.train, reference_seconds=seconds)
     plan = StepPlan(len(data.train) // (1 + pairs), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None

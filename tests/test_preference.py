@@ -261,3 +261,29 @@ def test_the_sentiment_recipe_pairs_positive_over_negative_reviews_under_one_pro
     assert len(pairs) == min(len(positive), len(negative)) == 617 and len(corpus.val_texts) == 62
     assert all(p["chosen"] in positive and p["rejected"] in negative and p["prompt"] == {"prompt": "Review:"} for p in pairs)
     assert len({p["rejected"] for p in pairs}) == 617  # each negative review once
+
+
+def test_a_dpo_run_killed_in_a_checkpoint_resumes_bitwise(tmp_path, tiny_model_dir):
+    """SIGKILL inside the step-4 checkpoint save, then --resume from step 2: the adapter and every logged figure
+    (the log window straddles the checkpoint) equal the uninterrupted run's."""
+    from test_resume import adapter_bytes, launch, records, run_killed
+
+    from lorafit.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", many_pairs(40))
+    args = lambda out: ["train", "quotes", f"model.name={tiny_model_dir}", f"data.sources.quotes.path={data}",  # noqa: E731
+                        "data.sources.quotes.kind=preference", "train.objective=dpo", f"output_dir={out}",
+                        "train.max_steps=5", "train.save_every=2", "train.log_every=3", "train.batch_size=4",
+                        "train.lr=1e-2", "eval.sample_prompt=null", "lora.dropout=0.1"]
+    assert main(args(tmp_path / "reference")) == 0
+    run_killed(args(tmp_path / "run"), "checkpoint:2")
+    proc = launch([*args(tmp_path / "run"), "--resume"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resumed from" in err
+    assert adapter_bytes(tmp_path / "run") == adapter_bytes(tmp_path / "reference")
+    drop = ("tokens_per_second", "examples_per_second", "train_seconds", "eval_seconds", "eval_samples_per_second",
+            "eval_tokens_per_second", "peak_memory_bytes")
+    same = lambda run: [{k: v for k, v in r.items() if k not in drop} for r in records(run / "metrics.jsonl")]  # noqa: E731
+    assert same(tmp_path / "run") == same(tmp_path / "reference")
+    assert any("rewards/margins" in r for r in records(tmp_path / "run" / "metrics.jsonl"))
