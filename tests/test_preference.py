@@ -243,6 +243,19 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
     assert main(["eval", str(tmp_path / "run")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["val_preference"] == pytest.approx(after, rel=1e-9)
+    # a DPO adapter is just another adapter: merged, it gives the logits of base + adapter
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.generate import load_for_inference
+
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    peft_model, _, _ = load_for_inference(tmp_path / "run", precision="fp32", device=torch.device("cpu"))
+    ids = torch.randint(0, 200, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=0)
+        with peft_model.disable_adapter():
+            assert not torch.allclose(peft_model(ids).logits, merged(ids).logits, atol=1e-4)  # training moved it
 
 
 def test_the_sentiment_recipe_pairs_positive_over_negative_reviews_under_one_prompt():
