@@ -300,3 +300,28 @@ def test_a_dpo_run_killed_in_a_checkpoint_resumes_bitwise(tmp_path, tiny_model_d
     same = lambda run: [{k: v for k, v in r.items() if k not in drop} for r in records(run / "metrics.jsonl")]  # noqa: E731
     assert same(tmp_path / "run") == same(tmp_path / "reference")
     assert any("rewards/margins" in r for r in records(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_dpo_on_two_processes_trains_as_one(tiny_model_dir, tmp_path):
+    """Pairs shared over ranks whole: each rank's loss is normalised by the step's pairs, the reference is the same
+    on every rank, and the statistics are summed over ranks, so 2 processes log and save what 1 does."""
+    from test_distributed import adapter, records, torchrun, train_args
+
+    from lorafit.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", many_pairs(36, seed=2))
+    dpo = ["data.sources.quotes.kind=preference", "train.objective=dpo"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(tiny_model_dir, data, one, *dpo)) == 0
+    proc = torchrun(tmp_path, train_args(tiny_model_dir, data, two, *dpo))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps_one, steps_two = ([r for r in records(run) if "rewards/margins" in r] for run in (one, two))
+    assert len(steps_two) == len(steps_one) >= 3 and all(min(r["rank_tokens"]) > 0 for r in steps_two)
+    for a, b in zip(steps_one, steps_two):
+        # A margin is beta x a difference of logps of ~-50 each, summed in fp32 in another packing: 1e-6 absolute.
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    summaries = [json.loads((run / "summary.json").read_text())["val_preference"] for run in (one, two)]
+    assert summaries[1] == pytest.approx(summaries[0], rel=1e-5)
+    for name, w in adapter(one).items():
+        torch.testing.assert_close(adapter(two)[name], w, atol=1e-6, rtol=1e-4)
