@@ -503,3 +503,34 @@ def test_a_second_ctrl_c_during_shutdown_ends_quietly(tmp_path, tiny_model_dir, 
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Resume with:" in err
     assert ckpt.list_checkpoints(out / "checkpoints")
+
+
+def test_a_huge_single_word_is_cut_inside_itself_before_tokenising(tiny_tokenizer, monkeypatch):
+    """A 2 MB "word" of one letter has no pre-token boundary to cut at: before, it reached BPE whole (a 200 MB
+    one took over 7 GB). Now no text of more than a bounded size reaches the tokenizer, text that fits is
+    untouched, and the kept tokens are those of tokenising a long prefix of the word."""
+    from lorafit.data import tokenize as tk
+
+    real_call = type(tiny_tokenizer).__call__
+    seen = []
+
+    def recording(self, batch, *a, **k):
+        seen.extend(len(t) for t in (batch if isinstance(batch, list) else [batch]))
+        return real_call(self, batch, *a, **k)
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", recording)
+    seq_len = 16
+    word = "a" * 2_000_000
+    fits = "aaaa bbb"  # short: never cut
+    texts = [word, "hello world " + word, " " * 2_000_000 + "x", fits]
+    got = tk.tokenize_texts(texts, [0] * len(texts), tiny_tokenizer, seq_len, "truncate")
+    assert max(seen) <= 200_000, max(seen)  # bounded (seq_len x the longest token, doubled), never the 2 MB
+    for i, text in enumerate(texts[:3]):
+        reference = real_call(tiny_tokenizer, text[:100_000], add_special_tokens=False)["input_ids"]
+        assert got.example(i).tolist() == reference[:seq_len], i
+    assert got.example(3).tolist() == [*real_call(tiny_tokenizer, fits, add_special_tokens=False)["input_ids"],
+                                       tiny_tokenizer.eos_token_id]
+    assert got.truncated.tolist() == [True, True, True, False]
+    seen.clear()
+    dropped = tk.tokenize_texts(texts, [0] * len(texts), tiny_tokenizer, seq_len, "drop")
+    assert max(seen) <= 200_000 and len(dropped) == 1
