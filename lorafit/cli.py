@@ -150,11 +150,26 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: the same command as N data-parallel processes on this machine, started by torchrun."""
     import subprocess
 
+    have, what = processors()
+    if nproc > have:  # each process holds the model and its data: more than the machine runs only thrash (or OOM)
+        raise LorafitError(f"--nproc {nproc}: this machine has {have} {what}, and each process holds a copy of the "
+                           f"model and the data. Use --nproc {have} or fewer.")
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
             and not (i > 0 and argv[i - 1] == "--nproc")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lorafit", *rest]
     return subprocess.call(command)
+
+
+def processors() -> tuple[int, str]:
+    """How many processes `--nproc` may start here, and what they run on: one per GPU, else one per CPU core
+    this process may use."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, "CPU core(s) usable (no GPU)"
 
 
 def cmd_eval(args) -> int:

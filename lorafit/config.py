@@ -30,6 +30,11 @@ RECIPE_PACKAGE = "lorafit.recipes"
 YAML_MAX_NODES = 10_000  # a recipe is a few hundred nodes; YAML aliases may not expand one beyond this
 MAX_INT = 2**63 - 1  # what torch and numpy can hold
 MAX_SEED = 2**32 - 1  # numpy's seeding limit
+# Caps on values that would exhaust memory or overflow later, checked with the config before anything loads:
+MAX_SOURCE_WEIGHT = 1_000  # a source repeated 1,000 times is already far beyond useful upsampling; 1e6 took 6 GB
+MAX_EPOCHS = 1_000_000  # epochs x examples must stay a step count (train.max_steps caps a run more precisely)
+MAX_LORA_R = 4_096  # beyond a layer's own width a rank adds nothing; 2^63-1 would try to allocate it
+MAX_LORA_ALPHA = 65_536.0  # alpha / r scales every update; beyond this it overflows half precision (1e308: inf)
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -343,7 +348,9 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
             src.max_examples is None or src.max_examples > 0,
             f"data.sources.{name}.max_examples: must be positive, got {src.max_examples}",
         )
-        need(0 < src.weight, f"data.sources.{name}.weight: must be positive, got {src.weight}")
+        need(0 < src.weight <= MAX_SOURCE_WEIGHT,
+             f"data.sources.{name}.weight: must be positive and at most {MAX_SOURCE_WEIGHT:,} (each unit of weight "
+             f"is another copy of the source in memory), got {src.weight:g}")
         need(len(src.text_fields) > 0 and all(src.text_fields), f"data.sources.{name}.text_field: required")
         from lorafit.data.templates import source_problems
 
@@ -358,7 +365,11 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
 
     lo = cfg.lora
     need(lo.r > 0, f"lora.r: must be a positive integer, got {lo.r}")
+    need(lo.r <= MAX_LORA_R, f"lora.r: must be at most {MAX_LORA_R:,} (a rank beyond a layer's width adds nothing "
+                             f"and each unit costs memory in every adapted layer), got {_short(lo.r)}")
     need(lo.alpha > 0, f"lora.alpha: must be positive, got {lo.alpha}")
+    need(lo.alpha <= MAX_LORA_ALPHA, f"lora.alpha: must be at most {MAX_LORA_ALPHA:g} (alpha / r scales every update; "
+                                     f"larger values overflow), got {lo.alpha:g}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     need(
         (isinstance(lo.targets, str) and lo.targets != "") or (isinstance(lo.targets, list) and len(lo.targets) > 0 and all(lo.targets)),
@@ -367,6 +378,8 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
 
     t = cfg.train
     need(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")
+    need(t.epochs <= MAX_EPOCHS, f"train.epochs: must be at most {MAX_EPOCHS:,} (use train.max_steps to cap a long "
+                                 f"run), got {t.epochs:g}")
     need(0.0 <= t.adam_beta1 < 1.0, f"train.adam_beta1: must be in [0, 1), got {t.adam_beta1}")
     need(0.0 <= t.adam_beta2 < 1.0, f"train.adam_beta2: must be in [0, 1), got {t.adam_beta2}")
     need(t.adam_eps > 0, f"train.adam_eps: must be positive, got {t.adam_eps}")

@@ -54,6 +54,11 @@ CASES = [
     ("infinite-weight", ["data.sources.quotes.weight=.inf"], ["data.sources.quotes.weight: must be a finite number"]),
     ("eval-max-examples-zero", ["eval.max_examples=0"], ["eval.max_examples: must be positive", "null"]),
     ("empty-output-dir", ["output_dir="], ["output_dir: '' can never hold a run", "it is empty"]),
+    # issue 21 item 11: values that would exhaust memory or overflow later, refused with the config
+    ("huge-weight", ["data.sources.quotes.weight=1e6"], ["data.sources.quotes.weight: must be positive and at most 1,000"]),
+    ("huge-rank", ["lora.r=9223372036854775807"], ["lora.r: must be at most 4,096"]),
+    ("huge-alpha", ["lora.alpha=1e308"], ["lora.alpha: must be at most 65536", "got 1e+308"]),
+    ("huge-epochs", ["train.epochs=1e300"], ["train.epochs: must be at most 1,000,000", "train.max_steps"]),
 ]
 
 

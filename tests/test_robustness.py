@@ -306,6 +306,7 @@ def test_resume_on_other_validation_data_is_refused(run, tmp_path, tiny_model_di
     (["--top-k", "-1"], ["--top-k must be >= 0"]),
     (["--num-return-sequences", "0"], ["--num-return-sequences must be at least 1, got 0"]),
     (["--num-return-sequences", "2", "--temperature", "0"], ["needs sampling"]),
+    (["--num-return-sequences", "20000"], ["--num-return-sequences must be at most 128", "got 20000"]),
     (["--seed", "-1"], ["--seed must be in [0, 2^63), got -1"]),
     (["--prompt-too-long"], ["the prompt is 300 tokens", "256 positions"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
