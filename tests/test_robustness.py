@@ -535,3 +535,23 @@ def test_a_huge_single_word_is_cut_inside_itself_before_tokenising(tiny_tokenize
     seen.clear()
     dropped = tk.tokenize_texts(texts, [0] * len(texts), tiny_tokenizer, seq_len, "drop")
     assert max(seen) <= 200_000 and len(dropped) == 1
+
+
+def test_a_checkpoint_file_torch_refuses_to_unpickle_keeps_the_warning(tmp_path):
+    """torch's weights_only refusal starts by suggesting weights_only=False and warns about code execution only
+    after: cut to its first 200 characters, the message kept the advice and lost the warning."""
+    import torch
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    step = tmp_path / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    torch.save({"state": RunsCode()}, step / ckpt.OPTIMIZER)
+    with pytest.raises(Exception) as refused_load:
+        torch.load(step / ckpt.OPTIMIZER, weights_only=True)
+    message = str(ckpt.unreadable(step / ckpt.OPTIMIZER, refused_load.value))
+    assert f"Checkpoint {step} is unreadable (optimizer.pt" in message
+    assert "arbitrary code" in message and "getcwd" in message and "Delete it" in message
+    assert "weights_only` set to `False` will likely succeed" not in message
