@@ -24,13 +24,14 @@ from typing import Any
 import yaml
 
 from lorafit.atomic import atomic_write_text
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, LorafitError, not_utf8
 
 RECIPE_PACKAGE = "lorafit.recipes"
 YAML_MAX_NODES = 10_000  # a recipe is a few hundred nodes; YAML aliases may not expand one beyond this
 MAX_INT = 2**63 - 1  # what torch and numpy can hold
 MAX_SEED = 2**32 - 1  # numpy's seeding limit
 # Caps on values that would exhaust memory or overflow later, checked with the config before anything loads:
+PATH_MAX, NAME_MAX = 4096, 255  # Linux's limits on a path and on one of its names (most file systems share them)
 MAX_SOURCE_WEIGHT = 1_000  # a source repeated 1,000 times is already far beyond useful upsampling; 1e6 took 6 GB
 MAX_EPOCHS = 1_000_000  # epochs x examples must stay a step count (train.max_steps caps a run more precisely)
 MAX_LORA_R = 4_096  # beyond a layer's own width a rank adds nothing; 2^63-1 would try to allocate it
@@ -322,6 +323,13 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         options = CHOICES[key]
         need(value in options, f"{key}: {value!r} is not one of {', '.join(options)}")
 
+    paths = {"model.name": cfg.model.name, "output_dir": cfg.output_dir, "data.root": cfg.data.root,
+             "data.cache_dir": cfg.data.cache_dir,
+             **{f"data.sources.{n}.path": s.path for n, s in cfg.data.sources.items() if s is not None}}
+    for key, value in paths.items():
+        need(not value or (len(value) <= PATH_MAX and all(len(part) <= NAME_MAX for part in value.split("/"))),
+             f"{key}: {_short(value)} ({len(value or ''):,} characters) is too long to be a path or a Hub id (a path "
+             f"has at most {PATH_MAX:,} characters, each name in it at most {NAME_MAX}). Shorten it.")
     choice("model.precision", cfg.model.precision)
     need(cfg.model.quantize in (None, "nf4", "int8"), f"model.quantize: {cfg.model.quantize!r} is not one of nf4, int8 (or null)")
     choice("data.long_examples", cfg.data.long_examples)
@@ -499,8 +507,9 @@ def rebase_paths(raw: dict, folder: Path) -> None:
 def load_yaml(text: str, what: str) -> Any:
     """yaml.safe_load, refusing what would take minutes or gigabytes: aliases that expand the document beyond
     YAML_MAX_NODES nodes (the "billion laughs"), nesting too deep for the parser, numbers too long to read."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters and lone surrogates at once
         node = loader.get_single_node()
         if node is not None and _expanded_nodes(node, {}, set()) > YAML_MAX_NODES:
             raise LorafitError(
@@ -508,6 +517,8 @@ def load_yaml(text: str, what: str) -> Any:
                 "for); a run configuration is far smaller. Remove the bulk, or use fewer aliases."
             )
         return loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        raise LorafitError(f"{what}: {_unreadable_character(text, exc)}") from None
     except yaml.YAMLError as exc:
         raise LorafitError(f"{what} is not valid YAML: {_first_chars(exc)}") from None
     except RecursionError:
@@ -516,7 +527,20 @@ def load_yaml(text: str, what: str) -> Any:
         why = "a number in it has thousands of digits" if "digits" in str(exc) else _first_chars(exc)
         raise LorafitError(f"{what}: a value cannot be read ({why}).") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _unreadable_character(text: str, exc: yaml.reader.ReaderError) -> str:
+    """YAML's refusal of a character (a control character, or a byte that was not UTF-8), with its line and column."""
+    position = exc.position if isinstance(exc.position, int) else 0
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    bad = not_utf8(text[position:position + 1]) if isinstance(exc.character, int) else None
+    what = f"byte 0x{exc.character - 0xDC00:02x}, which is not valid UTF-8" if bad and exc.character >= 0xDC80 else \
+        f"the control character U+{exc.character:04X}" if isinstance(exc.character, int) else "a character"
+    return (f"{what} at line {line}, column {column}, which YAML does not allow. Remove it (in a double-quoted "
+            "YAML string a control character can be written as an escape, e.g. \"\\t\").")
 
 
 def _first_chars(exc: BaseException, limit: int = 300) -> str:
@@ -553,8 +577,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: list[st
             problems.append(f"override '{item}': expected key=value, e.g. train.lr=1e-4")
             continue
         key, text = item.split("=", 1)
+        if why := not_utf8(item):  # bytes the terminal sent that are not UTF-8: never a value anyone meant
+            problems.append(f"override {_short(item)}: {why}. Type it again in UTF-8.")
+            continue
         try:
-            value = load_yaml(text, f"override '{_short(item)}'") if text != "" else ""
+            value = load_yaml(text, f"override {_short(item)}") if text != "" else ""
         except LorafitError as exc:
             if "not valid YAML" not in str(exc):
                 problems.append(str(exc))

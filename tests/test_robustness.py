@@ -555,3 +555,9 @@ def test_a_checkpoint_file_torch_refuses_to_unpickle_keeps_the_warning(tmp_path)
     assert f"Checkpoint {step} is unreadable (optimizer.pt" in message
     assert "arbitrary code" in message and "getcwd" in message and "Delete it" in message
     assert "weights_only` set to `False` will likely succeed" not in message
+
+
+def test_a_generate_prompt_not_in_utf8_is_one_message(run, capsys):
+    """argv hands bytes that are not UTF-8 over as lone surrogates; the tokenizer then raised a traceback."""
+    code = main(["generate", str(run), "fine", "caf\udce9", "--max-new-tokens", "2"])
+    refused(code, capsys.readouterr().err, "prompt 2: byte 0xe9 at character 4 is not valid UTF-8")
