@@ -175,6 +175,14 @@ CHOICES = {
 
 
 # ---------------------------------------------------------------- building from dicts
+# Why by hand, not a library (issue 22). pydantic (installed only as another package's dependency) could check the
+# types, but: its messages ("Input should be a valid integer, unable to parse string as an integer", under a loc
+# tuple) would each need translating into lorafit's one line per key ("train.batch_size: expected an integer, got
+# 'four'"), and it reports each branch of a union (`str | list[str]`) as an error of its own; extra="forbid" says
+# "Extra inputs are not permitted", without the nearest name or the PEFT / HF Trainer aliases; and what lorafit
+# accepts (a scalar for a list of names, `targets: c_attn`; a number for a string, a hub config `3`; integers up to
+# 2^63 - 1; values cut to 80 characters in messages) would be a validator each. OmegaConf (not installed) would merge
+# `a.b=c` overrides, but interpolates "${...}" inside values and types them its own way; apply_overrides is 25 lines.
 
 KNOWN_ALIASES = {
     "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",

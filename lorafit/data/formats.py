@@ -5,6 +5,15 @@
 Every problem becomes a `DataError` naming the source, the file and the line or record, and what
 to do. Files are decoded here rather than by `open(encoding=...)` so that a bad byte can be
 reported with its offset and line, and line-based formats are streamed (files can be large).
+
+Libraries parse: `json` (JSON and JSON lines), `csv`, pyarrow (parquet). What is by hand is there for the
+messages, because the libraries' readers that would do more lack them (issue 22):
+- pyarrow.json says "JSON parse error: ... in row 2" counting from 0 within a block, not the file's line; a field
+  that holds a string on one line and a number on the next fails the whole file ("changed from string to number");
+  a byte that is not UTF-8 raises a bare UnicodeDecodeError that names no file and no line;
+- pyarrow.csv says "Expected 2 columns, got 3: 3,4,5", without a row or line number;
+- datasets' loaders are built on these, and its text loader splits on lines or blank lines only (not on
+  `separator`); its json `field=` is one top-level key, not a path like "data[].paragraphs[]" with inherited fields.
 """
 
 from __future__ import annotations
