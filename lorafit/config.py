@@ -64,7 +64,7 @@ class SourceConfig:
     config: str | None = doc(None, "hub config name (e.g. \"3.0.0\" for cnn_dailymail)")
     revision: str | None = doc(None, "hub revision of the dataset")
     max_examples: int | None = doc(None, "cap, taken by seeded sampling")
-    weight: float = doc(1.0, "sampling weight: examples kept = weight * available (after the cap)")
+    weight: float = doc(1.0, "sampling weight: examples kept = weight * available (after the cap); at most 1000")
     separator: str | None = doc(None, "txt: split the file on this string instead of lines")
     drop_unterminated: bool = doc(False, "txt + separator: drop a last piece with no separator after it")
     csv_header: bool = doc(True, "csv: false when the first row is data; fields are then indices")
@@ -102,8 +102,8 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = doc(8, "LoRA rank")
-    alpha: float = doc(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    r: int = doc(8, "LoRA rank (at most 4096)")
+    alpha: float = doc(16.0, "LoRA scaling numerator (the update is scaled by alpha / r); at most 65536")
     dropout: float = doc(0.05, "dropout on the LoRA input")
     targets: str | list[str] = doc(
         "auto", "auto: PEFT's default for the architecture (GPT-2: c_attn); all-linear: every linear layer but the head; or names")
@@ -114,7 +114,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = doc(1.0, "passes over the training data (may be raised on --resume)")
+    epochs: float = doc(1.0, "passes over the training data (may be raised on --resume); at most 1e6")
     max_steps: int | None = doc(None, "caps the run (optimizer steps; may be raised on --resume)")
     lr: float = doc(2e-4, "peak learning rate")
     batch_size: int = doc(4, "examples per micro-batch in the original recipe")

@@ -254,6 +254,8 @@ def tokenize_texts(
         # Under truncate/drop a very long plain text is cut first (exact: see cut_long_texts); rendered examples are not.
         cut = cut_long_texts(flat, tokenizer, seq_len) if policy in ("truncate", "drop") and not masked else {}
         encoded = tokenizer([cut.get(k, t) for k, t in enumerate(flat)], add_special_tokens=False)["input_ids"] if flat else []
+        for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: look further
+            encoded[k] = tokenizer(longer_prefix(flat[k], tokenizer, seq_len), add_special_tokens=False)["input_ids"]
         encoded = iter(encoded)
         for j, (item, segs) in enumerate(zip(items, segments)):
             source = sources[start + j]
@@ -303,47 +305,48 @@ def tokenize_texts(
 
 
 def cut_long_texts(texts: list[str], tokenizer, seq_len: int) -> dict[int, str]:
-    """{index: prefix} for the texts long enough to cut before truncation to seq_len tokens (see the module doc):
-    each prefix gives at least seq_len tokens, the same first ones as the whole text (see `_prefix`)."""
+    """{index: prefix} for the texts long enough to cut before truncation to seq_len tokens (see the module doc).
+    A prefix that gives fewer than seq_len tokens is replaced by `longer_prefix` (rare: few characters a token)."""
     limit = seq_len * CHARS_PER_TOKEN
     long = [j for j, t in enumerate(texts) if len(t) > limit]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not long or backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
         return {}
     word_cap = _word_cap(backend, seq_len)
-    cut = {}
-    for j in long:
-        prefix = _prefix(texts[j], backend.pre_tokenizer, tokenizer, seq_len, limit, word_cap)
-        if prefix is not None:
-            cut[j] = prefix
-    return cut
+    cuts = {j: _cut(texts[j], backend.pre_tokenizer, limit, word_cap) for j in long}
+    return {j: prefix for j, prefix in cuts.items() if prefix is not None}
 
 
-def _prefix(text: str, pre_tokenizer, tokenizer, seq_len: int, limit: int, word_cap: int | None) -> str | None:
-    """A prefix of `text` giving at least seq_len tokens, or None when the whole text is needed (it gives fewer).
-
-    Windows of `limit` characters, doubled until one is enough. Two kinds of cut:
-    - at a pre-token boundary: the last pre-tokens of a window may end differently in the full text (a word or a
+def _cut(text: str, pre_tokenizer, end: int, word_cap: int | None) -> str | None:
+    """A prefix of text[:end] whose tokens are the whole text's first ones, or None (too few pre-tokens). Two kinds:
+    - at a pre-token boundary: the last pre-tokens of the window may end differently in the full text (a word or a
       run of spaces cut short), so the cut falls before the last two; every pre-token kept is then one the full
       text has, and the BPE model encodes each pre-token on its own: the tokens are exactly those of the whole text;
     - inside a single pre-token longer than `word_cap` characters (a 200 MB "word" of one letter): it alone gives
-      more than seq_len tokens, so the text is cut or dropped whatever happens; it is cut to its first `word_cap`
-      characters, as tokenising it whole would take gigabytes. Only there may the kept tokens differ from the
-      whole text's (BPE merges of a prefix of one pre-token can end differently); normal text never meets it.
-    Window sizes stay bounded: a window without enough tokens holds few characters a token, so few pre-tokens."""
-    end = limit
+      more than seq_len tokens, so the text is truncated or dropped whatever happens; it is cut to its first
+      `word_cap` characters, as tokenising it whole would take gigabytes. Only there may the kept tokens differ from
+      the whole text's (BPE merges of a prefix of one pre-token can end differently); normal text never meets it."""
+    pieces = pre_tokenizer.pre_tokenize_str(text[:end])
+    if word_cap is not None:
+        for _, (a, b) in pieces:
+            if b - a > word_cap:
+                return text[: a + word_cap]
+    return text[: pieces[-2][1][0]] if len(pieces) >= 3 else None
+
+
+def longer_prefix(text: str, tokenizer, seq_len: int) -> str:
+    """A prefix of `text` giving at least seq_len tokens (exact, as `_cut`), from windows doubled from twice the
+    first; the whole text when none does. The windows stay bounded: one without enough tokens has few characters a
+    token, so few pre-tokens, and a pre-token longer than the word cap ends the search."""
+    backend = tokenizer.backend_tokenizer
+    word_cap = _word_cap(backend, seq_len)
+    end = 2 * seq_len * CHARS_PER_TOKEN
     while end < len(text):
-        pieces = pre_tokenizer.pre_tokenize_str(text[:end])
-        if word_cap is not None:
-            for _, (a, b) in pieces:
-                if b - a > word_cap:
-                    return text[: a + word_cap]
-        if len(pieces) >= 3:
-            prefix = text[: pieces[-2][1][0]]
-            if len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) >= seq_len:
-                return prefix
+        prefix = _cut(text, backend.pre_tokenizer, end, word_cap)
+        if prefix is not None and len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) >= seq_len:
+            return prefix
         end *= 2
-    return None
+    return text
 
 
 def _word_cap(backend, seq_len: int) -> int | None:
