@@ -206,7 +206,7 @@ def make_app(host, **kw):
 def client(host, root):
     from fastapi.testclient import TestClient
 
-    with TestClient(make_app(host, adapters_root=root)) as c:
+    with TestClient(make_app(host, adapters_root=root, allow_admin=True)) as c:
         yield c
 
 
@@ -304,7 +304,7 @@ def test_bad_json_big_bodies_and_unknown_routes(client):
         for _ in range(20):
             yield b"x" * (100 << 10)
 
-    assert_error(client.post("/v1/completions", content=chunks()), 413)
+    assert_error(client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
     assert_error(client.get("/v1/nothing"), 404)
     assert_error(client.get("/v1/completions"), 405)
 
