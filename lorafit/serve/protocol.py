@@ -157,7 +157,7 @@ def parse_completion(data, limits: Limits) -> CompletionRequest:
     unknown = sorted(set(data) - KNOWN - IGNORED - set(UNSUPPORTED))
     if unknown:
         raise ApiError(400, f"Unknown parameter(s): {', '.join(shown(u, 40) for u in unknown[:5])}.",
-                       param=shown(unknown[0], 40), code="unknown_parameter")
+                       param=unknown[0][:40], code="unknown_parameter")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: the base model's name or an adapter's (see GET /v1/models).",
