@@ -648,18 +648,18 @@ def test_kv_cache_surgery_gives_each_row_its_own_tokens(host, adapters):
         rows = [0, 1, 2]
         for step in range(7):
             if step == 3:  # the longest prompt's row leaves: its padding columns go with it
-                rows = [0, 2]
+                rows = [1, 2]  # PROMPTS[1] (row 0) is the longest
                 width = mask.shape[1]
-                mask = kvcache.keep_rows(cache, mask, [0, 2])
+                mask = kvcache.keep_rows(cache, mask, [1, 2])
                 assert mask.shape[1] < width and mask[:, 0].any()
             last = torch.tensor([[tokens[r][-1]] for r in rows])
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
             logits, cache = b._forward(last, mask, positions_of(mask)[:, -1:], cache, [jobs[r][0] for r in rows])
             for i, r in enumerate(rows):
                 tokens[r].append(int(logits[i].argmax()))
-    for r in (0, 2):
+    for r in (1, 2):
         assert tok.decode(tokens[r]) == want[r]
-    assert tok.decode(tokens[1][:4]) == tok.decode(tok(want[1])["input_ids"][:4])
+    assert want[0].startswith(tok.decode(tokens[0][:4]).rstrip("\ufffd"))  # the row that left, before it left
 
 
 def test_peft_generate_takes_per_row_adapters_but_only_for_one_fixed_batch(host, adapters):
