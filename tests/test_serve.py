@@ -679,3 +679,112 @@ def test_peft_generate_takes_per_row_adapters_but_only_for_one_fixed_batch(host,
     got, _ = run_rows(host, rows, stagger=0.02)
     for i in range(3):
         assert got[i][0] == tok.decode(out[i, width:].tolist(), skip_special_tokens=True)
+
+
+RAW = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b"[" * 5000 + b"]" * 5000, None),
+    (b"[" * 100_000 + b"]" * 100_000, None),
+    (b'{"model": "alpha", "prompt": "x", "seed": ' + b"7" * 5000 + b"}", None),
+    (b'{"model": "alpha", "prompt": "x", "seed": ' + b"7" * 4000 + b"}", "seed"),
+    (b'{"model": "\\ud800", "prompt": "x"}', "model"),
+    (b'{"model": "alpha", "prompt": "x", "\\udfff": 1}', None),
+    (b'{"model": "alpha", "prompt": "a\\ud800b"}', "prompt"),
+    (b'{"model": "alpha", "prompt": ["ok", "\\udc00"]}', "prompt"),
+    (b'{"model": "alpha", "prompt": "x", "stop": ["' + b"s" * 1000 + b'"]}', "stop"),
+], ids=["nested-5000", "nested-100000", "seed-5000-digits", "seed-4000-digits", "surrogate-model",
+        "surrogate-name", "surrogate-prompt", "surrogate-in-list", "long-stop"])
+def test_hostile_bodies_get_openai_shaped_4xx(client, raw, param):
+    """Each of these was a 500 (or, for the long stop strings, a 10x slowdown of every co-batched row)."""
+    r = client.post("/v1/completions", content=raw, headers=RAW)
+    assert_error(r, 400, param=param)
+    assert r.content.isascii()  # rendered with escapes: a surrogate in the message cannot break it
+
+
+def test_hostile_adapter_paths_get_4xx(client, host):
+    for path in ["beta\0x", "a" * 5000, "b/" * 2500]:
+        assert_error(client.post("/v1/adapters", json={"name": "h", "path": path}), 400, param="path")
+    r = client.post("/v1/adapters", content=b'{"name": "\\ud800", "path": "beta"}', headers=RAW)
+    assert_error(r, 400)
+    assert set(host.adapters) == {"alpha", "beta"}
+
+
+def test_bodies_that_are_not_json_are_refused(client, host):
+    """A browser's cross-origin text/plain POST once loaded an adapter."""
+    body = json.dumps({"name": "g", "path": "gamma"})
+    for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]:
+        headers = {"content-type": kind} if kind else {}
+        assert_error(client.post("/v1/adapters", content=body, headers=headers), 415, code="unsupported_media_type")
+    assert_error(client.post("/v1/completions", content=b'{"model": "alpha"}', headers={"content-type": "text/plain"}),
+                 415)
+    assert "g" not in host.adapters
+    ok = client.post("/v1/completions", content=b'{"model": "alpha", "max_tokens": 1}',
+                     headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_host_header_must_name_the_bound_address(host):
+    """DNS rebinding: a page on evil.example, its name re-pointed at 127.0.0.1, sends Host: evil.example."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(host, bound_host="127.0.0.1"), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/v1/models").status_code == 200
+        for good in ["localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"]:
+            assert c.get("/v1/models", headers={"host": good}).status_code == 200, good
+        for bad in ["evil.example:8000", "evil.example", "127.0.0.1.evil.example", "", "10.0.0.1:8000"]:
+            assert_error(c.get("/v1/models", headers={"host": bad}), 421, code="invalid_host")
+            assert_error(c.get("/", headers={"host": bad}), 421)
+    with TestClient(make_app(host, bound_host="0.0.0.0"), base_url="http://10.1.2.3:8000") as c:
+        assert c.get("/v1/models").status_code == 200  # any address of this machine; still no names
+        assert_error(c.get("/v1/models", headers={"host": "evil.example"}), 421)
+
+
+def test_one_log_line_a_request_without_prompts_unless_asked(host, caplog):
+    from fastapi.testclient import TestClient
+
+    secret = "my secret prompt"
+    for log_prompts in (False, True):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lorafit.serve.requests"):
+            with TestClient(make_app(host, log_prompts=log_prompts)) as c:
+                complete(c, model="alpha", prompt=secret, max_tokens=3, temperature=0)
+                assert_error(c.post("/v1/completions", json={"model": "nope", "prompt": secret}), 404)
+        lines = [r.getMessage() for r in caplog.records if r.name == "lorafit.serve.requests"]
+        assert len(lines) == 2
+        ok, missing = lines
+        assert " POST /v1/completions 200 " in ok and 'model="alpha"' in ok and "completion_tokens=3" in ok
+        assert "latency_ms=" in ok and ok[:4].isdigit() and "Z " in ok  # an ISO time in UTC first
+        assert " 404 " in missing and 'model="nope"' in missing
+        assert (secret in ok) is log_prompts and (secret in missing) is log_prompts
+
+
+def test_slow_clients_and_huge_bodies_on_a_live_server(host):
+    """A silent connection is closed after the header deadline; a stalled body gets a 408; a 20 MB
+    body gets its 413 (once the connection dropped, so the client saw a network error)."""
+    import urllib.error
+    import urllib.request
+
+    from lorafit.serve.protocol import Limits
+
+    app = make_app(host, limits=Limits(body_timeout_s=0.5), bound_host="127.0.0.1")
+    with serving(app, header_timeout_s=0.4) as url:
+        port = int(url.rsplit(":", 1)[1])
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        start = time.time()
+        assert silent.recv(100) == b"" and time.time() - start < 3  # closed by the server
+        silent.close()
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"model\"")
+        reply = b""
+        while chunk := stalled.recv(4096):
+            reply += chunk
+        stalled.close()
+        assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply
+        # urllib sends the whole body before it reads: the server must read it too, or the client gets a reset
+        req = urllib.request.Request(url + "/v1/completions", data=b"x" * (20 << 20), headers=RAW)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "body_too_large"
