@@ -788,3 +788,33 @@ def test_slow_clients_and_huge_bodies_on_a_live_server(host):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(req, timeout=30)
         assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "body_too_large"
+
+
+def test_an_adapter_unloaded_under_requests_fails_only_them(client, host, adapters):
+    """Over HTTP: its plain request gets a 404, its stream a finish_reason "error" and [DONE]; a base
+    request batched with them gets its own text (once all three got 500s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    host.add("gamma", adapters["gamma"])
+    slow = host.model.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+    body = {"prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            plain = pool.submit(client.post, "/v1/completions", json={**body, "model": "gamma"})
+            stream = pool.submit(client.post, "/v1/completions", json={**body, "model": "gamma", "stream": True})
+            base = pool.submit(client.post, "/v1/completions", json={**body, "model": host.base_id})
+            batcher = client.app.state.batcher
+            deadline = time.time() + 20
+            while sum(len(r.tokens) >= 3 for r in batcher.active) < 3:
+                assert time.time() < deadline
+                time.sleep(0.005)
+            host.remove("gamma")
+            plain, stream, base = plain.result(60), stream.result(60), base.result(60)
+    finally:
+        slow.remove()
+        if "gamma" in host.adapters:
+            host.remove("gamma")
+    assert_error(plain, 404, param="model", code="model_not_found")
+    assert stream.status_code == 200 and sse_events(stream.text)[-1]["choices"][0]["finish_reason"] == "error"
+    assert base.status_code == 200
+    assert base.json()["choices"][0]["text"] == alone(adapters["alpha"], PROMPTS[1], 40, base=True)
