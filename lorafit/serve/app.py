@@ -78,23 +78,25 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
             # a browser's cross-origin "simple" POST (text/plain, forms) must never reach a route
             raise ApiError(415, f"Send the body as JSON with 'Content-Type: application/json' (got {shown(kind or None)}).",
                            code="unsupported_media_type")
-        size = request.headers.get("content-length")
-        try:
-            async with asyncio.timeout(limits.body_timeout_s):
-                if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-                    await drain(request)
-                    raise ApiError(413, f"Request body of {size} bytes; at most {limits.max_body_bytes}.",
-                                   code="body_too_large")
-                body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limits.max_body_bytes:
-                        await drain(request)
-                        raise ApiError(413, f"Request body over {limits.max_body_bytes} bytes.", code="body_too_large")
-        except TimeoutError:
+        try:  # (asyncio.timeout would read better, but Python 3.10 lacks it)
+            body = await asyncio.wait_for(receive_body(request), limits.body_timeout_s)
+        except asyncio.TimeoutError:
             raise ApiError(408, f"The request body did not arrive within {limits.body_timeout_s:g} s.",
                            code="request_timeout", headers={"Connection": "close"}) from None
-        return parse_json(bytes(body), limits.max_depth)
+        return parse_json(body, limits.max_depth)
+
+    async def receive_body(request: Request) -> bytes:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            await drain(request)
+            raise ApiError(413, f"Request body of {size} bytes; at most {limits.max_body_bytes}.", code="body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                await drain(request)
+                raise ApiError(413, f"Request body over {limits.max_body_bytes} bytes.", code="body_too_large")
+        return bytes(body)
 
     async def drain(request: Request):
         """Read (and drop) the rest of a refused body, so that the client, still sending, reads the
