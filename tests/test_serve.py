@@ -775,6 +775,25 @@ def test_slow_clients_and_huge_bodies_on_a_live_server(host):
         start = time.time()
         assert silent.recv(100) == b"" and time.time() - start < 3  # closed by the server
         silent.close()
+        dribble = socket.create_connection(("127.0.0.1", port), timeout=5)
+        start, closed = time.time(), False
+        for byte in b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"x" * 60:
+            try:
+                dribble.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)  # headers that never end, a byte at a time: over 4 s in all
+        if not closed:
+            dribble.settimeout(1)
+            try:
+                closed = dribble.recv(100) == b""
+            except ConnectionResetError:
+                closed = True
+            except TimeoutError:  # still open: the test fails below
+                pass
+        dribble.close()
+        assert closed and time.time() - start < 4
         stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
         stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 100\r\n\r\n{\"model\"")
