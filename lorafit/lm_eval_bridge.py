@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorafit.errors import LorafitError, first_line
+from lorafit.fingerprint import FINGERPRINT_KEY, base_fingerprint
+from lorafit.lora import check_same_base, read_base_record
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
 SIDES = ("base", "adapter")
@@ -177,14 +179,21 @@ def plan_tasks(tasks_spec: str, *, limit: str | None, num_fewshot: int | None, b
     return TaskPlan(lm_eval, manager, tasks, limit_value, num_fewshot, batch, include_path)
 
 
-def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None) -> dict:
-    """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison."""
+def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None, *,
+                     trust_remote_code: bool = False, force_base: bool = False) -> dict:
+    """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison.
+    lm-eval loads the models itself: the base's fingerprint is checked here first, as lora.load_adapter would."""
     from lorafit.forgetting import eval_dir
     from lorafit.generate import base_load_config
     from lorafit.modeling import default_device
 
-    base_model = base_load_config(adapter_dir, base)  # the base as the run recorded loading it
+    base_model = base_load_config(adapter_dir, base, trust_remote_code=trust_remote_code)  # as the run recorded it
     base_name = base_model.name
+    check_same_base(read_base_record(adapter_dir).get(FINGERPRINT_KEY), base_fingerprint(base_name, None), force_base,
+                    lambda why: LorafitError(f"The adapter in '{adapter_dir}' was trained on another base than "
+                                             f"'{base_name}': {why}. Pass the adapter's own base (--base), or "
+                                             "--force-base to evaluate it on this one anyway."),
+                    f"the adapter in '{adapter_dir}'")
     model_args = hf_model_args(base_model, base_name)
     device = str(default_device())
     out_dir = eval_dir(run)

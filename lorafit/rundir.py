@@ -123,6 +123,37 @@ def forbidden_output_dir(value: str) -> str | None:
     return None
 
 
+def check_output_path(path, what: str, replaces: bool = True) -> Path:
+    """Refuse an output of lorafit's (`what`: "the merged model", "the GGUF file", ...) that would land inside
+    a file or directory lorafit manages in a run (adapter/, checkpoints/, eval/, ...), since a later --resume
+    or --overwrite replaces or deletes those: the output would be lost without a word. `replaces`: the output
+    is created or replaced as a whole (merge, export), so a symbolic link there is refused rather than
+    replaced. Also refuses what can never be an output directory (forbidden_output_dir). Returns the path."""
+    out = Path(path).expanduser()
+    why = forbidden_output_dir(str(out))
+    if why:
+        raise LorafitError(f"'{out}' cannot take {what}: {why}. Choose a new directory.")
+    if replaces and out.is_symlink():
+        raise LorafitError(
+            f"'{out}' is a symbolic link; lorafit does not replace a link with {what} (nor write through it). "
+            "Give the directory it points to, or a new path."
+        )
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise LorafitError(f"'{out}' cannot take {what}: it cannot be resolved ({exc}).") from None
+    for run in resolved.parents:
+        if RunDir(run).is_run():
+            inside = resolved.relative_to(run).parts[0]
+            if inside in RUN_ENTRIES:
+                raise LorafitError(
+                    f"'{out}' is inside '{run / inside}', which lorafit manages for the run in '{run}' and replaces or "
+                    f"deletes on --resume or --overwrite: {what} would be lost there. Choose a path outside the "
+                    f"run's {inside}, e.g. '{run.parent / (run.name + '-' + Path(out).name)}'."
+                )
+    return out
+
+
 def _check_writable(path: Path) -> None:
     """Create (and remove) a file where the run will go: the only honest test of writability."""
     probe = next((p for p in [path, *path.parents] if p.exists()), Path("."))
