@@ -445,6 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:  # a write failure a writer reported in its own type (torch, safetensors) outside `saving`
+        from lorafit.rundir import write_error
+
+        error = write_error(exc, "a file", "Check the path, its permissions and the free space.")
+        if error is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.rundir import saving
 
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
@@ -77,9 +78,10 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
         **SIZES[size],
     )
     model = GPT2LMHeadModel(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    with saving(f"the model in {out}", "Free space or choose another directory."):
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
     return out
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from lorafit.errors import LorafitError, first_line
 from lorafit.fingerprint import FINGERPRINT_KEY, base_fingerprint
 from lorafit.lora import check_same_base, read_base_record
+from lorafit.rundir import saving
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
 SIDES = ("base", "adapter")
@@ -242,9 +243,10 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
             raise explained from None
         samples = res.pop("samples")
         # As lm-eval's CLI does: the aggregated results, then the logged samples of each task.
-        tracker.save_results_aggregated(results=res, samples=samples)
-        for task in res["configs"]:
-            tracker.save_results_samples(task_name=task, samples=samples[task])
+        with saving(f"lm-eval's results under {out_dir}", "Free space or fix the permissions, then run again."):
+            tracker.save_results_aggregated(results=res, samples=samples)
+            for task in res["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
         # lm-eval names its files NAME_DATE.json and samples_TASK_DATE.jsonl; lorafit's names have no date.
         moves = {tmp / f"{Path(results_file(side)).stem}_{tracker.date_id}.json": out_dir / results_file(side)}
         moves.update({tmp / f"samples_{t}_{tracker.date_id}.jsonl": out_dir / samples_file(side, t) for t in res["configs"]})
@@ -252,7 +254,8 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
             raise LorafitError(f"lm-evaluation-harness did not write its results under {out_dir} (see its warnings above); "
                                "free space or fix the permissions, then run again.")
         for src, dst in sorted(moves.items(), key=lambda m: m[1].suffix == ".json"):  # the results file last
-            os.replace(src, dst)
+            with saving(f"{dst}", "Free space or fix the permissions, then run again."):
+                os.replace(src, dst)
         keep = {dst.name for dst in moves.values()}
         for old in out_dir.glob(f"lm_eval_{side}_samples_*.jsonl"):  # samples of tasks this run did not have
             if old.name not in keep:

@@ -55,17 +55,37 @@ def remove_temporaries(directory: Path) -> None:
 # Writers in Rust (safetensors, tokenizers) raise their own exception types for a failed write; the
 # OS error is only in the message ("No space left on device (os error 28)", "Os { code: 28, ...").
 _RUST_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+# torch.save writes through a C++ stream that reports a failed write as a RuntimeError with no errno at all:
+# "basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file ...: file write failed",
+# "[enforce fail at inline_container.cc] . unexpected pos 64 vs 0". A full disk is by far the usual cause.
+_TORCH_WRITE_FAILURE = re.compile(r"basic_ios::clear|PytorchStreamWriter failed writing|file write failed|"
+                                  r"unexpected pos \d+ vs \d+")
+TORCH_WRITE_FAILED = "the file could not be written (torch names no cause; most often the disk is full)"
 
 
 def _write_failure(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write, also when a Rust writer reported it as a plain exception."""
+    """The OSError behind a failed write, also when a Rust writer or torch reported it as a plain exception."""
     if isinstance(exc, OSError):
         return exc
     m = _RUST_OS_ERROR.search(str(exc))
-    if m is None:
+    if m is not None:
+        code = int(m.group(1) or m.group(2))
+        return OSError(code, os.strerror(code))
+    if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
+        return OSError(None, TORCH_WRITE_FAILED)
+    return None
+
+
+def write_error(exc: BaseException, what: str, advice: str) -> LorafitError | None:
+    """The one message for a failed write of `what` (disk full, permissions...), or None when `exc` is no
+    failed write (a bug, which keeps its traceback). Every writer's failure comes through here."""
+    failure = None if isinstance(exc, LorafitError) else _write_failure(exc)
+    if failure is None:
         return None
-    code = int(m.group(1) or m.group(2))
-    return OSError(code, os.strerror(code))
+    full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "the disk is full" if full else failure.strerror or str(failure)
+    where = f" ({failure.filename})" if failure.filename else ""
+    return LorafitError(f"Could not write {what}: {reason}{where}. {advice}")
 
 
 @contextlib.contextmanager
@@ -75,14 +95,9 @@ def saving(what: str, advice: str | Callable[[], str]):
     try:
         yield
     except Exception as exc:
-        failure = None if isinstance(exc, LorafitError) else _write_failure(exc)
-        if failure is None:
-            raise
-        full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
-        reason = "the disk is full" if full else failure.strerror or str(failure)
-        where = f" ({failure.filename})" if failure.filename else ""
-        advice = advice() if callable(advice) else advice
-        raise LorafitError(f"Could not write {what}: {reason}{where}. {advice}") from None
+        if isinstance(exc, LorafitError) or _write_failure(exc) is None:
+            raise  # not a failed write: a bug keeps its traceback, lorafit's own errors pass as they are
+        raise write_error(exc, what, advice() if callable(advice) else advice) from None
 
 
 def _json_default(value):
