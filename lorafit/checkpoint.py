@@ -119,8 +119,17 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+CHECKPOINT_FILES = (STATE, WEIGHTS, OPTIMIZER, SCHEDULER, RNG)  # state.json first: without it, no checkpoint
+
+
 def prune(directory: Path, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints. A checkpoint directory that also holds something lorafit did
+    not write loses only lorafit's files, so it stops being a checkpoint and the user's files stay."""
     for _, path in list_checkpoints(directory)[:-keep]:
+        if any(p.name not in CHECKPOINT_FILES for p in path.iterdir()):
+            for name in CHECKPOINT_FILES:
+                (path / name).unlink(missing_ok=True)
+            continue
         doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, doomed)  # gone from the listing at once; a crash mid-delete leaves only a temporary
         shutil.rmtree(doomed, ignore_errors=True)

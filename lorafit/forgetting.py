@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorafit.errors import DataError, LorafitError
-from lorafit.rundir import check_output_path
+from lorafit.rundir import check_output_path, note_written
 
 EVAL_DIR = "eval"
 FORGETTING_FILE = "forgetting.json"
@@ -207,6 +207,7 @@ def write_eval_json(run: Path, name: str, obj: dict) -> Path:
     path = eval_dir(run) / name
     with saving(f"{path}", "Free space or fix the permissions, then run the evaluation again."):
         atomic_write_text(path, json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
+        note_written(run, path)
     return path
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from lorafit.errors import LorafitError, first_line
 from lorafit.fingerprint import FINGERPRINT_KEY, base_fingerprint
 from lorafit.lora import check_same_base, read_base_record
-from lorafit.rundir import saving
+from lorafit.rundir import note_written, saving
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
 SIDES = ("base", "adapter")
@@ -256,6 +256,7 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
         for src, dst in sorted(moves.items(), key=lambda m: m[1].suffix == ".json"):  # the results file last
             with saving(f"{dst}", "Free space or fix the permissions, then run again."):
                 os.replace(src, dst)
+                note_written(out_dir.parent, dst)
         keep = {dst.name for dst in moves.values()}
         for old in out_dir.glob(f"lm_eval_{side}_samples_*.jsonl"):  # samples of tasks this run did not have
             if old.name not in keep:

@@ -35,12 +35,14 @@ CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
+MANIFEST_FILE = ".lorafit-files.json"  # every file lorafit wrote into the run: all --overwrite may delete
 TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
-    LOCK_FILE, MARKER_FILE, *TRACKER_DIRS,
+    LOCK_FILE, MARKER_FILE, MANIFEST_FILE, *TRACKER_DIRS,
 })
+SHOWN_FOREIGN = 10  # --overwrite's refusal names at most this many entries
 
 
 def remove_temporaries(directory: Path) -> None:
@@ -169,6 +171,15 @@ def check_output_path(path, what: str, replaces: bool = True) -> Path:
     return out
 
 
+def note_written(run: Path, *paths: Path) -> None:
+    """Add files written into a run from outside training (eval/) to its manifest; a directory that is no run
+    of lorafit's (a bare adapter directory) keeps none."""
+    run_dir = RunDir(run)
+    if run_dir.has_marker():
+        root = Path(run).resolve()
+        run_dir.wrote(*(Path(p).resolve().relative_to(root).as_posix() for p in paths))
+
+
 def _check_writable(path: Path) -> None:
     """Create (and remove) a file where the run will go: the only honest test of writability."""
     probe = next((p for p in [path, *path.parents] if p.exists()), Path("."))
@@ -226,18 +237,54 @@ class RunDir:
         return self.file(SUMMARY_FILE).is_file()
 
     def content(self) -> list[Path]:
-        """What the directory holds besides lorafit's own lock and marker."""
+        """What the directory holds besides lorafit's own lock, marker and manifest."""
         if not self.path.is_dir():
             return []
-        return [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE)]
+        return [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE, MANIFEST_FILE)]
+
+    # -- the manifest: what lorafit wrote, so that --overwrite deletes nothing else
+    def written(self) -> set[str] | None:
+        """Paths (relative, '/'-separated) of the files lorafit wrote into the run; None when the run has no
+        readable manifest (made by an older lorafit, or damaged)."""
+        try:
+            files = json.loads(self.file(MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return None
+        return {f for f in files if isinstance(f, str)} if isinstance(files, list) else None
+
+    def wrote(self, *entries: str) -> None:
+        """Add files lorafit just wrote to the manifest (a directory: every file now in it). Written atomically."""
+        files = self.written() or set()
+        before = len(files)
+        for entry in entries:
+            path = self.path / entry
+            if path.is_dir() and not path.is_symlink():
+                files.update(p.relative_to(self.path).as_posix() for p in path.rglob("*") if p.is_file())
+            else:
+                files.add(Path(entry).as_posix())
+        if len(files) != before or not self.file(MANIFEST_FILE).is_file():
+            atomic_write_text(self.file(MANIFEST_FILE), json.dumps({"files": sorted(files)}, indent=0) + "\n")
 
     def foreign_entries(self) -> list[str]:
-        """Entries that are no part of a run: the reason --overwrite would refuse to delete the directory."""
-        foreign = [p.name for p in self.content() if p.name not in RUN_ENTRIES and not is_temporary(p.name)]
-        if self.checkpoints.is_dir():
-            foreign += [f"{CHECKPOINTS_DIR}/{p.name}" for p in self.checkpoints.iterdir()
-                        if not (re.fullmatch(r"step-\d+", p.name) or is_temporary(p.name))]
-        return sorted(foreign)
+        """Files and directories lorafit did not write (per the manifest; temporaries and the trackers' own
+        directories excepted): the reason --overwrite would refuse to delete the directory."""
+        written = self.written() or set()
+        holders = {"/".join(Path(f).parts[:i]) for f in written for i in range(1, len(Path(f).parts))}
+        foreign: list[str] = []
+
+        def walk(directory: Path) -> None:
+            for p in sorted(directory.iterdir()):
+                rel = p.relative_to(self.path).as_posix()
+                if is_temporary(p.name) or rel in (LOCK_FILE, MARKER_FILE, MANIFEST_FILE) or rel in TRACKER_DIRS:
+                    continue  # the trackers write their own directories (tensorboard/, wandb/) as they please
+                if p.is_dir() and not p.is_symlink():
+                    walk(p) if rel in holders else foreign.append(rel + "/")
+                elif rel not in written:
+                    foreign.append(rel)
+
+        if self.path.is_dir():
+            walk(self.path)
+        return foreign
 
     def check_new_run(self, resume: bool, overwrite: bool, locked: bool = False) -> None:
         """Refuse to clobber an existing run (or any other directory) unless told to, and to delete anything that
@@ -264,16 +311,19 @@ class RunDir:
         if not locked:
             self._check_not_in_use()
         if overwrite and not resume:
-            foreign = self.foreign_entries()
+            foreign = self.foreign_entries() if self.has_marker() and self.written() is not None else []
+            shown = ", ".join(foreign[:SHOWN_FOREIGN]) + (f" (and {len(foreign) - SHOWN_FOREIGN} more)"
+                                                          if len(foreign) > SHOWN_FOREIGN else "")
             why = (f"it has no {MARKER_FILE} (the mark lorafit leaves in a directory it made for a run)"
                    if not self.has_marker() else
-                   f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which no run writes"
-                   if foreign else "")
+                   f"it has no {MANIFEST_FILE} (the list of the files lorafit wrote; a run of an older lorafit)"
+                   if self.written() is None else
+                   f"it also holds {shown}, which lorafit did not write" if foreign else "")
             if why:
                 raise LorafitError(
                     f"--overwrite refused: output_dir '{path}' is not recognisably a lorafit run directory: {why}. "
-                    "lorafit deletes only directories it made that hold nothing but a run's files. Delete it "
-                    "yourself if it can go, or choose another output_dir."
+                    "lorafit deletes only directories it made that hold nothing but the files it wrote there. Move "
+                    "your files out, delete the directory yourself if it can go, or choose another output_dir."
                 )
         _check_writable(path)
 
@@ -324,10 +374,13 @@ class RunDir:
                         for p in self.content():
                             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                         self.file(MARKER_FILE).unlink(missing_ok=True)
+                        self.file(MANIFEST_FILE).unlink(missing_ok=True)
                     remove_temporaries(self.path)
                     remove_temporaries(self.checkpoints)
                     if not self.has_marker():
                         self.write_json(MARKER_FILE, {"lorafit_run": 1, "created": _now(), "resumes": []})
+                    if self.written() is None:  # a new run, or one of an older lorafit: its files from now on
+                        self.wrote()
                 yield self
             finally:
                 with contextlib.suppress(OSError):
@@ -369,17 +422,22 @@ class RunDir:
         """Keep the first `n` records: those a checkpoint had seen; later ones are redone after a resume."""
         kept = self.read_metrics()[:n]
         atomic_write_text(self.file(METRICS_FILE), "".join(to_json(r) + "\n" for r in kept))
+        self.wrote(METRICS_FILE)
         self.metrics_records = len(kept)
 
     def write_model_card(self, text: str) -> None:
         """The model card, in the run and in adapter/ (where it replaces PEFT's placeholder: the adapter
         directory alone, e.g. uploaded to the Hub, says what it is)."""
         atomic_write_text(self.file(MODEL_CARD), text)
+        self.wrote(MODEL_CARD)
         if self.adapter.is_dir():
             atomic_write_text(self.adapter / MODEL_CARD, text)
+            self.wrote(f"{ADAPTER_DIR}/{MODEL_CARD}")
 
     def write_json(self, name: str, obj: dict) -> None:
         atomic_write_text(self.file(name), json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
+        if name != MARKER_FILE:
+            self.wrote(name)
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.file(name).read_text(encoding="utf-8"))

@@ -40,7 +40,7 @@ from lorafit.modeling import (
 )
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
-    CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
+    ADAPTER_DIR, CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
 )
 from lorafit.runcheck import (
     CONFIG_KEY, check_before_training, check_same_config, data_fingerprint, extends_run, resolved_config, same_data,
@@ -222,8 +222,10 @@ class Trainer:
             CONFIG_KEY: resolved_config(self.cfg),  # what --resume compares, whatever config.yaml says by then
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
         }
-        return ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler, state,
-                                    self.cfg.train.keep_checkpoints, gathered)
+        path = ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler,
+                                    state, self.cfg.train.keep_checkpoints, gathered)
+        self.run.wrote(path.relative_to(self.run.path).as_posix())
+        return path
 
     def data_fingerprint(self) -> dict:
         if self.fingerprint is None:
@@ -466,6 +468,7 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
             if dist.world().is_main:
                 run.record_resume(trainer.progress.step, changed)
                 save_config(trainer.cfg, run.file(CONFIG_FILE))
+                run.wrote(CONFIG_FILE)
                 if extends_run(changed):  # a longer run is unfinished until it ends: its outputs are written anew
                     run.file(SUMMARY_FILE).unlink(missing_ok=True)
         return next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
@@ -473,6 +476,7 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
         log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
     if dist.world().is_main:
         save_config(trainer.cfg, run.file(CONFIG_FILE))
+        run.wrote(CONFIG_FILE)
         run.keep_metrics(0)  # a start over keeps no stale records
     return trainer.run_eval("before training") if trainer.cfg.eval.before_training else None
 
@@ -533,6 +537,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     with saving(f"the adapter in {run.adapter}", advice):
         save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
                      lora_weights)
+        run.wrote(ADAPTER_DIR)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     summary = {
         "recipe": cfg.recipe,
@@ -573,8 +578,10 @@ def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | Non
 
     with atomic_path(run.file(LOSS_PLOT)) as tmp:
         plot_losses(run.read_metrics(), tmp)
+    run.wrote(LOSS_PLOT)
     if len(after["val_by_source"]) > 1:
         with atomic_path(run.file(SOURCE_PLOT)) as tmp:
             plot_by_source((before or {}).get("val_by_source", {}), after["val_by_source"], tmp)
+        run.wrote(SOURCE_PLOT)
     run.write_model_card(model_card(cfg, summary))
     run.write_json(SUMMARY_FILE, summary)
