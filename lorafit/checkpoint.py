@@ -185,21 +185,22 @@ def read_state(path: Path) -> dict:
     state = json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
     if not isinstance(state, dict):
         raise ValueError(f"{STATE} holds a {type(state).__name__}, not an object")
-    bad = [k for k in COUNTS if not _count(state.get(k))]
-    window = state.get("window")
+    # What is there must be right; what is missing fails where it is used (a KeyError: unreadable too).
+    bad = [k for k in COUNTS if (k in state or k == "step") and not _count(state.get(k))]
+    window = state.get("window", {})
     if not isinstance(window, dict):
         bad.append("window")
-    else:
+    elif window:
         bad += [f"window.{k}" for k in WINDOW_COUNTS if not _count(window.get(k))]
         bad += [f"window.{k}" for k in ("seconds",) if not _seconds(window.get(k))]
         if not isinstance(window.get("nll"), int | float) or isinstance(window.get("nll"), bool):
             bad.append("window.nll")
-    if not _seconds(state.get("train_seconds")):
+    if "train_seconds" in state and not _seconds(state["train_seconds"]):
         bad.append("train_seconds")
     if bad:
         shown = ", ".join(f"{k}={_value(state, k)}" for k in bad[:4])
         raise ValueError(f"{STATE}: {shown} (not what lorafit writes)")
-    if state["step"] > state["total_steps"]:
+    if "total_steps" in state and state["step"] > state["total_steps"]:
         raise ValueError(f"{STATE}: step {state['step']} is beyond total_steps {state['total_steps']}")
     return state
 
