@@ -278,7 +278,7 @@ class RunDir:
                 if is_temporary(p.name) or rel in (LOCK_FILE, MARKER_FILE, MANIFEST_FILE) or rel in TRACKER_DIRS:
                     continue  # the trackers write their own directories (tensorboard/, wandb/) as they please
                 if p.is_dir() and not p.is_symlink():
-                    walk(p) if rel in holders else foreign.append(rel + "/")
+                    walk(p) if rel in holders or rel in RUN_ENTRIES else foreign.append(rel + "/")
                 elif rel not in written:
                     foreign.append(rel)
 
@@ -318,7 +318,7 @@ class RunDir:
                    if not self.has_marker() else
                    f"it has no {MANIFEST_FILE} (the list of the files lorafit wrote; a run of an older lorafit)"
                    if self.written() is None else
-                   f"it also holds {shown}, which lorafit did not write" if foreign else "")
+                   f"it also holds {shown}, which no run writes (not in its {MANIFEST_FILE})" if foreign else "")
             if why:
                 raise LorafitError(
                     f"--overwrite refused: output_dir '{path}' is not recognisably a lorafit run directory: {why}. "

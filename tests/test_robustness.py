@@ -503,3 +503,63 @@ def test_a_second_ctrl_c_during_shutdown_ends_quietly(tmp_path, tiny_model_dir, 
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Resume with:" in err
     assert ckpt.list_checkpoints(out / "checkpoints")
+
+
+# ---------------------------------------------------------------- issue 21: --overwrite deletes only what lorafit wrote
+
+
+def test_overwrite_refuses_files_of_the_user_inside_the_run_s_directories(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    mixed = tmp_path / "run"
+    shutil.copytree(run, mixed)
+    (mixed / "eval").mkdir()
+    (mixed / "eval" / "notes.txt").write_text("mine\n")
+    (mixed / "adapter" / "my_backup").mkdir()
+    (mixed / "adapter" / "my_backup" / "adapter_model.safetensors").write_bytes(b"an older adapter")
+    (mixed / "checkpoints" / "step-2" / "NOTES.txt").write_text("step 2 was the good one\n")
+    before = snapshot(mixed)
+    code = main(train_args(tiny_model_dir, texts_file, mixed, "--overwrite"))
+    refused(code, capsys.readouterr().err, "--overwrite refused", "adapter/my_backup/", "checkpoints/step-2/NOTES.txt",
+            "eval/notes.txt", "which no run writes")
+    assert snapshot(mixed) == before
+
+
+def test_overwrite_names_at_most_ten_foreign_paths(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    mixed = tmp_path / "run"
+    shutil.copytree(run, mixed)
+    for i in range(12):
+        (mixed / "adapter" / f"mine-{i:02d}.txt").write_text("mine\n")
+    code = main(train_args(tiny_model_dir, texts_file, mixed, "--overwrite"))
+    err = capsys.readouterr().err
+    refused(code, err, "adapter/mine-00.txt", "adapter/mine-09.txt", "(and 2 more)")
+    assert "mine-10" not in err
+
+
+def test_the_manifest_lists_what_lorafit_wrote_and_only_that(run):
+    from lorafit.rundir import MANIFEST_FILE, RunDir
+
+    files = set(json.loads((run / MANIFEST_FILE).read_text())["files"])
+    on_disk = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()} - {MARKER_FILE, MANIFEST_FILE}
+    assert on_disk <= files  # every file of the run was recorded when it was written
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
+            "checkpoints/step-3/state.json"} <= files
+    assert RunDir(run).foreign_entries() == []
+
+
+def test_checkpoint_rotation_leaves_the_user_s_files(tmp_path):
+    model, optimizer, scheduler = tiny_state()
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, keep=5)
+    (tmp_path / "step-1" / "NOTES.txt").write_text("mine\n")
+    ckpt.save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {}, keep=1)
+    assert (tmp_path / "step-1" / "NOTES.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in (tmp_path / "step-1").iterdir()) == ["NOTES.txt"]  # lorafit's files are gone
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+
+
+def tiny_state():
+    import torch
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler
