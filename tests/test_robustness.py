@@ -246,6 +246,15 @@ def test_resume_still_refuses_a_change_of_the_training(run, tmp_path, tiny_model
     assert snapshot(out) == before
 
 
+def data_moved_in_checkpoint(run: Path, old: Path, new: Path) -> None:
+    """The checkpoints' own record of the config with the data's path changed too, as if the file had been
+    edited in place: a changed path alone is refused by the config check (test_resume.py::
+    test_a_hand_edited_config_yaml_is_refused_on_resume); what is tested here is the data fingerprint."""
+    for _, step_dir in ckpt.list_checkpoints(run / "checkpoints"):
+        state = (step_dir / ckpt.STATE).read_text()
+        (step_dir / ckpt.STATE).write_text(state.replace(json.dumps(str(old))[1:-1], json.dumps(str(new))[1:-1]))
+
+
 def test_resume_on_other_data_with_as_many_rows_is_refused(run, tmp_path, tiny_model_dir, texts_file, capsys):
     out = unfinished_copy(run, tmp_path / "run")
     other = tmp_path / "other.jsonl"  # the run's data file, as if edited since: as many rows, other text
@@ -253,6 +262,7 @@ def test_resume_on_other_data_with_as_many_rows_is_refused(run, tmp_path, tiny_m
     other.write_text("".join(json.dumps({**r, "quote": r["quote"].upper()}) + "\n" for r in rows))
     config = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(config.replace(str(texts_file), str(other)))
+    data_moved_in_checkpoint(out, texts_file, other)
     before = snapshot(out)
     code = main(train_args(tiny_model_dir, other, out, "--resume"))
     refused(code, capsys.readouterr().err, "was trained on other data", "training examples differ", "--overwrite")
@@ -285,6 +295,7 @@ def test_resume_on_other_validation_data_is_refused(run, tmp_path, tiny_model_di
     other.write_text("".join(json.dumps({**r, "quote": r["quote"].upper()} if i in set(val.tolist()) else r) + "\n"
                              for i, r in enumerate(rows)))
     (out / "config.yaml").write_text((out / "config.yaml").read_text().replace(str(texts_file), str(other)))
+    data_moved_in_checkpoint(out, texts_file, other)
     before = snapshot(out)
     code = main(train_args(tiny_model_dir, other, out, "--resume"))
     refused(code, capsys.readouterr().err, "was trained on other data", "validation examples differ", "--overwrite")
