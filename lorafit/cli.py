@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
     if cfg.train.objective == "sft":
         metrics = evaluate_run(model, data.val, data.source_names, scoring)
     else:  # preference accuracy and margin on held-out pairs against the run's reference (val_preference)
-        from lorafit.preference import evaluate_saved
+        from lorafit.preference import evaluate_saved  # lazy, as the CLI's other torch-side imports
 
         metrics = evaluate_saved(model, cfg, data.val, data.source_names, scoring)
     result = {"run": str(run), "base_model": base_name, **metrics}

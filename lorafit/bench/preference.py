@@ -21,15 +21,20 @@ import warnings
 import torch
 
 from lorafit.bench.baseline import _StepTimer, quiet
+from lorafit.bench.peers import _quiet_datasets
+from lorafit.config import load_config
+from lorafit.data.prepare import prepare_data
+from lorafit.data.sources import load_corpus
+from lorafit.loss import token_nll
 from lorafit.measure import sync
+from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
+from lorafit.train import assemble, prepare_model
 
 PAIRS_PER_STEP = 8
 LR = 5e-4
 
 
 def lorafit_config(model_dir: str, data: str, pairs: int, seed: int):
-    from lorafit.config import load_config
-
     return load_config("sentiment-dpo-offline", [
         f"model.name={model_dir}", f"data.sources.yelp.path={data}", f"data.sources.yelp.max_examples={pairs}", f"train.batch_size={PAIRS_PER_STEP}",
         "train.grad_accum=1", "train.warmup_steps=0", f"train.lr={LR}", "lora.r=8", "lora.alpha=16", "lora.dropout=0",
@@ -38,12 +43,6 @@ def lorafit_config(model_dir: str, data: str, pairs: int, seed: int):
 
 def run_lorafit(cfg, tokenizer, device: torch.device, warmup_steps: int) -> tuple[dict, list[dict]]:
     """(lorafit's figures, the training pairs as text rows for TRL)."""
-    from lorafit.data.prepare import prepare_data
-    from lorafit.data.sources import load_corpus
-    from lorafit.loss import token_nll
-    from lorafit.modeling import load_base_model, resolve_precision
-    from lorafit.train import assemble, prepare_model
-
     precision = resolve_precision(cfg.model.precision, device)
     data = prepare_data(cfg, tokenizer)
     steps = len(data.train) // 2 // PAIRS_PER_STEP
@@ -91,7 +90,6 @@ def run_trl(model_dir: str, cfg, tokenizer, rows: list[dict], device: torch.devi
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from lorafit.bench.peers import _quiet_datasets
 
     steps = len(rows) // PAIRS_PER_STEP
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
@@ -120,8 +118,6 @@ def run_trl(model_dir: str, cfg, tokenizer, rows: list[dict], device: torch.devi
 
 def main(args, model_dir: str, tokenizer_dir: str, device: torch.device, peers: dict, default_data: str) -> dict:
     """`--data`: a labelled CSV as the recipe's (label, sentence); default: the shared Yelp sample."""
-    from lorafit.modeling import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     cfg = lorafit_config(model_dir, args.data or default_data, args.examples, seed=42)
     print(f"lorafit dpo: up to {args.examples} pairs ...", file=sys.stderr)

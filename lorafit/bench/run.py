@@ -28,6 +28,7 @@ from lorafit.bench.baseline import (
     generation_rates,
     run_baseline,
 )
+from lorafit.bench import preference
 from lorafit.measure import peak_memory_bytes, reset_peak_memory, sync
 
 REPO = Path(__file__).resolve().parents[2]
@@ -304,8 +305,6 @@ def main(args) -> int:
     out = results_path(args.json, REPO / "bench" / "results" / f"{date}-{device.type}.json")
     tok_dir = _tokenizer_dir(tokenizer_dir)
     if getattr(args, "objective", "sft") == "dpo":  # pairs, not quotes: lorafit/bench/preference.py
-        from lorafit.bench import preference
-
         results = {"date": date, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                    f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
                    "torch": torch.__version__, "warmup_steps": args.warmup_steps,
