@@ -211,3 +211,49 @@ def trained_eager_run(tiny_model_dir, texts_file, tmp_path):
     summary = train(cfg, progress=False)
     assert summary["lora_targets"] == ["c_attn"]
     return tmp_path / "run", tiny_model_dir
+
+
+def _tiny_bert(tokenizer, is_decoder: bool):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, is_decoder=is_decoder)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_a_model_whose_forward_is_not_causal_is_refused_before_training(tiny_tokenizer, tmp_path, capsys):
+    """A BERT config loaded as a causal LM attends both ways (its loss would see the future): refused, exit 2,
+    and it really is not causal (a later token moves an earlier logit), found by the model's forward alone."""
+    from lorafit.cli import main
+
+    bert = _tiny_bert(tiny_tokenizer, is_decoder=False).eval()
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 12), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 7) % len(tiny_tokenizer)
+    with torch.no_grad():
+        assert not torch.equal(bert(input_ids=ids).logits[0, :-1], bert(input_ids=changed).logits[0, :-1])
+    model_dir = tmp_path / "bert"
+    bert.save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    run = tmp_path / "run"
+    code = main(["train", "quotes", f"model.name={model_dir}", f"output_dir={run}", "--no-progress", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "forward is not causal" in err and "BertLMHeadModel" in err and "Traceback" not in err
+    assert not (run / "adapter").exists()
+
+
+def test_the_causality_check_asks_the_forward_not_the_config_type():
+    """The same BERT type in its causal decoder mode passes; so does every family of the matrix."""
+    from lorafit.fastpath import check_causal
+
+    class Tok:
+        def __len__(self):
+            return VOCAB
+
+    check_causal(_tiny_bert(Tok(), is_decoder=True), CPU)
+    for family in ("gpt2", "llama", "bloom", "gemma2"):
+        check_causal(build_model(family, VOCAB, EOS), CPU)
+    with pytest.raises(LorafitError, match="not causal"):
+        check_causal(_tiny_bert(Tok(), is_decoder=False), CPU)
