@@ -257,3 +257,20 @@ def test_the_causality_check_asks_the_forward_not_the_config_type():
         check_causal(build_model(family, VOCAB, EOS), CPU)
     with pytest.raises(LorafitError, match="not causal"):
         check_causal(_tiny_bert(Tok(), is_decoder=False), CPU)
+
+
+def test_auto_targets_on_mamba_are_what_peft_accepts_and_what_trains():
+    """PEFT has no default for Mamba, and all-linear includes out_proj, which PEFT refuses there, and dt_proj,
+    whose weight Mamba's forward reads without calling the layer: `auto` leaves both out (PEFT and the
+    gradient say so, not a list of families), the model is left untouched, and the rest wraps and trains."""
+    model = build_model("mamba", VOCAB, EOS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets, note = resolve_targets(model, "auto")
+    assert targets == ["in_proj", "x_proj"] and "out_proj" in note and "dt_proj" in note
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    peft_model = lora(model)  # wraps without PEFT's refusal
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad.abs().max() > 0 for p in lora_b)
