@@ -263,41 +263,48 @@ def tokenize_texts(
 
 
 class _Batches:
-    """Tokenised batches as arrays, joined at the end into one TokenizedSplit; each batch's ids are freed as
-    they are copied in, so the join holds the token ids about once, not twice."""
+    """Tokenised batches appended to growing arrays. A buffer grows by a quarter (ndarray.resize: realloc, which
+    moves a large buffer's pages without copying them) and is cut to size at the end, so the token ids are
+    held about once, never once as batches and again as their concatenation."""
+
+    GROWTH = 1.25
 
     def __init__(self, masked: bool):
         self.masked = masked
-        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "lengths", "sources", "n_bytes", "truncated", "scored")}
+        self.buffers = {k: np.zeros(0, dtype) for k, dtype in
+                        (("ids", np.int32), ("lengths", np.int64), ("sources", np.int32), ("n_bytes", np.int64),
+                         ("truncated", bool), ("scored", bool))}
+        self.used = dict.fromkeys(self.buffers, 0)
+
+    def _append(self, key: str, values: np.ndarray) -> None:
+        buf, at = self.buffers[key], self.used[key]
+        if at + len(values) > len(buf):
+            buf.resize(max(at + len(values), int(len(buf) * self.GROWTH) + 1024), refcheck=False)
+        buf[at : at + len(values)] = values
+        self.used[key] = at + len(values)
 
     def add(self, ids, lengths, sources, truncated, scored, count_bytes) -> None:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         for key, value in (("ids", ids), ("lengths", lengths), ("sources", sources), ("truncated", truncated),
                            ("n_bytes", count_bytes(ids, offsets, scored))):
-            self.parts[key].append(value)
+            self._append(key, value)
         if self.masked:
-            self.parts["scored"].append(scored)
+            self._append("scored", scored)
 
-    def _join(self, key: str, dtype) -> np.ndarray:
-        parts = self.parts[key]
-        out = np.empty(sum(len(p) for p in parts), dtype=dtype)
-        at = 0
-        parts.reverse()
-        while parts:
-            part = parts.pop()
-            out[at : at + len(part)] = part
-            at += len(part)
-        return out
+    def _final(self, key: str) -> np.ndarray:
+        buf = self.buffers.pop(key)
+        buf.resize(self.used[key], refcheck=False)
+        return buf
 
     def split(self, counts: dict) -> TokenizedSplit:
-        lengths = self._join("lengths", np.int64)
+        lengths = self._final("lengths")
         return TokenizedSplit(
-            ids=self._join("ids", np.int32),
+            ids=self._final("ids"),
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            sources=self._join("sources", np.int32),
-            n_bytes=self._join("n_bytes", np.int64),
-            truncated=self._join("truncated", bool),
-            scored=self._join("scored", bool) if self.masked else None,
+            sources=self._final("sources"),
+            n_bytes=self._final("n_bytes"),
+            truncated=self._final("truncated"),
+            scored=self._final("scored") if self.masked else None,
             policy_counts=counts,
         )
 
