@@ -155,7 +155,9 @@ def targets_without_gradient(model, targets: list[str]) -> list[str]:
         ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
         wrapped.eval()
         logits = wrapped(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        torch.nn.functional.cross_entropy(logits, ids[0, 1:]).backward()
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+        if loss.requires_grad:  # else no LoRA weight is in the loss's graph at all
+            loss.backward()
         reached = {t: False for t in targets}
         for name, param in wrapped.named_parameters():
             if "lora_B" in name and param.grad is not None and bool(param.grad.abs().max() > 0):

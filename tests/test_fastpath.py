@@ -274,3 +274,11 @@ def test_auto_targets_on_mamba_are_what_peft_accepts_and_what_trains():
     peft_model(input_ids=ids, labels=ids).loss.backward()
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad.abs().max() > 0 for p in lora_b)
+
+
+def test_auto_targets_that_no_gradient_reaches_at_all_are_an_error_not_a_crash():
+    from lorafit.lora import targets_without_gradient
+
+    model = build_model("mamba", VOCAB, EOS)
+    assert targets_without_gradient(model, ["dt_proj"]) == ["dt_proj"]  # the loss has no LoRA weight in its graph
+    assert targets_without_gradient(model, ["in_proj", "dt_proj"]) == ["dt_proj"]
