@@ -94,13 +94,17 @@ def main() -> int:
     if args.case:
         print(json.dumps(one_case(args.case[0], int(args.case[1]), Path(args.shared))))
         return 0
+    from lorafit.bench.run import results_path, write_new
+
+    # Settled before minutes of work: an existing --json is refused now, the default gets a free name.
+    out = results_path(args.json, REPO / "bench" / "results" / f"{datetime.date.today().isoformat()}-data-scale-cpu.json")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     results = []
     for n in args.sizes:
         for side in ("baseline", "lorafit"):
-            out = subprocess.run([sys.executable, __file__, "--case", side, str(n), "--shared", args.shared],
-                                 check=True, capture_output=True, text=True, env=env).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            stdout = subprocess.run([sys.executable, __file__, "--case", side, str(n), "--shared", args.shared],
+                                    check=True, capture_output=True, text=True, env=env).stdout
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     ratios = {}
     for n in args.sizes:
@@ -109,13 +113,7 @@ def main() -> int:
                           "lorafit_peak_rise_over_ids": ours["peak_rise_over_ids"]}
     record = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "note": args.note,
               "load_average_at_end": os.getloadavg(), "cases": results, "lorafit_vs_baseline": ratios}
-    out = Path(args.json) if args.json else None
-    if out is None:
-        stem = REPO / "bench" / "results" / f"{record['date']}-data-scale-cpu"
-        out, k = Path(f"{stem}.json"), 2
-        while out.exists():
-            out, k = Path(f"{stem}-{k}.json"), k + 1
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_new(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 
