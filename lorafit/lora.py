@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -63,8 +64,10 @@ def all_linear_targets(model) -> list[str]:
 
 def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | None]:
     """lora.targets as module names for this model: `auto` is PEFT's default for the architecture
-    (GPT-2: c_attn), `all-linear` every linear layer but the head. Returns (names, a note when `auto`
-    had to fall back). Named targets must exist, or the error lists what does."""
+    (GPT-2: c_attn), else every linear layer but the head, less any module PEFT itself refuses on this
+    model (asked by `peft_refuses`, not by a list of families); `all-linear` every linear layer but the
+    head. Returns (names, a note when `auto` fell back or left modules out). Named targets must exist,
+    or the error lists what does."""
     if targets == ALL_LINEAR:
         return all_linear_targets(model), None
     if targets == AUTO:
@@ -73,9 +76,35 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
         model_type = getattr(model.config, "model_type", None)
         default = DEFAULTS.get(model_type)
         if default and not _unknown_targets(model, default):
-            return list(default), None
-        why = "has no PEFT default" if not default else "does not have PEFT's default modules"
-        return all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
+            candidates, note = list(default), None
+        else:
+            why = "has no PEFT default" if not default else "does not have PEFT's default modules"
+            candidates, note = all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
+        refused = peft_refuses(model, candidates)
+        if refused:
+            kept = [t for t in candidates if t not in refused]
+            if not kept:
+                raise LorafitError(
+                    f"lora.targets=auto: PEFT refuses every candidate module of this {type(model).__name__} "
+                    f"({'; '.join(refused.values())}). Name targets PEFT accepts in lora.targets."
+                )
+            dropped = ", ".join(f"{t} ({why})" for t, why in refused.items())
+            note = (note + "; " if note else "lora.targets=auto: ") + f"left out what PEFT refuses on this model: {dropped}"
+            candidates = kept
+        idle = targets_without_gradient(model, candidates)
+        if idle:
+            kept = [t for t in candidates if t not in idle]
+            if not kept:
+                raise LorafitError(
+                    f"lora.targets=auto: no LoRA weight on {', '.join(candidates)} gets a gradient in this "
+                    f"{type(model).__name__}'s forward (it uses those layers' weights without calling them). "
+                    f"Name other targets in lora.targets; modules LoRA can wrap: {', '.join(linear_module_names(model))}."
+                )
+            note = (note + "; " if note else "lora.targets=auto: ") + (
+                f"left out {', '.join(idle)}: this model's forward uses their weights without calling the layer, "
+                "so LoRA on them would never train")
+            candidates = kept
+        return candidates, note
     targets = [targets] if isinstance(targets, str) else list(targets)
     unknown = _unknown_targets(model, targets)
     if unknown:
@@ -85,6 +114,66 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
             f"Or use lora.targets={AUTO} (PEFT's default for this architecture) or lora.targets={ALL_LINEAR}."
         )
     return targets, None
+
+
+def peft_refuses(model, targets: list[str]) -> dict[str, str]:
+    """{target: PEFT's reason} for the targets PEFT will not wrap on this model (e.g. Mamba's out_proj, whose
+    fused kernel bypasses the module). PEFT itself is asked, on a weightless copy of the model's skeleton (meta
+    tensors: no memory, the model itself untouched): all targets at once, then one by one if it refuses."""
+    from peft import get_peft_model
+
+    def refusal(names: list[str]) -> str | None:
+        try:
+            with torch.device("meta"):
+                skeleton = type(model)._from_config(copy.deepcopy(model.config))
+        except Exception:  # noqa: BLE001 - a model that cannot be rebuilt from its config: leave the check to apply_lora
+            return None
+        try:
+            with peft_detects_fan_in_fan_out(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the real wrap below warns for itself
+                get_peft_model(skeleton, peft_config(LoraConfig(dropout=0.0), names))
+        except ValueError as exc:
+            return first_line(exc)
+        return None
+
+    if refusal(targets) is None:
+        return {}
+    return {t: why for t in targets if (why := refusal([t])) is not None}
+
+
+def targets_without_gradient(model, targets: list[str]) -> list[str]:
+    """The targets whose LoRA weights get no gradient from the model's own loss (a forward that reads a
+    layer's weight directly, as a fused kernel does, bypasses its LoRA). The targets are wrapped for one
+    forward and backward of a short input (B = 0 at first, so the loss is the model's own; B's gradient is
+    nonzero wherever the layer's output is used), then unwrapped: the model is left as it was."""
+    from peft import get_peft_model
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    with peft_detects_fan_in_fan_out(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real wrap warns for itself
+        wrapped = get_peft_model(model, peft_config(LoraConfig(dropout=0.0), targets))
+    try:
+        device = next(model.parameters()).device
+        ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+        wrapped.eval()
+        logits = wrapped(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+        if loss.requires_grad:  # else no LoRA weight is in the loss's graph at all
+            loss.backward()
+        reached = {t: False for t in targets}
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name and param.grad is not None and bool(param.grad.abs().max() > 0):
+                layer = name.split(".lora_B", 1)[0]
+                for t in targets:
+                    reached[t] = reached[t] or _matches(layer, t)
+    finally:
+        wrapped.unload()  # the original layers back in place
+        model.train(was_training)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            p.grad = None
+    return [t for t, ok in reached.items() if not ok]
 
 
 def _unknown_targets(model, targets: list[str]) -> list[str]:
