@@ -129,7 +129,7 @@ class PreferenceObjective:
     def window_record(self) -> dict:
         """The logging window's figures (then a new window): the mean step loss, and each statistic per pair."""
         steps, pairs = self.window[0], self.window[1]
-        record = {"loss": self.window_loss / steps if steps else None,
+        record = {"loss": self.window_loss / steps if steps else None, "pairs": pairs,
                   **{k: v / pairs if pairs else None for k, v in zip(STATS, self.window[2:])}}
         self.reset_window()
         return record

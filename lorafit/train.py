@@ -189,6 +189,8 @@ class Trainer:
         loss = float(w.nll) / w.tokens if w.tokens else None  # None: every step of the window was skipped
         extra = self.objective.window_record() if self.objective is not None else {}  # the objective's loss, rewards
         loss = extra.pop("loss", loss)
+        if "pairs" in extra:  # a preference run's throughput in its own unit
+            extra["pairs_per_second"] = extra.pop("pairs") / w.seconds if w.seconds else None
         self.progress.last_train_loss = loss if loss is not None else self.progress.last_train_loss
         record = {
             "step": self.progress.step,
