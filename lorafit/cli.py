@@ -180,12 +180,14 @@ def cmd_eval(args) -> int:
     scoring = saved_scoring(run, cfg, model, tokenizer, base=args.base)
     data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
     log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
-    result = {"run": str(run), "base_model": base_name, **evaluate_run(model, data.val, data.source_names, scoring)}
+    result = {"run": str(run), "base_model": base_name,
+              **evaluate_run(model, data.val, data.source_names, scoring, progress="scoring")}
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
+    from lorafit.console import progress_bar
     from lorafit.generate import SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
@@ -204,32 +206,68 @@ def cmd_generate(args) -> int:
                          prompt_name="the prompt" if len(args.prompts) == 1 else f"prompt {i}")
     print(f"generating {cfg.num_return_sequences * len(args.prompts)} sample(s) of up to {cfg.max_new_tokens} tokens"
           f"{' (and the base)' if args.compare_base else ''} ...", file=sys.stderr, flush=True)
+    # Generated first, under a bar on stderr, then shown: the bar never lands among the samples.
+    bar = progress_bar(len(args.prompts) * (2 if args.compare_base else 1), "generating", "prompt")
+    results = []
     for prompt, segments in zip(args.prompts, rendered):
         tuned = sample(model, tokenizer, prompt, cfg, segments)
+        bar is not None and bar.update(1)
         base = sample_base(model, tokenizer, prompt, cfg, segments) if args.compare_base else None
-        show("".join(segments) if segments else prompt, tuned, base, base_name)
+        bar is not None and args.compare_base and bar.update(1)
+        results.append(("".join(segments) if segments else prompt, tuned, base))
+    if bar is not None:
+        bar.close()
+    for shown, tuned, base in results:
+        show_json(shown, tuned, base) if args.json else show(shown, tuned, base, base_name)
     return 0
 
 
 def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
+    """The samples of one prompt. stdout gets the text exactly as decoded, prompt first, one newline after each
+    sample: no wrapping, no cut, nothing added (`> out.txt` keeps what the model said). On a terminal rich lays it
+    out; elsewhere labels and separators go to stderr."""
+    if sys.stdout.isatty():
+        return show_on_terminal(prompt, tuned, base, base_name)
+    columns = [("fine-tuned (base + adapter)", tuned)] if base is None else \
+        [(f"base ({Path(base_name).name})", base), ("fine-tuned (base + adapter)", tuned)]
+    for i in range(len(tuned)):
+        for label, texts in columns:
+            if base is not None or len(tuned) > 1:
+                print(f"--- {label}" + (f", sample {i + 1}" if len(tuned) > 1 else "") + " ---", file=sys.stderr, flush=True)
+            sys.stdout.write(prompt + texts[i] + "\n")
+            sys.stdout.flush()
+
+
+def show_on_terminal(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    # Prompts and model output are plain text: as rich markup, "[/i]" raises and "[b]" vanishes.
+    # Prompts and model output are plain text: as rich markup, "[/i]" raises and "[b]" vanishes. soft_wrap: the
+    # terminal wraps, so a copied line is the model's line; in the table, fold: a long token is never cut with "…".
     console = Console()
     if base is None:
         for i, text in enumerate(tuned):
-            console.print(Text.assemble((prompt, "bold"), text), highlight=False)
+            console.print(Text.assemble((prompt, "bold"), text), highlight=False, soft_wrap=True)
             if i + 1 < len(tuned):
                 console.rule(style="dim")
         return
     table = Table(title=Text(f"prompt: {prompt!r}"), show_lines=True, expand=True)
-    table.add_column(Text(f"base ({Path(base_name).name})"), ratio=1)
-    table.add_column("fine-tuned (base + adapter)", ratio=1)
+    table.add_column(Text(f"base ({Path(base_name).name})"), ratio=1, overflow="fold")
+    table.add_column("fine-tuned (base + adapter)", ratio=1, overflow="fold")
     for b, t in zip(base, tuned):
-        table.add_row(Text(prompt + b), Text(prompt + t))
+        table.add_row(Text(prompt + b, overflow="fold"), Text(prompt + t, overflow="fold"))
     console.print(table)
+
+
+def show_json(prompt: str, tuned: list[str], base: list[str] | None) -> None:
+    """`--json`: one object a sample, one line each (JSON Lines), the texts exact."""
+    for i, text in enumerate(tuned):
+        record = {"prompt": prompt, "sample": i, "completion": text}
+        if base is not None:
+            record["base_completion"] = base[i]
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def cmd_merge(args) -> int:
@@ -349,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="samples a prompt (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object a sample (prompt, sample, completion, base_completion), one a line")
     g.add_argument("--template", metavar="NAME|FILE", default=None,
                    help="render each prompt as a prompt_completion or chat source was in training: plain, alpaca, "
                         "chat (the model's chat template; PROMPT is the user's message), roles, or a file holding a "

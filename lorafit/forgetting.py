@@ -15,6 +15,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lorafit.console import log
 from lorafit.errors import DataError, LorafitError
 
 EVAL_DIR = "eval"
@@ -133,6 +134,7 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
     configs = {s: source_config(s, text_field, max_examples) for s in sources}
     texts = {s: read_texts(s, configs[s], d.split_seed, cache) for s in sources}  # bad data fails before any model loads
 
+    log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision)
     scoring = saved_scoring(run, cfg, model, tokenizer, base=base)
     data = {}
@@ -140,9 +142,9 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
         split, _ = tokenize_cached(texts[source], [0] * len(texts[source]), tokenizer, d.seq_len, d.long_examples, cache)
         if len(split) == 0:
             raise DataError(f"--data {source}: no example is left after tokenisation (data.long_examples={d.long_examples}).")
-        tuned = evaluate_run(model, split, [source], scoring)
+        tuned = evaluate_run(model, split, [source], scoring, progress=f"{source}: adapter")
         with model.disable_adapter():
-            plain = evaluate_run(model, split, [source], scoring)
+            plain = evaluate_run(model, split, [source], scoring, progress=f"{source}: base")
         data[source] = {
             "text_field": configs[source].text_field,
             "max_examples": max_examples,

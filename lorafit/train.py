@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
 from lorafit.atomic import atomic_dir, atomic_path
 from lorafit.config import RunConfig, save_config
-from lorafit.console import log
+from lorafit.console import log, progress_bar
 from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.prepare import Data, prepare_data, share_data
 from lorafit.data.tokenize import policy_summary
@@ -247,11 +246,8 @@ class Trainer:
     # -- the loop
     def fit(self, show_bar: bool = True) -> None:
         t = self.cfg.train
-        bar = None
-        if show_bar and dist.world().is_main and sys.stderr.isatty():  # elsewhere a bar is noise: log lines
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.plan.total_steps, initial=self.progress.step, desc="training", unit="step", dynamic_ncols=True)
+        # No bar where none can draw (not a terminal, a 0-column one) or none is wanted: log lines instead
+        bar = progress_bar(self.plan.total_steps, "training", "step", show_bar, initial=self.progress.step)
         self.model.train()
         with stop_signals(self):
             while self.progress.step < self.plan.total_steps:
@@ -352,7 +348,7 @@ def check_seq_len(cfg: RunConfig, model) -> None:
         )
 
 
-def setup(cfg: RunConfig, run: RunDir) -> Trainer:
+def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
     """Tokenizer, model, LoRA, fast paths, data and optimizer: every input is checked here, the model's
     before any data is read, and nothing is written."""
     from lorafit.data.sources import offline_hint
@@ -366,7 +362,7 @@ def setup(cfg: RunConfig, run: RunDir) -> Trainer:
     model = load_base_model(cfg.model, precision, torch.device("cpu") if cfg.train.fsdp else device, hint=hint)
     check_seq_len(cfg, model)
     model, targets, fast = prepare_model(cfg, model, device, precision)
-    data = share_data(prepare_data(cfg, tokenizer) if dist.world().is_main else None)  # read and tokenised once
+    data = share_data(prepare_data(cfg, tokenizer, progress=progress) if dist.world().is_main else None)  # read and tokenised once
     return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
 
 
@@ -475,7 +471,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             log(f"The run in {run.path} has already finished; nothing to do.")
             return run.read_summary()
     try:
-        trainer = setup(cfg, run)
+        trainer = setup(cfg, run, progress)
         check_before_training(trainer)  # values used only later (the eval sample) fail now, not after training
         # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
         claim = run.claim(resume, overwrite) if dist.world().is_main else contextlib.nullcontext()

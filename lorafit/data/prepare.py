@@ -26,7 +26,7 @@ class Data:
     source_names: list[str]
 
 
-def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS) -> Data:
+def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Data:
     """The tokenised `splits` (train, val or both). Every source is still read whole: which texts are
     validation is decided by the seeded split of all of them."""
     from lorafit.data.sources import load_corpus
@@ -41,7 +41,7 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS) ->
         items, sources = texts[name]
         # prompt-completion and chat examples become text segments, scored or not (texts stay as they are)
         rendered = render_examples(items, sources, d, tokenizer)
-        out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True)
+        out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=progress)
         hits.append(hit)
     val = out.get("val")
     if val is not None and cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:

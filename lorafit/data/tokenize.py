@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.atomic import atomic_path
+from lorafit.console import progress_bar
 
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
@@ -239,11 +240,7 @@ def tokenize_texts(
     piece_sources: list[int] = []
     truncated: list[bool] = []
     counts: dict[int, dict[str, int]] = {}
-    bar = None
-    if progress and len(texts) >= PROGRESS_MIN_TEXTS:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts), desc="tokenising", unit="doc", unit_scale=True, dynamic_ncols=True)
+    bar = progress_bar(len(texts), "tokenising", "doc", progress and len(texts) >= PROGRESS_MIN_TEXTS, unit_scale=True)
     for start in range(0, len(texts), TOKENIZE_BATCH):
         items = texts[start : start + TOKENIZE_BATCH]
         # One call a batch (every segment of every example): the fast tokenizer spreads it over all cores.
