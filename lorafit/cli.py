@@ -288,11 +288,14 @@ def cmd_init_model(args) -> int:
 
 def cmd_recipes(args) -> int:
     from lorafit.config import list_recipes, load_config
+    from lorafit.recipes import DESCRIPTIONS
 
     for name in list_recipes():
         cfg = load_config(name)
         length = f"epochs={cfg.train.epochs:g}" + (f" max_steps={cfg.train.max_steps}" if cfg.train.max_steps else "")
-        print(f"{name:24s} {length:10s} model={cfg.model.name} sources={', '.join(cfg.data.sources)}")
+        print(f"{name:24s} {DESCRIPTIONS.get(name, '')}\n{'':24s} {length:10s} model={cfg.model.name} "
+              f"sources={', '.join(cfg.data.sources)}")
+    print("\n`lorafit config NAME` shows a recipe in full; `lorafit train NAME key=value ...` runs it.")
     return 0
 
 
@@ -301,6 +304,13 @@ def cmd_config(args) -> int:
 
     if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():  # `config k=v`: defaults
         args.overrides, args.recipe = [args.recipe, *args.overrides], None
+    if args.recipe is not None and Path(args.recipe).is_dir():  # a run directory, as `train --resume RUN_DIR` takes
+        from lorafit.rundir import CONFIG_FILE
+
+        if not (Path(args.recipe) / CONFIG_FILE).is_file():
+            raise LorafitError(f"{args.recipe} is a directory without a {CONFIG_FILE}: give a run directory, a recipe "
+                               "name or a YAML file.")
+        args.recipe = str(Path(args.recipe) / CONFIG_FILE)
     if args.recipe is None:
         from lorafit.config import apply_overrides
         from lorafit.errors import ConfigError
@@ -420,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_recipes)
 
     c = sub.add_parser("config", help="print the resolved config as YAML, each key with its one-line doc")
-    c.add_argument("recipe", nargs="?", help="a shipped recipe name or a YAML file (default: lorafit's defaults)")
+    c.add_argument("recipe", nargs="?", help="a shipped recipe name, a YAML file or a run directory (its config.yaml; "
+                                             "default: lorafit's defaults)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. lora.r=16")
     c.set_defaults(func=cmd_config)
 

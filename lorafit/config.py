@@ -620,5 +620,19 @@ def annotated_yaml(cfg: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """safe_dump, but a string holding a line break or a control character is written double-quoted with escapes
+    (`join: "\\n"`), not as the folded block PyYAML picks, which reads as a blank line."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    if any(c in value for c in "\n\r\t") or not value.isprintable():
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_str(value)
+
+
+_ReadableDumper.add_representer(str, _represent_str)
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.dump(cfg.to_dict(), Dumper=_ReadableDumper, sort_keys=False, allow_unicode=True))
