@@ -66,6 +66,15 @@ def _quiet_libraries() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
+def _without_bitsandbytes() -> None:
+    """Make bitsandbytes look absent when nothing is quantised. PEFT imports it at import time whenever it is
+    installed, and its import prints a kernel warning on a CPU machine ("Failed to load CPU gemm_4bit_forward ..."):
+    noise on every command that quantises nothing. A None entry in sys.modules makes both `import bitsandbytes`
+    and importlib's find_spec say "not installed". Must run before PEFT (or transformers' bnb checks) load."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -75,6 +84,8 @@ def cmd_train(args) -> int:
 
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
+    if not cfg.model.quantize:
+        _without_bitsandbytes()
     RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
     from lorafit.trackers import check_available
 
@@ -472,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "eval", "generate", "merge", "bench", "serve"):
         _offline_if_hub_unreachable()
     _quiet_libraries()
+    if args.command not in ("train", "bench"):  # only a training config can ask for model.quantize
+        _without_bitsandbytes()
     try:
         return args.func(args)
     except LorafitError as exc:
