@@ -165,7 +165,22 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
             and not (i > 0 and argv[i - 1] == "--nproc")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lorafit", *rest]
-    return subprocess.call(command)
+    return subprocess.call(command, env=threads_per_process(nproc))
+
+
+def threads_per_process(nproc: int) -> dict[str, str]:
+    """The environment of N processes on one machine: OMP_NUM_THREADS = usable cores // N each (at least 1),
+    unless the user set it. Said once here; torchrun, finding it set, prints no banner of its own."""
+    env = dict(os.environ)
+    if env.get("OMP_NUM_THREADS"):
+        print(f"--nproc {nproc}: {nproc} processes, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each (from the "
+              "environment)", file=sys.stderr, flush=True)
+        return env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+    print(f"--nproc {nproc}: {nproc} processes, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each ({cores} cores // "
+          f"{nproc}; set OMP_NUM_THREADS to choose otherwise)", file=sys.stderr, flush=True)
+    return env
 
 
 def cmd_eval(args) -> int:
