@@ -86,6 +86,9 @@ def cmd_train(args) -> int:
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
     if not cfg.model.quantize:
         _without_bitsandbytes()
+    from lorafit.preflight import check_local_paths
+
+    check_local_paths(cfg)  # and a missing data file or local model directory, before seconds of model loading
     RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
     from lorafit.trackers import check_available
 

@@ -28,12 +28,14 @@ from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
 from lorafit.fastpath import FastPaths
+from lorafit.localpaths import looks_like_a_path
 from lorafit.lora import apply_lora, format_counts, resolve_targets, unwrapped, write_base_signature
 from lorafit.loss import token_nll
 from lorafit.measure import device_name, peak_memory_bytes, sync
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
+from lorafit.preflight import check_local_paths
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
     CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
@@ -355,7 +357,7 @@ def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
 
     device = dist.device() if dist.world().parallel else default_device()
     precision = resolve_precision(cfg.model.precision, device)
-    local_model = Path(cfg.model.name).expanduser().exists()
+    local_model = looks_like_a_path(cfg.model.name)
     hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
     # Sharded: the base is loaded on the CPU and each rank moves only its shard to its device.
@@ -465,6 +467,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     run = RunDir(Path(cfg.output_dir))
     overwrite = overwrite and not resume  # --resume wins: it never deletes
     run.check_new_run(resume, overwrite)  # cheap and read-only: a plain mistake fails before minutes of set-up
+    check_local_paths(cfg)  # so does a missing data file or local model directory
     if resume and run.is_run():
         changed = check_same_config(run, cfg)
         if run.is_finished() and not extends_run(changed):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from lorafit.data.examples import KINDS, Example, prompt_fields
 from lorafit.errors import DataError, LorafitError
+from lorafit.localpaths import path_problem
 
 if TYPE_CHECKING:
     from lorafit.config import DataConfig, SourceConfig
@@ -70,11 +71,14 @@ def resolve_template(spec: str | None, kind: str | None = None, root: str | None
     from lorafit.data.sources import resolve_path
 
     path = resolve_path(spec, root)
-    if path.is_file():
+    why = path_problem(path)
+    if why is None:
         try:
             return Template("custom", path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise LorafitError(f"Cannot read the template file {path}: {exc}") from None
+    if path.exists():  # there, but nothing to read a template from (a FIFO would block, a directory has no text)
+        raise LorafitError(f"template file {path} is {why}; give a regular file holding a format string with {{prompt}}.")
     raise LorafitError(
         f"template {spec!r} is none of the named templates ({', '.join(NAMED)}), a file ({path} does not exist), "
         "or a format string such as \"Question: {prompt}\\nAnswer:\"."
