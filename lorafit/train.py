@@ -23,7 +23,7 @@ from lorafit.atomic import atomic_dir, atomic_path
 from lorafit.config import RunConfig, save_config
 from lorafit.console import log, progress_bar
 from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
-from lorafit.data.prepare import Data, prepare_data, share_data
+from lorafit.data.prepare import Data, masked_sources, prepare_data, share_data
 from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
@@ -538,7 +538,8 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "final_train_loss": trainer.progress.last_train_loss,
         "nonfinite_steps_skipped": trainer.progress.nonfinite_skipped,
         # what data.long_examples did, per source: truncated, dropped_too_long, completion_truncated, ...
-        "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names)
+        "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names, cfg.data.long_examples,
+                                               masked_sources(cfg.data))
                           for name, split in (("train", trainer.data.train), ("val", trainer.data.val))},
         **after,
         "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,

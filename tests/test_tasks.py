@@ -80,7 +80,8 @@ def test_reported_val_loss_is_the_completion_only_loss_of_each_example_alone(qa_
     assert summary["val_tokens"] == count and summary["val_bytes"] == n_bytes
     assert summary["val_loss"] == pytest.approx(total / count, abs=1e-5)
     assert summary["val_by_source"]["quotes"]["val_loss"] == pytest.approx(total / count, abs=1e-5)
-    assert summary["length_policy"] == {"train": {}, "val": {}}  # nothing was long
+    nothing = {"truncated": 0, "completion_truncated": 0, "dropped_no_completion": 0}  # nothing was long: zeros
+    assert summary["length_policy"] == {"train": {"quotes": nothing}, "val": {"quotes": nothing}}
     # train tokens: every step's scored targets only (2 steps of 8 examples, each answer + EOS)
     assert 0 < summary["train_tokens"] < 2 * 8 * 40
 

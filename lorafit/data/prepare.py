@@ -58,10 +58,15 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, pr
         + (f"; {int(train.truncated.sum()):,} truncated" if train is not None else "")
     )
     if train is not None:
-        policy = policy_summary(train.policy_counts, corpus.source_names)
-        if any(set(c) - {"truncated"} for c in policy.values()):
+        policy = policy_summary(train.policy_counts, corpus.source_names, d.long_examples, masked_sources(d))
+        if any(v for c in policy.values() for k, v in c.items() if k != "truncated"):
             log(f"length policy ({d.long_examples}) on training examples: {policy}")
     return Data(train, val, corpus.source_names)
+
+
+def masked_sources(d) -> list[bool]:
+    """Per source (in order): whether its examples have unscored tokens (prompt_completion, chat)."""
+    return [src.kind != "text" for src in d.sources.values()]
 
 
 def share_data(data: Data | None) -> Data:
