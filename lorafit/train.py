@@ -24,6 +24,7 @@ from lorafit.config import RunConfig, save_config
 from lorafit.console import log, progress_bar
 from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.prepare import Data, masked_sources, prepare_data, share_data
+from lorafit.data.templates import describe_source
 from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
@@ -124,6 +125,9 @@ class Trainer:
             self.progress.window.tokens += n_targets
             self.progress.window.examples += len(examples)
             self.progress.train_tokens += n_targets
+            processed = int((self.data.train.lengths()[examples] - 1).sum())  # scored or not, every position computed
+            self.progress.window.processed += processed
+            self.progress.train_processed_tokens += processed
         self.scheduler.step()  # a skipped step still counts: lr and data stay aligned with the step number
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.window.steps += 1
@@ -167,7 +171,8 @@ class Trainer:
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
-            "tokens_per_second": w.tokens / w.seconds if w.seconds else None,
+            "tokens_per_second": w.tokens / w.seconds if w.seconds else None,  # scored tokens (the loss's)
+            "processed_tokens_per_second": w.processed / w.seconds if w.seconds else None,
             "examples_per_second": w.examples / w.seconds if w.seconds else None,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "train_seconds": self.progress.train_seconds,
@@ -177,7 +182,8 @@ class Trainer:
         if dist.world().is_main:
             self.run.append_metrics(record)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss or 0:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss or 0:.4f}", scored_tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
+                            processed_tok_s=f"{record['processed_tokens_per_second'] or 0:,.0f}", refresh=False)
         else:  # no bar (not a terminal, or --no-progress): a line a log window, for nohup and CI logs
             log(progress_line(record, self.plan.total_steps, w.seconds / w.steps if w.steps else 0.0))
         self.progress.window = Window()
@@ -529,12 +535,17 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "train_examples": len(trainer.data.train),
-        "val_examples": len(trainer.data.val),
+        "val_examples": len(trainer.data.val),  # evaluated (at most eval.max_examples of those held out)
+        "val_held_out": trainer.data.val_held_out,
+        "sources": {name: describe_source(src) for name, src in cfg.data.sources.items()},  # kind, fields, scored
         "train_tokens": trainer.progress.train_tokens,
         "optimizer_steps": trainer.progress.step,
         "epochs": round(trainer.plan.epoch(trainer.progress.step), 4),
         "train_seconds": trainer.progress.train_seconds,
         "train_tokens_per_second": trainer.progress.train_tokens / trainer.progress.train_seconds if trainer.progress.train_seconds else None,
+        "train_processed_tokens": trainer.progress.train_processed_tokens,  # scored or context: what was computed
+        "train_processed_tokens_per_second": (trainer.progress.train_processed_tokens / trainer.progress.train_seconds
+                                              if trainer.progress.train_seconds else None),
         "final_train_loss": trainer.progress.last_train_loss,
         "nonfinite_steps_skipped": trainer.progress.nonfinite_skipped,
         # what data.long_examples did, per source: truncated, dropped_too_long, completion_truncated, ...

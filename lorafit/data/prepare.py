@@ -24,6 +24,7 @@ class Data:
     train: TokenizedSplit | None  # None: not asked for (`lorafit eval` scores validation only)
     val: TokenizedSplit
     source_names: list[str]
+    val_held_out: int | None = None  # validation examples held out, before eval.max_examples takes its sample
 
 
 def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Data:
@@ -44,6 +45,7 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, pr
         out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=progress)
         hits.append(hit)
     val = out.get("val")
+    held_out = len(val) if val is not None else None
     if val is not None and cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:
         out["val"] = val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
     if any(len(split) == 0 for split in out.values()):
@@ -61,7 +63,7 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, pr
         policy = policy_summary(train.policy_counts, corpus.source_names, d.long_examples, masked_sources(d))
         if any(v for c in policy.values() for k, v in c.items() if k != "truncated"):
             log(f"length policy ({d.long_examples}) on training examples: {policy}")
-    return Data(train, val, corpus.source_names)
+    return Data(train, val, corpus.source_names, held_out)
 
 
 def masked_sources(d) -> list[bool]:
