@@ -156,6 +156,20 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The settings of a source that only some kinds read (the rest apply to every source).
+KIND_FIELDS = {
+    "text": ("text_field",),
+    "prompt_completion": ("prompt_field", "completion_field", "template", "train_on"),
+    "chat": ("messages_field", "template", "train_on"),
+}
+
+
+def applies(src: SourceConfig, name: str) -> bool:
+    """Whether setting `name` means anything for a source of `src.kind` (`lorafit config` shows only those)."""
+    specific = {n for names in KIND_FIELDS.values() for n in names}
+    return name not in specific or name in KIND_FIELDS.get(src.kind, specific)
+
+
 CHOICES = {
     "model.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.long_examples": ("truncate", "chunk", "drop"),
@@ -605,6 +619,8 @@ def annotated_yaml(cfg: RunConfig) -> str:
         pad = "  " * depth
         for f in dataclasses.fields(obj):
             value, note = getattr(obj, f.name), f"  # {f.metadata['doc']}" if f.metadata.get("doc") else ""
+            if isinstance(obj, SourceConfig) and not applies(obj, f.name) and value == f.default:
+                continue  # a setting of another kind of source, left at its default: left out
             if dataclasses.is_dataclass(value):
                 lines.append(f"{pad}{f.name}:{note}")
                 walk(value, depth + 1)
