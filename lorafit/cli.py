@@ -1,4 +1,4 @@
-"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, bench."""
+"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, config, data, serve, bench."""
 
 from __future__ import annotations
 
@@ -356,6 +356,27 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from lorafit.config import load_config
+
+    if args.show < 1:
+        raise LorafitError(f"--show {args.show}: give a positive number of examples.")
+    cfg = load_config(args.recipe, args.overrides)
+    from lorafit.preflight import check_local_paths
+
+    check_local_paths(cfg)
+    from lorafit.data.show import show_examples
+    from lorafit.data.sources import offline_hint
+    from lorafit.localpaths import looks_like_a_path
+    from lorafit.modeling import load_tokenizer
+
+    m = cfg.model
+    hint = offline_hint(cfg.data, None if looks_like_a_path(m.name) else m.name)
+    tokenizer = load_tokenizer(m.name, m.revision, m.trust_remote_code, hint=hint)
+    show_examples(cfg, tokenizer, args.show)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from lorafit.serve.app import serve
 
@@ -464,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. lora.r=16")
     c.set_defaults(func=cmd_config)
 
+    dp = sub.add_parser("data", help="show training examples as rendered and tokenised, the scored tokens marked")
+    dp.add_argument("recipe", help="a shipped recipe name, a YAML file or a run's config.yaml")
+    dp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.seq_len=128")
+    dp.add_argument("--show", type=int, default=3, metavar="N", help="how many examples (default: %(default)s)")
+    dp.set_defaults(func=cmd_data)
+
     s = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API, with a browser playground")
     s.add_argument("adapters", nargs="*", metavar="RUN_DIR or NAME=RUN_DIR", help="adapters to serve (name: the directory's)")
     s.add_argument("--base", help="base model (default: the first adapter's own)")
@@ -498,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     if argv is not None and hasattr(args, "argv"):
         args.argv = list(argv)  # what --nproc relaunches
-    if args.command in ("train", "eval", "generate", "merge", "bench", "serve"):
+    if args.command in ("train", "eval", "generate", "merge", "bench", "serve", "data"):
         _offline_if_hub_unreachable()
     _quiet_libraries()
     if args.command not in ("train", "bench"):  # only a training config can ask for model.quantize
