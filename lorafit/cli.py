@@ -427,8 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = e.add_argument_group("did it forget? base vs base + adapter (results in RUN/eval/ and the model card)")
     f.add_argument("--data", action="append", metavar="SOURCE",
                    help="score this text with lorafit's evaluator: a local file (jsonl, json, csv, tsv, txt, parquet) "
-                        "or a Hub dataset id; repeatable")
-    f.add_argument("--text-field", help="--data: the field holding the text (default: text)")
+                        "or a Hub dataset id, PATH:FIELD for its own field, or a YAML file of sources written as a "
+                        "recipe's data.sources; repeatable")
+    f.add_argument("--text-field", help="--data: the field holding the text of sources given without :FIELD "
+                                        "(default: text)")
     f.add_argument("--max-examples", type=int, help="--data: score a seeded sample of at most N examples a source")
     f.add_argument("--tasks", metavar="T1,T2", help="run these lm-evaluation-harness tasks (extra lm-eval)")
     f.add_argument("--limit", help="--tasks: at most N examples a task (or a fraction below 1)")
