@@ -606,7 +606,8 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
 
 def annotated_yaml(cfg: RunConfig) -> str:
     """The config as YAML, each key followed by its one-line doc as a comment (`lorafit config`); it loads back
-    to `cfg.to_dict()`."""
+    to `cfg.to_dict()`, except that a source shows only the settings its kind reads (one set but not read is a
+    comment line)."""
     lines: list[str] = []
 
     def scalar(value: Any) -> str:
@@ -619,8 +620,10 @@ def annotated_yaml(cfg: RunConfig) -> str:
         pad = "  " * depth
         for f in dataclasses.fields(obj):
             value, note = getattr(obj, f.name), f"  # {f.metadata['doc']}" if f.metadata.get("doc") else ""
-            if isinstance(obj, SourceConfig) and not applies(obj, f.name) and value == f.default:
-                continue  # a setting of another kind of source, left at its default: left out
+            if isinstance(obj, SourceConfig) and not applies(obj, f.name):  # a setting other kinds of source read
+                if value != f.default:  # set (a recipe's text_field, say) but not read: said so, as a comment
+                    lines.append(f"{pad}# {f.name}: {scalar(value)}  # not read by a {obj.kind} source")
+                continue
             if dataclasses.is_dataclass(value):
                 lines.append(f"{pad}{f.name}:{note}")
                 walk(value, depth + 1)

@@ -9,6 +9,6 @@ DESCRIPTIONS = {
                         "in the Hugging Face cache",
     "mixture8-tasks": "mixture8 with squad, cnn_dailymail and xsum as tasks: prompt -> answer, loss on the answer "
                       "only (kind: prompt_completion); needs the Hub",
-    "mixture8-tasks-offline": "mixture8-tasks with no network, on local samples; needs data.root=DIR "
-                              "as mixture8-offline does",
+    "mixture8-tasks-offline": "mixture8-tasks with no network (squad and xsum as prompt -> answer, loss on the "
+                              "answer only), on local samples; needs data.root=DIR as mixture8-offline does",
 }
