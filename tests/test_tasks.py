@@ -434,3 +434,17 @@ def test_a_training_step_is_normalised_by_its_scored_targets(tiny_model_dir, tin
     scored, positions = int(split.targets_per_example()[step].sum()), int((split.lengths()[step] - 1).sum())
     assert scored < positions  # the prompts are not scored
     assert train(cfg, progress=False)["train_tokens"] == scored
+
+
+def test_a_prompt_completion_run_describes_itself(qa_run):
+    """summary.json, the card: the kind, fields, template and what is scored, not `text_field: text`; tokens/s of
+    both the positions computed and the targets scored."""
+    _, summary, run = qa_run
+    assert summary["sources"] == {"quotes": {"kind": "prompt_completion", "prompt_field": ["q"], "completion_field": ["a"],
+                                             "template": "plain", "train_on": "completion",
+                                             "scored": "the completion and the EOS"}}
+    card = (run / "README.md").read_text()
+    assert "prompt_completion: `q` -> `a`, template plain, scored: the completion and the EOS" in card
+    assert "`quote`" not in card and "`text`" not in card
+    assert summary["train_processed_tokens"] > summary["train_tokens"] > 0  # the prompts are computed, not scored
+    assert "tokens/s processed" in card and "of them scored" in card
