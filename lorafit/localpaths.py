@@ -6,33 +6,43 @@ named the same way everywhere.
 
 from __future__ import annotations
 
+import errno
 import stat
 from pathlib import Path
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
 
+MISSING = "does not exist"
+
+
 def path_problem(path: Path, want: str = "file") -> str | None:
     """None when `path` is what is wanted ("file": a regular file, or a link to one; "dir": a directory), else why
-    not: "no such file", "not a regular file (a FIFO)", ... Never opens the path (a FIFO would block)."""
+    not, to follow the path in a sentence: "does not exist" (MISSING), "is not a regular file (a FIFO)", "is a
+    symbolic link loop", ... Never opens the path (a FIFO would block)."""
     path = Path(path)
     try:
         mode = path.stat().st_mode  # follows links
     except FileNotFoundError:
-        if path.is_symlink():
-            return f"a broken symbolic link (to {path.readlink()})"
-        return f"no such {'directory' if want == 'dir' else 'file'}"
+        return f"is a broken symbolic link (to {path.readlink()})" if path.is_symlink() else MISSING
     except OSError as exc:  # a link loop, a permission on a parent, a name too long
-        return f"cannot be read ({exc.strerror or exc})"
+        return "is a symbolic link loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror or exc})"
     if want == "dir":
-        return None if stat.S_ISDIR(mode) else "not a directory"
+        return None if stat.S_ISDIR(mode) else "is not a directory"
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
-        return "a directory, not a file"
+        return "is a directory, not a file"
     kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special")
-    return f"not a regular file ({kind})"
+    return f"is not a regular file ({kind})"
+
+
+def describe_problem(key: str, path: Path, why: str, want: str = "file") -> str:
+    """`key: file not found: PATH` for a missing path, else `key: PATH is ...`."""
+    if why == MISSING:
+        return f"{key}: {'no such directory' if want == 'dir' else 'file not found'}: {path}"
+    return f"{key}: {path} {why}"
 
 
 def looks_like_a_path(name: str) -> bool:

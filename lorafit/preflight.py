@@ -11,25 +11,25 @@ from pathlib import Path
 from lorafit.config import RunConfig
 from lorafit.data.sources import is_local, resolve_path
 from lorafit.errors import ConfigError
-from lorafit.localpaths import looks_like_a_path, path_problem
+from lorafit.localpaths import describe_problem, looks_like_a_path, path_problem
 
 
 def local_path_problems(cfg: RunConfig) -> list[str]:
     problems = []
     d = cfg.data
     if d.root is not None and (why := path_problem(Path(d.root).expanduser(), "dir")):
-        problems.append(f"data.root: {why}: {Path(d.root).expanduser().absolute()}")
+        problems.append(describe_problem("data.root", Path(d.root).expanduser().absolute(), why, "dir"))
     for name, src in d.sources.items():
         if is_local(src, d.root):
             path = resolve_path(src.path, d.root)
             if why := path_problem(path):
-                problems.append(f"data.sources.{name}.path: {why}: {path.absolute()}"
+                problems.append(describe_problem(f"data.sources.{name}.path", path.absolute(), why)
                                 + (" (relative to data.root)" if d.root and not Path(src.path).is_absolute() else ""))
     if looks_like_a_path(cfg.model.name):
         path = Path(cfg.model.name).expanduser()
         if why := path_problem(path, "dir"):
-            problems.append(f"model.name: {why}: {path.absolute()} (a local model is a directory with config.json; "
-                            "a Hub id looks like gpt2 or org/name)")
+            problems.append(describe_problem("model.name", path.absolute(), why, "dir")
+                            + " (a local model is a directory with config.json; a Hub id looks like gpt2 or org/name)")
     return problems
 
 

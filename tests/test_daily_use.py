@@ -98,7 +98,7 @@ def test_missing_data_and_model_paths_are_named_before_torch_loads(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
-    assert f"data.sources.quotes.path: no such file: {tmp_path / 'missing.jsonl'}" in proc.stderr
+    assert f"data.sources.quotes.path: file not found: {tmp_path / 'missing.jsonl'}" in proc.stderr
     assert f"model.name: no such directory: {tmp_path / 'models' / 'gtp2'}" in proc.stderr  # not a Hub/offline message
 
 
@@ -122,7 +122,7 @@ def test_a_fifo_is_not_a_regular_file_as_template_or_data(tmp_path, texts_file):
     with pytest.raises(LorafitError, match="not a regular file \\(a FIFO\\)"):
         resolve_template(str(fifo))  # what `generate --template FIFO` and a source's template call
     cfg = load_config("quotes", [f"data.sources.quotes.path={fifo}", f"model.name={tmp_path}"])
-    assert local_path_problems(cfg) == [f"data.sources.quotes.path: not a regular file (a FIFO): {fifo}"]
+    assert local_path_problems(cfg) == [f"data.sources.quotes.path: {fifo} is not a regular file (a FIFO)"]
 
 
 # ---------------------------------------------------------------- 3. progress where it draws, lines where it cannot

@@ -78,7 +78,7 @@ def resolve_template(spec: str | None, kind: str | None = None, root: str | None
         except (OSError, UnicodeDecodeError) as exc:
             raise LorafitError(f"Cannot read the template file {path}: {exc}") from None
     if path.exists():  # there, but nothing to read a template from (a FIFO would block, a directory has no text)
-        raise LorafitError(f"template file {path} is {why}; give a regular file holding a format string with {{prompt}}.")
+        raise LorafitError(f"template file {path} {why}; give a regular file holding a format string with {{prompt}}.")
     raise LorafitError(
         f"template {spec!r} is none of the named templates ({', '.join(NAMED)}), a file ({path} does not exist), "
         "or a format string such as \"Question: {prompt}\\nAnswer:\"."
