@@ -497,10 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapters", nargs="*", metavar="RUN_DIR or NAME=RUN_DIR", help="adapters to serve (name: the directory's)")
     s.add_argument("--base", help="base model (default: the first adapter's own)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     s.add_argument("--adapters-root", help="allow POST /v1/adapters to load adapters from under this directory")
     s.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every API request (default: $LORAFIT_API_KEY)")
+    s.add_argument("--allow-admin", action="store_true",
+                   help="without --api-key, still allow POST/DELETE /v1/adapters (off by default: anyone reaching the "
+                        "server could load or unload adapters)")
+    s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log (default: not)")
     s.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the precision the first adapter's run was trained in (auto for --base alone)")
     add_attn_argument(s)
