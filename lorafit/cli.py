@@ -322,8 +322,8 @@ def cmd_recipes(args) -> int:
     for name in list_recipes():
         cfg = load_config(name)
         length = f"epochs={cfg.train.epochs:g}" + (f" max_steps={cfg.train.max_steps}" if cfg.train.max_steps else "")
-        print(f"{name:24s} {DESCRIPTIONS.get(name, '')}\n{'':24s} {length:10s} model={cfg.model.name} "
-              f"sources={', '.join(cfg.data.sources)}")
+        print(f"{name:24s} {length:10s} model={cfg.model.name} sources={', '.join(cfg.data.sources)}")
+        print(f"{'':24s} {DESCRIPTIONS.get(name, '')}")
     print("\n`lorafit config NAME` shows a recipe in full; `lorafit train NAME key=value ...` runs it.")
     return 0
 
@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `lorafit generate ... | head`: the reader has what it wanted; nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit raises nothing
+        return 0
     except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)

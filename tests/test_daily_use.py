@@ -269,9 +269,10 @@ def test_recipes_say_what_each_is_for(capsys):
 
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    rows = out.splitlines()
+    lines = {row.split()[0]: rows[i + 1] for i, row in enumerate(rows[:-1]) if row and not row.startswith(" ")}
     for name in list_recipes():
-        assert len(lines[name].split(None, 1)[1]) > 20, name  # a description, not just the settings
+        assert lines[name].startswith(" ") and len(lines[name].strip()) > 20, name  # a description below each
         if name.endswith("-offline"):
             assert "data.root" in lines[name]
         if "-tasks" in name:
