@@ -221,14 +221,14 @@ def cmd_generate(args) -> int:
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
-    print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
-    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
-                                                     attn_implementation=args.attn_implementation)
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
         from lorafit.data.templates import generation_prompt, resolve_template
 
-        template = resolve_template(args.template)
+        template = resolve_template(args.template)  # a bad name or file, also before the model loads
+    print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
+    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
+                                                     attn_implementation=args.attn_implementation)
     rendered = [generation_prompt(template, tokenizer, p) if template else None for p in args.prompts]
     for i, (prompt, segments) in enumerate(zip(args.prompts, rendered), 1):
         check_generation(model, tokenizer, "".join(segments) if segments else prompt, cfg.max_new_tokens,
