@@ -111,7 +111,7 @@ def test_what_counts_as_a_local_model_path(tmp_path, monkeypatch):
     assert not any(looks_like_a_path(n) for n in ("gpt2", "openai-community/gpt2", "Qwen/Qwen2.5-0.5B"))
 
 
-def test_a_fifo_is_not_a_regular_file_as_template_or_data(tmp_path, texts_file):
+def test_a_fifo_is_not_a_regular_file_as_template_or_data(tmp_path, texts_file, capsys):
     from lorafit.config import load_config
     from lorafit.data.templates import resolve_template
     from lorafit.errors import LorafitError
@@ -121,6 +121,8 @@ def test_a_fifo_is_not_a_regular_file_as_template_or_data(tmp_path, texts_file):
     os.mkfifo(fifo)
     with pytest.raises(LorafitError, match="not a regular file \\(a FIFO\\)"):
         resolve_template(str(fifo))  # what `generate --template FIFO` and a source's template call
+    assert main(["generate", str(tmp_path / "no-run-needed"), "Hi", "--template", str(fifo)]) == 2
+    assert f"template file {fifo} is not a regular file (a FIFO)" in capsys.readouterr().err  # before any loading
     cfg = load_config("quotes", [f"data.sources.quotes.path={fifo}", f"model.name={tmp_path}"])
     assert local_path_problems(cfg) == [f"data.sources.quotes.path: {fifo} is not a regular file (a FIFO)"]
 
