@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lorafit.errors import EXIT_USER_ERROR, LorafitError
+from lorafit.errors import EXIT_USER_ERROR, LorafitError, not_utf8, shorten
 
 USAGE_EXAMPLES = """examples:
   lorafit train quotes
@@ -164,6 +164,10 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: the same command as N data-parallel processes on this machine, started by torchrun."""
     import subprocess
 
+    have, what = processors()
+    if nproc > have:  # each process holds the model and its data: more than the machine runs only thrash (or OOM)
+        raise LorafitError(f"--nproc {nproc}: this machine has {have} {what}, and each process holds a copy of the "
+                           f"model and the data. Use --nproc {have} or fewer.")
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
             and not (i > 0 and argv[i - 1] == "--nproc")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -184,6 +188,17 @@ def threads_per_process(nproc: int) -> dict[str, str]:
     print(f"--nproc {nproc}: {nproc} processes, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each ({cores} cores // "
           f"{nproc}; set OMP_NUM_THREADS to choose otherwise)", file=sys.stderr, flush=True)
     return env
+
+
+def processors() -> tuple[int, str]:
+    """How many processes `--nproc` may start here, and what they run on: one per GPU, else one per CPU core
+    this process may use."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, "CPU core(s) usable (no GPU)"
 
 
 def cmd_eval(args) -> int:
@@ -221,6 +236,10 @@ def cmd_generate(args) -> int:
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
+    for i, prompt in enumerate(args.prompts, 1):  # argv hands bytes that are not UTF-8 over as lone surrogates
+        if why := not_utf8(prompt):
+            name = "the prompt" if len(args.prompts) == 1 else f"prompt {i}"
+            raise LorafitError(f"{name}: {why}. Give the prompt in UTF-8 (check the terminal's encoding).")
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
         from lorafit.data.templates import generation_prompt, resolve_template
@@ -545,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit raises nothing
         return 0
     except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
-        where = f": {exc.filename}" if exc.filename else ""
+        where = f": {shorten(str(exc.filename))}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ MISSING = "does not exist"
 
 def path_problem(path: Path, want: str = "file") -> str | None:
     """None when `path` is what is wanted ("file": a regular file, or a link to one; "dir": a directory), else why
-    not, to follow the path in a sentence: "does not exist" (MISSING), "is not a regular file (a FIFO)", "is a
+    not, to follow the path in a sentence: "does not exist" (MISSING), "is a FIFO (named pipe), not a regular file", "is a
     symbolic link loop", ... Never opens the path (a FIFO would block)."""
     path = Path(path)
     try:
@@ -33,9 +33,13 @@ def path_problem(path: Path, want: str = "file") -> str | None:
         return None
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
-    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special")
-    return f"is not a regular file ({kind})"
+    return f"is {special_kind(mode)}, not a regular file"
+
+
+def special_kind(mode: int) -> str:
+    """What a path that is not a regular file or a directory is, from its st_mode."""
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
 
 
 def describe_problem(key: str, path: Path, why: str, want: str = "file") -> str:

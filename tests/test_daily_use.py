@@ -119,12 +119,12 @@ def test_a_fifo_is_not_a_regular_file_as_template_or_data(tmp_path, texts_file, 
 
     fifo = tmp_path / "fifo.txt"
     os.mkfifo(fifo)
-    with pytest.raises(LorafitError, match="not a regular file \\(a FIFO\\)"):
+    with pytest.raises(LorafitError, match="is a FIFO \\(named pipe\\), not a regular file"):
         resolve_template(str(fifo))  # what `generate --template FIFO` and a source's template call
     assert main(["generate", str(tmp_path / "no-run-needed"), "Hi", "--template", str(fifo)]) == 2
-    assert f"template file {fifo} is not a regular file (a FIFO)" in capsys.readouterr().err  # before any loading
+    assert f"template file {fifo} is a FIFO (named pipe), not a regular file" in capsys.readouterr().err  # before any loading
     cfg = load_config("quotes", [f"data.sources.quotes.path={fifo}", f"model.name={tmp_path}"])
-    assert local_path_problems(cfg) == [f"data.sources.quotes.path: {fifo} is not a regular file (a FIFO)"]
+    assert local_path_problems(cfg) == [f"data.sources.quotes.path: {fifo} is a FIFO (named pipe), not a regular file"]
 
 
 # ---------------------------------------------------------------- 3. progress where it draws, lines where it cannot
