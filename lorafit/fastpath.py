@@ -10,6 +10,11 @@ training code path, on examples as long as `data.seq_len` -- against the model's
 each example alone, and used only where the two agree. Elsewhere lorafit falls back (plain logits;
 one example a row, right-padded and masked) and says why.
 
+Before any of that, `check_causal` refuses a model whose forward is not causal (an encoder such as
+BERT loaded as a causal LM attends both ways, so its next-token loss would see the future): a later
+token changed must leave every earlier logit as it was. Again the model itself is asked, not a list
+of config types.
+
 Train, eval and bench ask `choose_fast_paths`; none of them re-decides.
 """
 
@@ -28,6 +33,9 @@ from lorafit.lora import unwrapped
 
 # Per-token NLL gaps taken as rounding in fp32 (measured: 0 to 6e-6 on random GPT-2s at seq 512).
 FP32_TOLERANCE = 5e-5
+# Earlier logits may move by this share of the change at the changed position and still be rounding
+# (causal models: exactly 0, the same operations on the same inputs; a tiny random BERT: 2e-3).
+CAUSAL_SHARE = 1e-4
 # In half precision a gap may also be rounding when it is this small a part of the gap of attention
 # that crosses examples (bf16 rounding of large logits is large; measured: packed 0, crossing 0.06-2.4).
 CROSSED_SHARE = 0.1
@@ -78,6 +86,7 @@ def choose_fast_paths(model, *, packing: str, device: torch.device, compile: boo
             "data.packing=segments cannot be used with train.gradient_checkpointing (the layers recomputed in the "
             "backward would not attend example by example); use data.packing=rows or auto."
         )
+    check_causal(model, device)
     probe = _Probe(model, device, seq_len, autocast_dtype)
     with probe.evaluating():
         why_not = {}
@@ -105,6 +114,32 @@ def choose_fast_paths(model, *, packing: str, device: torch.device, compile: boo
         log("fast paths checked on the model: " + "; ".join(f"no {k}: {v}" for k, v in why_not.items())
             + f". Using {layout}" + ("" if paths.fused_head else ", plain logits") + ".")
     return paths
+
+
+def check_causal(model, device: torch.device, length: int = 8) -> None:
+    """Refuse a model whose logits at a position depend on later tokens: two forwards of a short random
+    input that differ only in the last token, whose earlier logits must agree (to rounding)."""
+    base = unwrapped(model)
+    ids = torch.randint(0, base.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % base.config.vocab_size
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must differ only by the token
+    try:
+        with torch.no_grad():
+            first, second = (base(input_ids=x.to(device), use_cache=False).logits[0].double() for x in (ids, changed))
+    finally:
+        model.train(was_training)
+    earlier = float((first[:-1] - second[:-1]).abs().max())
+    scale = float((first[-1] - second[-1]).abs().max())
+    if earlier > CAUSAL_SHARE * max(scale, 1e-6):
+        raise LorafitError(
+            f"The model's forward is not causal: changing the last token of an input changed the logits at earlier "
+            f"positions (by up to {earlier:.3g}), so {type(base).__name__} attends to later tokens and a next-token loss "
+            "on it would see the future. lorafit trains causal (decoder-only) language models: choose one for "
+            "model.name (an encoder such as BERT is not one, unless its config enables a causal decoder mode, "
+            "e.g. is_decoder: true)."
+        )
 
 
 class _Probe:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 from pathlib import Path
 
 import torch
 
+from lorafit.atomic import atomic_write_text
 from lorafit.config import LoraConfig
+from lorafit.console import log
 from lorafit.errors import LorafitError, first_line
+from lorafit.fingerprint import FINGERPRINT_KEY, differs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,8 +64,10 @@ def all_linear_targets(model) -> list[str]:
 
 def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | None]:
     """lora.targets as module names for this model: `auto` is PEFT's default for the architecture
-    (GPT-2: c_attn), `all-linear` every linear layer but the head. Returns (names, a note when `auto`
-    had to fall back). Named targets must exist, or the error lists what does."""
+    (GPT-2: c_attn), else every linear layer but the head, less any module PEFT itself refuses on this
+    model (asked by `peft_refuses`, not by a list of families); `all-linear` every linear layer but the
+    head. Returns (names, a note when `auto` fell back or left modules out). Named targets must exist,
+    or the error lists what does."""
     if targets == ALL_LINEAR:
         return all_linear_targets(model), None
     if targets == AUTO:
@@ -70,9 +76,35 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
         model_type = getattr(model.config, "model_type", None)
         default = DEFAULTS.get(model_type)
         if default and not _unknown_targets(model, default):
-            return list(default), None
-        why = "has no PEFT default" if not default else "does not have PEFT's default modules"
-        return all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
+            candidates, note = list(default), None
+        else:
+            why = "has no PEFT default" if not default else "does not have PEFT's default modules"
+            candidates, note = all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
+        refused = peft_refuses(model, candidates)
+        if refused:
+            kept = [t for t in candidates if t not in refused]
+            if not kept:
+                raise LorafitError(
+                    f"lora.targets=auto: PEFT refuses every candidate module of this {type(model).__name__} "
+                    f"({'; '.join(refused.values())}). Name targets PEFT accepts in lora.targets."
+                )
+            dropped = ", ".join(f"{t} ({why})" for t, why in refused.items())
+            note = (note + "; " if note else "lora.targets=auto: ") + f"left out what PEFT refuses on this model: {dropped}"
+            candidates = kept
+        idle = targets_without_gradient(model, candidates)
+        if idle:
+            kept = [t for t in candidates if t not in idle]
+            if not kept:
+                raise LorafitError(
+                    f"lora.targets=auto: no LoRA weight on {', '.join(candidates)} gets a gradient in this "
+                    f"{type(model).__name__}'s forward (it uses those layers' weights without calling them). "
+                    f"Name other targets in lora.targets; modules LoRA can wrap: {', '.join(linear_module_names(model))}."
+                )
+            note = (note + "; " if note else "lora.targets=auto: ") + (
+                f"left out {', '.join(idle)}: this model's forward uses their weights without calling the layer, "
+                "so LoRA on them would never train")
+            candidates = kept
+        return candidates, note
     targets = [targets] if isinstance(targets, str) else list(targets)
     unknown = _unknown_targets(model, targets)
     if unknown:
@@ -82,6 +114,66 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
             f"Or use lora.targets={AUTO} (PEFT's default for this architecture) or lora.targets={ALL_LINEAR}."
         )
     return targets, None
+
+
+def peft_refuses(model, targets: list[str]) -> dict[str, str]:
+    """{target: PEFT's reason} for the targets PEFT will not wrap on this model (e.g. Mamba's out_proj, whose
+    fused kernel bypasses the module). PEFT itself is asked, on a weightless copy of the model's skeleton (meta
+    tensors: no memory, the model itself untouched): all targets at once, then one by one if it refuses."""
+    from peft import get_peft_model
+
+    def refusal(names: list[str]) -> str | None:
+        try:
+            with torch.device("meta"):
+                skeleton = type(model)._from_config(copy.deepcopy(model.config))
+        except Exception:  # noqa: BLE001 - a model that cannot be rebuilt from its config: leave the check to apply_lora
+            return None
+        try:
+            with peft_detects_fan_in_fan_out(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the real wrap below warns for itself
+                get_peft_model(skeleton, peft_config(LoraConfig(dropout=0.0), names))
+        except ValueError as exc:
+            return first_line(exc)
+        return None
+
+    if refusal(targets) is None:
+        return {}
+    return {t: why for t in targets if (why := refusal([t])) is not None}
+
+
+def targets_without_gradient(model, targets: list[str]) -> list[str]:
+    """The targets whose LoRA weights get no gradient from the model's own loss (a forward that reads a
+    layer's weight directly, as a fused kernel does, bypasses its LoRA). The targets are wrapped for one
+    forward and backward of a short input (B = 0 at first, so the loss is the model's own; B's gradient is
+    nonzero wherever the layer's output is used), then unwrapped: the model is left as it was."""
+    from peft import get_peft_model
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    with peft_detects_fan_in_fan_out(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real wrap warns for itself
+        wrapped = get_peft_model(model, peft_config(LoraConfig(dropout=0.0), targets))
+    try:
+        device = next(model.parameters()).device
+        ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+        wrapped.eval()
+        logits = wrapped(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+        if loss.requires_grad:  # else no LoRA weight is in the loss's graph at all
+            loss.backward()
+        reached = {t: False for t in targets}
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name and param.grad is not None and bool(param.grad.abs().max() > 0):
+                layer = name.split(".lora_B", 1)[0]
+                for t in targets:
+                    reached[t] = reached[t] or _matches(layer, t)
+    finally:
+        wrapped.unload()  # the original layers back in place
+        model.train(was_training)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            p.grad = None
+    return [t for t, ok in reached.items() if not ok]
 
 
 def _unknown_targets(model, targets: list[str]) -> list[str]:
@@ -171,12 +263,17 @@ def base_signature(model) -> dict:
     return {key: getattr(config, key, None) for key in BASE_SIGNATURE_KEYS}
 
 
-def write_base_signature(adapter_dir: Path, model, load: dict | None = None) -> None:
-    """lorafit's metadata beside a saved adapter: the base's signature, and how the base was loaded
-    (`load`: what eval, generate and merge need to load it the same way)."""
-    from lorafit.atomic import atomic_write_text
+def loaded_fingerprint(model) -> dict | None:
+    """The fingerprint modeling.load_base_model attached to a base (None for a model made otherwise)."""
+    return getattr(unwrapped(model), "lorafit_base_fingerprint", None)
 
-    record = {**base_signature(model), **({"load": load} if load else {})}
+
+def write_base_signature(adapter_dir: Path, model, load: dict | None = None) -> None:
+    """lorafit's metadata beside a saved adapter: the base's signature and fingerprint (its weights' identity),
+    and how the base was loaded (`load`: what eval, generate and merge need to load it the same way)."""
+    fingerprint = loaded_fingerprint(model)
+    record = {**base_signature(model), **({FINGERPRINT_KEY: fingerprint} if fingerprint else {}),
+              **({"load": load} if load else {})}
     atomic_write_text(Path(adapter_dir) / BASE_SIGNATURE, json.dumps(record, indent=2))
 
 
@@ -186,10 +283,12 @@ def read_base_record(adapter_dir: Path) -> dict:
     return read_adapter_json(path) if path.is_file() else {}
 
 
-def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False, adapter_name: str = "default"):
-    """Base + saved adapter. Any difference in base signature, keys or shapes is an error naming both
-    bases; never a partial load. Weights come only from safetensors. Given a PeftModel, the adapter is
-    added to it as `adapter_name` (several adapters on one base, as `lorafit serve` keeps them)."""
+def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False, adapter_name: str = "default",
+                 force_base: bool = False):
+    """Base + saved adapter. Any difference in base signature, fingerprint (other weights of the same shapes:
+    only `force_base` lets that pass), keys or shapes is an error naming both bases; never a partial load.
+    Weights come only from safetensors. Given a PeftModel, the adapter is added to it as `adapter_name`
+    (several adapters on one base, as `lorafit serve` keeps them)."""
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -212,6 +311,11 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
     differ = [f"{k} {saved_sig[k]} vs {given_sig[k]}" for k in BASE_SIGNATURE_KEYS if k in saved_sig and saved_sig[k] != given_sig[k]]
     if differ:
         raise mismatch(", ".join(differ))
+    if saved_sig:  # written by lorafit (a plain PEFT adapter records no base to compare)
+        check_same_base(saved_sig.get(FINGERPRINT_KEY), loaded_fingerprint(base_model), force_base,
+                        lambda why: mismatch(f"{why} (other weights of the same shapes). If you mean to use it on "
+                                             "this base anyway, pass --force-base"),
+                        f"the adapter in '{adapter_dir}'")
     if adding and adapter_name in base_model.peft_config:
         raise LorafitError(f"An adapter named '{adapter_name}' is already loaded; choose another name.")
     try:
@@ -241,6 +345,24 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
         raise mismatch("; ".join(problems))
     set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
     return model if is_trainable else model.eval()
+
+
+def check_same_base(recorded, current, force_base: bool, refusal, what: str) -> None:
+    """Refuse (raise `refusal(why)`) when a recorded base fingerprint differs from the loaded base's, unless
+    `force_base`. Without a recorded one (made by an older lorafit, or a plain PEFT adapter) there is nothing
+    to compare: a warning says so, and the load goes on."""
+    if recorded is None:
+        if current is not None and not force_base:
+            log(f"warning: {what} records no fingerprint of its base (made by an older lorafit?): lorafit cannot "
+                "check that the base has the same weights, only the same shapes.")
+        return
+    why = differs(recorded, current)
+    if why is None:
+        return
+    if force_base:
+        log(f"warning: --force-base: using {what} on another base than its own ({why}).")
+        return
+    raise refusal(why)
 
 
 def key_problems(expected: dict, saved: dict, saved_as: str = "adapter", model_as: str = "base",

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 # Small enough for a few seconds a model on 2 CPU cores; each keeps what makes its family differ
-# (grouped-query heads, sliding windows, soft-capping, ALiBi, parallel blocks, fused projections...).
+# (grouped-query heads, sliding windows, soft-capping, ALiBi, parallel blocks, fused projections,
+# a state-space model...).
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 FAMILIES: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)),
@@ -34,6 +35,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4)),
     "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False,
                                     multi_query=True, parallel_attn=True, alibi=False)),
+    # No attention at all (a state-space model): PEFT refuses LoRA on its out_proj, and packed rows cannot
+    # restart its scan, which fastpath must find for itself.
+    "mamba": ("MambaConfig", dict(hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=4)),
 }
 
 

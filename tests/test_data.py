@@ -132,3 +132,22 @@ def test_real_quotes_token_counts(gpt2_tokenizer):
     assert len(full.ids) == 110_834  # one EOS each, as shared/data/README.md states
     cut, _ = tokenize_cached(texts, [0] * len(texts), gpt2_tokenizer, 64, "truncate", None)
     assert int(cut.truncated.sum()) == 338 and cut.lengths().max() == 64
+
+
+def test_tokenising_holds_the_token_ids_about_once(tiny_tokenizer):
+    """Data preparation at scale: every batch becomes flat arrays at once (no per-example Python lists kept to
+    the end, no second copy when joining), so what tokenising allocates at its peak stays under twice the
+    token ids' own size; and the ids are those of one plain tokenizer call per text, with its EOS."""
+    import tracemalloc
+
+    texts = make_texts(20_000, seed=11, max_words=30)
+    tracemalloc.start()
+    try:
+        split = tok_mod.tokenize_texts(texts, [0] * len(texts), tiny_tokenizer, 64, "truncate")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * split.ids.nbytes, (peak, split.ids.nbytes)
+    for i in range(0, len(texts), 997):
+        expected = (tiny_tokenizer(texts[i], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id])[:64]
+        assert split.example(i).tolist() == expected

@@ -214,3 +214,74 @@ def trained_eager_run(tiny_model_dir, texts_file, tmp_path):
     summary = train(cfg, progress=False)
     assert summary["lora_targets"] == ["c_attn"]
     return tmp_path / "run", tiny_model_dir
+
+
+def _tiny_bert(tokenizer, is_decoder: bool):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, is_decoder=is_decoder)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_a_model_whose_forward_is_not_causal_is_refused_before_training(tiny_tokenizer, tmp_path, capsys):
+    """A BERT config loaded as a causal LM attends both ways (its loss would see the future): refused, exit 2,
+    and it really is not causal (a later token moves an earlier logit), found by the model's forward alone."""
+    from lorafit.cli import main
+
+    bert = _tiny_bert(tiny_tokenizer, is_decoder=False).eval()
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 12), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 7) % len(tiny_tokenizer)
+    with torch.no_grad():
+        assert not torch.equal(bert(input_ids=ids).logits[0, :-1], bert(input_ids=changed).logits[0, :-1])
+    model_dir = tmp_path / "bert"
+    bert.save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    run = tmp_path / "run"
+    code = main(["train", "quotes", f"model.name={model_dir}", f"output_dir={run}", "--no-progress", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "forward is not causal" in err and "BertLMHeadModel" in err and "Traceback" not in err
+    assert not (run / "adapter").exists()
+
+
+def test_the_causality_check_asks_the_forward_not_the_config_type():
+    """The same BERT type in its causal decoder mode passes; so does every family of the matrix."""
+    from lorafit.fastpath import check_causal
+
+    class Tok:
+        def __len__(self):
+            return VOCAB
+
+    check_causal(_tiny_bert(Tok(), is_decoder=True), CPU)
+    for family in ("gpt2", "llama", "bloom", "gemma2"):
+        check_causal(build_model(family, VOCAB, EOS), CPU)
+    with pytest.raises(LorafitError, match="not causal"):
+        check_causal(_tiny_bert(Tok(), is_decoder=False), CPU)
+
+
+def test_auto_targets_on_mamba_are_what_peft_accepts_and_what_trains():
+    """PEFT has no default for Mamba, and all-linear includes out_proj, which PEFT refuses there, and dt_proj,
+    whose weight Mamba's forward reads without calling the layer: `auto` leaves both out (PEFT and the
+    gradient say so, not a list of families), the model is left untouched, and the rest wraps and trains."""
+    model = build_model("mamba", VOCAB, EOS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets, note = resolve_targets(model, "auto")
+    assert targets == ["in_proj", "x_proj"] and "out_proj" in note and "dt_proj" in note
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    peft_model = lora(model)  # wraps without PEFT's refusal
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad.abs().max() > 0 for p in lora_b)
+
+
+def test_auto_targets_that_no_gradient_reaches_at_all_are_an_error_not_a_crash():
+    from lorafit.lora import targets_without_gradient
+
+    model = build_model("mamba", VOCAB, EOS)
+    assert targets_without_gradient(model, ["dt_proj"]) == ["dt_proj"]  # the loss has no LoRA weight in its graph
+    assert targets_without_gradient(model, ["in_proj", "dt_proj"]) == ["dt_proj"]

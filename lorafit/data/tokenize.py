@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 
 from lorafit.atomic import atomic_path
 from lorafit.console import progress_bar
+from lorafit.fingerprint import user_cache_dir
 
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
@@ -247,73 +247,165 @@ def tokenize_texts(
     progress: bool = False,
 ) -> TokenizedSplit:
     """Tokenise texts (str: every token scored) and rendered examples (`templates.Rendered`: segments,
-    each encoded on its own); `scored` stays None when every example is a text."""
+    each encoded on its own); `scored` stays None when every example is a text.
+
+    One tokenizer call a batch; each batch becomes flat arrays at once (plain texts: EOS and the length
+    policy applied with array operations), so no per-example Python list outlives its batch."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; lorafit appends one to every example")
     masked = any(not isinstance(t, str) for t in texts)
-    pieces: list[list[int]] = []
-    masks: list[list[bool]] = []
-    piece_sources: list[int] = []
-    truncated: list[bool] = []
+    count_bytes = byte_counter(tokenizer)
+    batches = _Batches(masked)
     counts: dict[int, dict[str, int]] = {}
     bar = progress_bar(len(texts), "tokenising", "doc", progress and len(texts) >= PROGRESS_MIN_TEXTS, unit_scale=True)
     for start in range(0, len(texts), TOKENIZE_BATCH):
         items = texts[start : start + TOKENIZE_BATCH]
-        # One call a batch (every segment of every example): the fast tokenizer spreads it over all cores.
-        segments = [((t, True),) if isinstance(t, str) else t.segments for t in items]
-        flat = [text for segs in segments for text, _ in segs]
-        # Under truncate/drop a very long plain text is cut first (exact: see cut_long_texts); rendered examples are not.
-        cut = cut_long_texts(flat, tokenizer, seq_len) if policy in ("truncate", "drop") and not masked else {}
-        encoded = tokenizer([cut.get(k, t) for k, t in enumerate(flat)], add_special_tokens=False)["input_ids"] if flat else []
-        for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: look further
-            encoded[k] = tokenizer(longer_prefix(flat[k], tokenizer, seq_len), add_special_tokens=False)["input_ids"]
-        encoded = iter(encoded)
-        for j, (item, segs) in enumerate(zip(items, segments)):
-            source = sources[start + j]
-            c = counts.setdefault(source, {})
-            if not masked:  # texts only: one segment each, every target scored
-                ids, scored = [*next(encoded), eos], None
-            else:
-                ids, scored = [], []
-                for _, flag in segs:
-                    seg = next(encoded)
-                    ids += seg
-                    scored += [flag] * len(seg)
-                if isinstance(item, str) or item.eos:
-                    ids.append(eos)
-                    scored.append(True)
-            if masked:
-                parts, lost = apply_length_policy_scored(ids, scored, seq_len, policy, c)
-            else:
-                plain, lost = apply_length_policy(ids, seq_len, policy)
-                if lost and policy == "drop":
-                    c["dropped_too_long"] = c.get("dropped_too_long", 0) + 1
-                parts = [(p, None) for p in plain]
-            parts = [(p, m) for p, m in parts if len(p) >= 2]  # an example needs at least one target
-            if lost and parts:
-                c["truncated"] = c.get("truncated", 0) + 1
-            pieces += [p for p, _ in parts]
-            masks += [m for _, m in parts]
-            piece_sources += [source] * len(parts)
-            truncated += [lost] * len(parts)
+        batch_sources = np.asarray(sources[start : start + TOKENIZE_BATCH], dtype=np.int32)
+        for source in dict.fromkeys(batch_sources.tolist()):  # every source gets its (maybe empty) counts
+            counts.setdefault(source, {})
+        if masked:
+            batch = _rendered_batch(items, batch_sources, tokenizer, seq_len, policy, eos, counts)
+        else:
+            batch = _text_batch(items, batch_sources, tokenizer, seq_len, policy, eos, counts)
+        batches.add(*batch, count_bytes)
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
         bar.close()
-    lens = np.array([len(p) for p in pieces], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lens.sum()))
-    scored = np.fromiter(itertools.chain.from_iterable(masks), dtype=bool, count=int(lens.sum())) if masked else None
-    return TokenizedSplit(
-        ids=ids,
-        offsets=offsets,
-        sources=np.array(piece_sources, dtype=np.int32),
-        n_bytes=target_bytes(ids, offsets, tokenizer, scored),
-        truncated=np.array(truncated, dtype=bool),
-        scored=scored,
-        policy_counts=counts,
-    )
+    return batches.split(counts)
+
+
+class _Batches:
+    """Tokenised batches appended to growing arrays. A buffer grows by a quarter (ndarray.resize: realloc, which
+    moves a large buffer's pages without copying them) and is cut to size at the end, so the token ids are
+    held about once, never once as batches and again as their concatenation."""
+
+    GROWTH = 1.25
+
+    def __init__(self, masked: bool):
+        self.masked = masked
+        self.buffers = {k: np.zeros(0, dtype) for k, dtype in
+                        (("ids", np.int32), ("lengths", np.int64), ("sources", np.int32), ("n_bytes", np.int64),
+                         ("truncated", bool), ("scored", bool))}
+        self.used = dict.fromkeys(self.buffers, 0)
+
+    def _append(self, key: str, values: np.ndarray) -> None:
+        buf, at = self.buffers[key], self.used[key]
+        if at + len(values) > len(buf):
+            buf.resize(max(at + len(values), int(len(buf) * self.GROWTH) + 1024), refcheck=False)
+        buf[at : at + len(values)] = values
+        self.used[key] = at + len(values)
+
+    def add(self, ids, lengths, sources, truncated, scored, count_bytes) -> None:
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        for key, value in (("ids", ids), ("lengths", lengths), ("sources", sources), ("truncated", truncated),
+                           ("n_bytes", count_bytes(ids, offsets, scored))):
+            self._append(key, value)
+        if self.masked:
+            self._append("scored", scored)
+
+    def _final(self, key: str) -> np.ndarray:
+        buf = self.buffers.pop(key)
+        buf.resize(self.used[key], refcheck=False)
+        return buf
+
+    def split(self, counts: dict) -> TokenizedSplit:
+        lengths = self._final("lengths")
+        return TokenizedSplit(
+            ids=self._final("ids"),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            sources=self._final("sources"),
+            n_bytes=self._final("n_bytes"),
+            truncated=self._final("truncated"),
+            scored=self._final("scored") if self.masked else None,
+            policy_counts=counts,
+        )
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: one batched call of the (fast) tokenizer."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def _count(counts: dict, sources: np.ndarray, what: str) -> None:
+    """Add one to counts[source][what] for each entry of `sources`."""
+    for source, k in zip(*np.unique(sources, return_counts=True)):
+        c = counts[int(source)]
+        c[what] = c.get(what, 0) + int(k)
+
+
+def _text_batch(items: list[str], sources: np.ndarray, tokenizer, seq_len: int, policy: str, eos: int, counts: dict):
+    """A batch of plain texts as (ids, piece lengths, piece sources, piece truncated, None): each text with its
+    EOS, cut to pieces by the length policy (as `apply_length_policy`, with array operations)."""
+    # Under truncate/drop a very long text is cut first (exact: see cut_long_texts).
+    cut = cut_long_texts(items, tokenizer, seq_len) if policy in ("truncate", "drop") else {}
+    encoded = _encode(tokenizer, [cut.get(k, t) for k, t in enumerate(items)])
+    for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: look further
+        encoded[k] = _encode(tokenizer, [longer_prefix(items[k], tokenizer, seq_len)])[0]
+    n = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1  # tokens with the EOS
+    ends = np.cumsum(n)
+    starts = ends - n
+    ids = np.full(int(ends[-1]) if len(n) else 0, eos, dtype=np.int32)
+    body = np.ones(len(ids), dtype=bool)
+    body[ends - 1] = False
+    ids[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(n.sum() - len(n)))
+    del encoded
+    example = np.arange(len(n))
+    too_long = n > seq_len
+    if policy == "truncate":
+        piece_example, offset = example, np.zeros(len(n), dtype=np.int64)
+    elif policy == "drop":
+        _count(counts, sources[too_long], "dropped_too_long")
+        piece_example, offset = example[~too_long], np.zeros(int((~too_long).sum()), dtype=np.int64)
+    else:  # chunk: windows every seq_len - 1 tokens (consecutive windows share one token)
+        stride = seq_len - 1
+        windows = np.where(too_long, -(-(n - 1) // max(stride, 1)), 1)
+        piece_example = np.repeat(example, windows)
+        offset = (np.arange(int(windows.sum())) - np.repeat(np.cumsum(windows) - windows, windows)) * stride
+    piece_len = np.minimum(seq_len, n[piece_example] - offset)
+    keep = piece_len >= 2  # a piece needs at least one target
+    piece_example, offset, piece_len = piece_example[keep], offset[keep], piece_len[keep]
+    lost = too_long & (policy != "chunk")
+    kept_lost = np.zeros(len(n), dtype=bool)
+    kept_lost[piece_example[lost[piece_example]]] = True  # lost tokens, yet a piece remains
+    _count(counts, sources[kept_lost], "truncated")
+    first = np.cumsum(piece_len) - piece_len
+    gather = np.arange(int(piece_len.sum())) + np.repeat(starts[piece_example] + offset - first, piece_len)
+    return ids[gather], piece_len, sources[piece_example], lost[piece_example], None
+
+
+def _rendered_batch(items: list, sources: np.ndarray, tokenizer, seq_len: int, policy: str, eos: int, counts: dict):
+    """A batch of rendered examples (and texts among them) as (ids, piece lengths, piece sources, piece
+    truncated, scored): each segment encoded on its own, the policy by `apply_length_policy_scored`."""
+    segments = [((t, True),) if isinstance(t, str) else t.segments for t in items]
+    encoded = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
+    pieces, masks, piece_sources, truncated = [], [], [], []
+    for item, segs, source in zip(items, segments, sources.tolist()):
+        ids, scored = [], []
+        for _, flag in segs:
+            seg = next(encoded)
+            ids += seg
+            scored += [flag] * len(seg)
+        if isinstance(item, str) or item.eos:
+            ids.append(eos)
+            scored.append(True)
+        c = counts[source]
+        parts, lost = apply_length_policy_scored(ids, scored, seq_len, policy, c)
+        parts = [(p, m) for p, m in parts if len(p) >= 2]  # an example needs at least one target
+        if lost and parts:
+            c["truncated"] = c.get("truncated", 0) + 1
+        pieces += [p for p, _ in parts]
+        masks += [m for _, m in parts]
+        piece_sources += [source] * len(parts)
+        truncated += [lost] * len(parts)
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    total = int(lengths.sum())
+    return (np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=total), lengths,
+            np.array(piece_sources, dtype=np.int32), np.array(truncated, dtype=bool),
+            np.fromiter(itertools.chain.from_iterable(masks), dtype=bool, count=total))
 
 
 def cut_long_texts(texts: list[str], tokenizer, seq_len: int) -> dict[int, str]:
@@ -376,24 +468,34 @@ def _word_cap(backend, seq_len: int) -> int | None:
 
 def target_bytes(ids: np.ndarray, offsets: np.ndarray, tokenizer, scored: np.ndarray | None = None) -> np.ndarray:
     """UTF-8 bytes of each example's scored text (its scored tokens after the first; special tokens count 0)."""
-    n = len(offsets) - 1
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
+    return byte_counter(tokenizer)(ids, offsets, scored)
+
+
+def byte_counter(tokenizer):
+    """`target_bytes` for this tokenizer as a function of (ids, offsets, scored), its byte table built once
+    (tokenisation counts batch by batch)."""
     table = token_byte_lengths(tokenizer)
-    if table is not None and int(ids.max()) < len(table):
-        per_token = table[ids] if scored is None else table[ids] * scored
-        firsts = offsets[:-1]
-        return np.add.reduceat(per_token, firsts) - per_token[firsts]  # examples have >= 2 tokens
-    if scored is None:
-        pieces = [ids[a + 1 : b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    else:
-        pieces = [ids[a + 1 : b][scored[a + 1 : b]].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        decoded = backend.decode_batch(pieces, skip_special_tokens=True)  # in parallel, no per-token Python
-    else:
-        decoded = tokenizer.batch_decode(pieces, skip_special_tokens=True)
-    return np.array([len(d.encode("utf-8")) for d in decoded], dtype=np.int64)
+
+    def count(ids: np.ndarray, offsets: np.ndarray, scored: np.ndarray | None = None) -> np.ndarray:
+        n = len(offsets) - 1
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        if table is not None and int(ids.max()) < len(table):
+            per_token = table[ids] if scored is None else table[ids] * scored
+            firsts = offsets[:-1]
+            return np.add.reduceat(per_token, firsts) - per_token[firsts]  # examples have >= 2 tokens
+        if scored is None:
+            pieces = [ids[a + 1 : b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        else:
+            pieces = [ids[a + 1 : b][scored[a + 1 : b]].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            decoded = backend.decode_batch(pieces, skip_special_tokens=True)  # in parallel, no per-token Python
+        else:
+            decoded = tokenizer.batch_decode(pieces, skip_special_tokens=True)
+        return np.array([len(d.encode("utf-8")) for d in decoded], dtype=np.int64)
+
+    return count
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray | None:
@@ -453,7 +555,7 @@ def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, 
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
+    return user_cache_dir()
 
 
 def tokenize_cached(
