@@ -1,4 +1,4 @@
-"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, bench."""
+"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, config, data, serve, bench."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def _quiet_libraries() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
+def _without_bitsandbytes() -> None:
+    """Make bitsandbytes look absent when nothing is quantised. PEFT imports it at import time whenever it is
+    installed, and its import prints a kernel warning on a CPU machine ("Failed to load CPU gemm_4bit_forward ..."):
+    noise on every command that quantises nothing. A None entry in sys.modules makes both `import bitsandbytes`
+    and importlib's find_spec say "not installed". Must run before PEFT (or transformers' bnb checks) load."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -75,6 +84,11 @@ def cmd_train(args) -> int:
 
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
+    if not cfg.model.quantize:
+        _without_bitsandbytes()
+    from lorafit.preflight import check_local_paths
+
+    check_local_paths(cfg)  # and a missing data file or local model directory, before seconds of model loading
     RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
     from lorafit.trackers import check_available
 
@@ -158,7 +172,22 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
             and not (i > 0 and argv[i - 1] == "--nproc")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lorafit", *rest]
-    return subprocess.call(command)
+    return subprocess.call(command, env=threads_per_process(nproc))
+
+
+def threads_per_process(nproc: int) -> dict[str, str]:
+    """The environment of N processes on one machine: OMP_NUM_THREADS = usable cores // N each (at least 1),
+    unless the user set it. Said once here; torchrun, finding it set, prints no banner of its own."""
+    env = dict(os.environ)
+    if env.get("OMP_NUM_THREADS"):
+        print(f"--nproc {nproc}: {nproc} processes, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each (from the "
+              "environment)", file=sys.stderr, flush=True)
+        return env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+    print(f"--nproc {nproc}: {nproc} processes, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each ({cores} cores // "
+          f"{nproc}; set OMP_NUM_THREADS to choose otherwise)", file=sys.stderr, flush=True)
+    return env
 
 
 def processors() -> tuple[int, str]:
@@ -197,7 +226,7 @@ def cmd_eval(args) -> int:
     data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
     log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
     if cfg.train.objective == "sft":
-        metrics = evaluate_run(model, data.val, data.source_names, scoring)
+        metrics = evaluate_run(model, data.val, data.source_names, scoring, progress="scoring")
     else:  # preference accuracy and margin on held-out pairs against the run's reference (val_preference)
         from lorafit.preference import evaluate_saved  # lazy, as the CLI's other torch-side imports
 
@@ -208,6 +237,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from lorafit.console import progress_bar
     from lorafit.generate import SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
@@ -216,47 +246,83 @@ def cmd_generate(args) -> int:
         if why := not_utf8(prompt):
             name = "the prompt" if len(args.prompts) == 1 else f"prompt {i}"
             raise LorafitError(f"{name}: {why}. Give the prompt in UTF-8 (check the terminal's encoding).")
-    print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
-    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
-                                                     attn_implementation=args.attn_implementation,
-                                                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
         from lorafit.data.templates import generation_prompt, resolve_template
 
-        template = resolve_template(args.template)
+        template = resolve_template(args.template)  # a bad name or file, also before the model loads
+    print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
+    model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
+                                                     attn_implementation=args.attn_implementation,
+                                                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     rendered = [generation_prompt(template, tokenizer, p) if template else None for p in args.prompts]
     for i, (prompt, segments) in enumerate(zip(args.prompts, rendered), 1):
         check_generation(model, tokenizer, "".join(segments) if segments else prompt, cfg.max_new_tokens,
                          prompt_name="the prompt" if len(args.prompts) == 1 else f"prompt {i}")
     print(f"generating {cfg.num_return_sequences * len(args.prompts)} sample(s) of up to {cfg.max_new_tokens} tokens"
           f"{' (and the base)' if args.compare_base else ''} ...", file=sys.stderr, flush=True)
+    # Generated first, under a bar on stderr, then shown: the bar never lands among the samples.
+    bar = progress_bar(len(args.prompts) * (2 if args.compare_base else 1), "generating", "prompt")
+    results = []
     for prompt, segments in zip(args.prompts, rendered):
         tuned = sample(model, tokenizer, prompt, cfg, segments)
+        bar is not None and bar.update(1)
         base = sample_base(model, tokenizer, prompt, cfg, segments) if args.compare_base else None
-        show("".join(segments) if segments else prompt, tuned, base, base_name)
+        bar is not None and args.compare_base and bar.update(1)
+        results.append(("".join(segments) if segments else prompt, tuned, base))
+    if bar is not None:
+        bar.close()
+    for shown, tuned, base in results:
+        show_json(shown, tuned, base) if args.json else show(shown, tuned, base, base_name)
     return 0
 
 
 def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
+    """The samples of one prompt. stdout gets the text exactly as decoded, prompt first, one newline after each
+    sample: no wrapping, no cut, nothing added (`> out.txt` keeps what the model said). On a terminal rich lays it
+    out; elsewhere labels and separators go to stderr."""
+    if sys.stdout.isatty():
+        return show_on_terminal(prompt, tuned, base, base_name)
+    columns = [("fine-tuned (base + adapter)", tuned)] if base is None else \
+        [(f"base ({Path(base_name).name})", base), ("fine-tuned (base + adapter)", tuned)]
+    for i in range(len(tuned)):
+        for label, texts in columns:
+            if base is not None or len(tuned) > 1:
+                print(f"--- {label}" + (f", sample {i + 1}" if len(tuned) > 1 else "") + " ---", file=sys.stderr, flush=True)
+            sys.stdout.write(prompt + texts[i] + "\n")
+            sys.stdout.flush()
+
+
+def show_on_terminal(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    # Prompts and model output are plain text: as rich markup, "[/i]" raises and "[b]" vanishes.
+    # Prompts and model output are plain text: as rich markup, "[/i]" raises and "[b]" vanishes. soft_wrap: the
+    # terminal wraps, so a copied line is the model's line; in the table, fold: a long token is never cut with "…".
     console = Console()
     if base is None:
         for i, text in enumerate(tuned):
-            console.print(Text.assemble((prompt, "bold"), text), highlight=False)
+            console.print(Text.assemble((prompt, "bold"), text), highlight=False, soft_wrap=True)
             if i + 1 < len(tuned):
                 console.rule(style="dim")
         return
     table = Table(title=Text(f"prompt: {prompt!r}"), show_lines=True, expand=True)
-    table.add_column(Text(f"base ({Path(base_name).name})"), ratio=1)
-    table.add_column("fine-tuned (base + adapter)", ratio=1)
+    table.add_column(Text(f"base ({Path(base_name).name})"), ratio=1, overflow="fold")
+    table.add_column("fine-tuned (base + adapter)", ratio=1, overflow="fold")
     for b, t in zip(base, tuned):
-        table.add_row(Text(prompt + b), Text(prompt + t))
+        table.add_row(Text(prompt + b, overflow="fold"), Text(prompt + t, overflow="fold"))
     console.print(table)
+
+
+def show_json(prompt: str, tuned: list[str], base: list[str] | None) -> None:
+    """`--json`: one object a sample, one line each (JSON Lines), the texts exact."""
+    for i, text in enumerate(tuned):
+        record = {"prompt": prompt, "sample": i, "completion": text}
+        if base is not None:
+            record["base_completion"] = base[i]
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def cmd_merge(args) -> int:
@@ -278,11 +344,14 @@ def cmd_init_model(args) -> int:
 
 def cmd_recipes(args) -> int:
     from lorafit.config import list_recipes, load_config
+    from lorafit.recipes import DESCRIPTIONS
 
     for name in list_recipes():
         cfg = load_config(name)
         length = f"epochs={cfg.train.epochs:g}" + (f" max_steps={cfg.train.max_steps}" if cfg.train.max_steps else "")
         print(f"{name:24s} {length:10s} model={cfg.model.name} sources={', '.join(cfg.data.sources)}")
+        print(f"{'':24s} {DESCRIPTIONS.get(name, '')}")
+    print("\n`lorafit config NAME` shows a recipe in full; `lorafit train NAME key=value ...` runs it.")
     return 0
 
 
@@ -291,6 +360,13 @@ def cmd_config(args) -> int:
 
     if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():  # `config k=v`: defaults
         args.overrides, args.recipe = [args.recipe, *args.overrides], None
+    if args.recipe is not None and Path(args.recipe).is_dir():  # a run directory, as `train --resume RUN_DIR` takes
+        from lorafit.rundir import CONFIG_FILE
+
+        if not (Path(args.recipe) / CONFIG_FILE).is_file():
+            raise LorafitError(f"{args.recipe} is a directory without a {CONFIG_FILE}: give a run directory, a recipe "
+                               "name or a YAML file.")
+        args.recipe = str(Path(args.recipe) / CONFIG_FILE)
     if args.recipe is None:
         from lorafit.config import apply_overrides
         from lorafit.errors import ConfigError
@@ -304,6 +380,27 @@ def cmd_config(args) -> int:
     else:
         cfg = load_config(args.recipe, args.overrides)
     print(annotated_yaml(cfg), end="")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from lorafit.config import load_config
+
+    if args.show < 1:
+        raise LorafitError(f"--show {args.show}: give a positive number of examples.")
+    cfg = load_config(args.recipe, args.overrides)
+    from lorafit.preflight import check_local_paths
+
+    check_local_paths(cfg)
+    from lorafit.data.show import show_examples
+    from lorafit.data.sources import offline_hint
+    from lorafit.localpaths import looks_like_a_path
+    from lorafit.modeling import load_tokenizer
+
+    m = cfg.model
+    hint = offline_hint(cfg.data, None if looks_like_a_path(m.name) else m.name)
+    tokenizer = load_tokenizer(m.name, m.revision, m.trust_remote_code, hint=hint)
+    show_examples(cfg, tokenizer, args.show)
     return 0
 
 
@@ -369,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = e.add_argument_group("did it forget? base vs base + adapter (results in RUN/eval/ and the model card)")
     f.add_argument("--data", action="append", metavar="SOURCE",
                    help="score this text with lorafit's evaluator: a local file (jsonl, json, csv, tsv, txt, parquet) "
-                        "or a Hub dataset id; repeatable")
-    f.add_argument("--text-field", help="--data: the field holding the text (default: text)")
+                        "or a Hub dataset id, PATH:FIELD for its own field, or a YAML file of sources written as a "
+                        "recipe's data.sources; repeatable")
+    f.add_argument("--text-field", help="--data: the field holding the text of sources given without :FIELD "
+                                        "(default: text)")
     f.add_argument("--max-examples", type=int, help="--data: score a seeded sample of at most N examples a source")
     f.add_argument("--tasks", metavar="T1,T2", help="run these lm-evaluation-harness tasks (extra lm-eval)")
     f.add_argument("--limit", help="--tasks: at most N examples a task (or a fraction below 1)")
@@ -389,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="samples a prompt (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--compare-base", action="store_true", help="show the base model's continuation beside it")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object a sample (prompt, sample, completion, base_completion), one a line")
     g.add_argument("--template", metavar="NAME|FILE", default=None,
                    help="render each prompt as a prompt_completion or chat source was in training: plain, alpaca, "
                         "chat (the model's chat template; PROMPT is the user's message), roles, or a file holding a "
@@ -420,9 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_recipes)
 
     c = sub.add_parser("config", help="print the resolved config as YAML, each key with its one-line doc")
-    c.add_argument("recipe", nargs="?", help="a shipped recipe name or a YAML file (default: lorafit's defaults)")
+    c.add_argument("recipe", nargs="?", help="a shipped recipe name, a YAML file or a run directory (its config.yaml; "
+                                             "default: lorafit's defaults)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. lora.r=16")
     c.set_defaults(func=cmd_config)
+
+    dp = sub.add_parser("data", help="show training examples as rendered and tokenised, the scored tokens marked")
+    dp.add_argument("recipe", help="a shipped recipe name, a YAML file or a run's config.yaml")
+    dp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.seq_len=128")
+    dp.add_argument("--show", type=int, default=3, metavar="N", help="how many examples (default: %(default)s)")
+    dp.set_defaults(func=cmd_data)
 
     s = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API, with a browser playground")
     s.add_argument("adapters", nargs="*", metavar="RUN_DIR or NAME=RUN_DIR", help="adapters to serve (name: the directory's)")
@@ -462,14 +570,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     if argv is not None and hasattr(args, "argv"):
         args.argv = list(argv)  # what --nproc relaunches
-    if args.command in ("train", "eval", "generate", "merge", "bench", "serve"):
+    if args.command in ("train", "eval", "generate", "merge", "bench", "serve", "data"):
         _offline_if_hub_unreachable()
     _quiet_libraries()
+    if args.command not in ("train", "bench"):  # only a training config can ask for model.quantize
+        _without_bitsandbytes()
     try:
         return args.func(args)
     except LorafitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `lorafit generate ... | head`: the reader has what it wanted; nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit raises nothing
+        return 0
     except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
         where = f": {shorten(str(exc.filename))}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)

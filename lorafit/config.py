@@ -196,6 +196,22 @@ def _keys_out(tree: Any) -> Any:
     return tree
 
 
+# The settings of a source that only some kinds read (the rest apply to every source).
+KIND_FIELDS = {
+    "text": ("text_field",),
+    "prompt_completion": ("prompt_field", "completion_field", "template", "train_on"),
+    "chat": ("messages_field", "template", "train_on"),
+    # a preference source reads text_field only to build pairs from labelled texts (pair_by_label)
+    "preference": ("prompt_field", "chosen_field", "rejected_field", "template", "pair_by_label", "text_field"),
+}
+
+
+def applies(src: SourceConfig, name: str) -> bool:
+    """Whether setting `name` means anything for a source of `src.kind` (`lorafit config` shows only those)."""
+    specific = {n for names in KIND_FIELDS.values() for n in names}
+    return name not in specific or name in KIND_FIELDS.get(src.kind, specific)
+
+
 CHOICES = {
     "model.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.long_examples": ("truncate", "chunk", "drop"),
@@ -688,7 +704,8 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
 
 def annotated_yaml(cfg: RunConfig) -> str:
     """The config as YAML, each key followed by its one-line doc as a comment (`lorafit config`); it loads back
-    to `cfg.to_dict()`."""
+    to `cfg.to_dict()`, except that a source shows only the settings its kind reads (one set but not read is a
+    comment line)."""
     lines: list[str] = []
 
     def scalar(value: Any) -> str:
@@ -702,6 +719,10 @@ def annotated_yaml(cfg: RunConfig) -> str:
         for f in dataclasses.fields(obj):
             value, note = getattr(obj, f.name), f"  # {f.metadata['doc']}" if f.metadata.get("doc") else ""
             name = key_of(f.name)
+            if isinstance(obj, SourceConfig) and not applies(obj, f.name):  # a setting other kinds of source read
+                if value != f.default:  # set (a recipe's text_field, say) but not read: said so, as a comment
+                    lines.append(f"{pad}# {name}: {scalar(value)}  # not read by a {obj.kind} source")
+                continue
             if dataclasses.is_dataclass(value):
                 lines.append(f"{pad}{name}:{note}")
                 walk(value, depth + 1)
@@ -717,5 +738,19 @@ def annotated_yaml(cfg: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """safe_dump, but a string holding a line break or a control character is written double-quoted with escapes
+    (`join: "\\n"`), not as the folded block PyYAML picks, which reads as a blank line."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    if any(c in value for c in "\n\r\t") or not value.isprintable():
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_str(value)
+
+
+_ReadableDumper.add_representer(str, _represent_str)
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.dump(cfg.to_dict(), Dumper=_ReadableDumper, sort_keys=False, allow_unicode=True))

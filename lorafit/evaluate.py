@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lorafit import distributed as dist
+from lorafit.console import progress_bar
 from lorafit.data.packing import Layout, default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.fastpath import FastPaths
@@ -56,9 +57,10 @@ def scoring_for(cfg, model, tokenizer, fast: FastPaths | None = None, device: to
 
 
 @torch.inference_mode()
-def example_nll(model, split: TokenizedSplit, scoring: Scoring):
+def example_nll(model, split: TokenizedSplit, scoring: Scoring, progress: str | None = None):
     """Summed NLL of every example (float64, on CPU), in the layout and head loss `scoring.fast` allows. Data
-    parallel: each rank scores its token-balanced share and the sums are reduced (exact: disjoint shares)."""
+    parallel: each rank scores its token-balanced share and the sums are reduced (exact: disjoint shares).
+    `progress`: the label of a progress bar over the batches (where one can draw)."""
     device, fast = scoring.device, scoring.fast
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
     mine = dist.my_share(np.arange(len(split)), split.lengths() - 1)
@@ -66,23 +68,30 @@ def example_nll(model, split: TokenizedSplit, scoring: Scoring):
     if dist.sharded():  # every forward is a collective: as many on every rank, the extra ones not counted
         idle = micro_batches(split, np.arange(1), fast.layout, scoring.batch_tokens, scoring.pad_id, shape_multiple(device))
         batches += [None] * (dist.common_count(len(batches)) - len(batches))
+    bar = progress_bar(len(batches), progress, "batch", progress is not None)
     for batch in batches:
+        if bar is not None:
+            bar.update(1)
         counted = batch is not None
         batch = (batch if counted else idle[0]).to(device)
         with autocast_context(device, scoring.autocast_dtype):
             nll, example = token_nll(model, batch, fused=fast.fused_head)
         if counted:
             totals.index_add_(0, example, nll.double())
+    if bar is not None:
+        bar.close()
     return dist.all_reduce_sum(totals).cpu().numpy()
 
 
-def evaluate_run(model, split: TokenizedSplit, source_names: list[str], scoring: Scoring) -> dict:
+def evaluate_run(model, split: TokenizedSplit, source_names: list[str], scoring: Scoring,
+                 progress: str | None = None) -> dict:
     """Token-weighted validation metrics of `model` on `split`, overall and per source, with throughput:
-    what training, `lorafit eval`, the forgetting comparison and the bench all report."""
+    what training, `lorafit eval`, the forgetting comparison and the bench all report. `progress`: a bar's label
+    (the commands that otherwise say nothing while scoring)."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    nll = example_nll(model, split, scoring)
+    nll = example_nll(model, split, scoring, progress)
     seconds = time.perf_counter() - start
     model.train(was_training)
 

@@ -11,10 +11,15 @@ Results go to RUN/eval/ and into the model card; summary.json is never touched.
 from __future__ import annotations
 
 import json
+import re
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lorafit.config import DataConfig, SourceConfig, build_config, load_yaml
+from lorafit.console import log
+from lorafit.data.templates import describe_source, render_examples
 from lorafit.errors import DataError, LorafitError
 from lorafit.rundir import check_output_path, note_written
 
@@ -99,22 +104,83 @@ def eval_command(args) -> int:
 # ---------------------------------------------------------------- --data
 
 
-def source_config(source: str, text_field: str | None, max_examples: int | None):
-    """The SourceConfig the flags describe: lorafit's one reader does the rest."""
-    from lorafit.config import SourceConfig
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")  # what may follow the last ':' of --data PATH:FIELD
 
+
+@dataclass
+class EvalSource:
+    """One source of `eval --data`: its label in the results, its settings, and the folder its relative paths
+    mean (a sources YAML's; None: the current directory). `flags`: given on the command line, so messages name
+    the flags rather than config keys."""
+
+    label: str
+    config: SourceConfig
+    root: str | None = None
+    flags: bool = True
+
+
+def split_field(value: str) -> tuple[str, str | None]:
+    """`--data PATH:FIELD` -> (PATH, FIELD). Split on the last ':' only when the whole value is no existing file,
+    the part before it is not empty, and the part after it reads as a field name (letters, digits, _ . -): so a
+    path holding ':' that exists, a URL (`https://...`) and a Windows drive (`C:\\data.txt`) stay whole."""
+    if Path(value).exists() or ":" not in value:
+        return value, None
+    path, field_name = value.rsplit(":", 1)
+    if path and FIELD_NAME.fullmatch(field_name):
+        return path, field_name
+    return value, None
+
+
+def eval_sources(values: list[str], text_field: str | None, max_examples: int | None) -> list[EvalSource]:
+    """The sources `--data` names: files or Hub ids (each `PATH:FIELD` with its own field; --text-field is the
+    field of those without one), or a YAML file of sources written as a recipe's data.sources."""
     if max_examples is not None and max_examples < 1:
         raise LorafitError(f"--max-examples {max_examples}: give a positive number of examples.")
-    return SourceConfig(path=source, text_field=text_field or "text", max_examples=max_examples)
+    out: list[EvalSource] = []
+    for value in values:
+        if value.lower().endswith((".yaml", ".yml")):
+            out += sources_file(Path(value), max_examples)
+            continue
+        path, field_name = split_field(value)
+        out.append(EvalSource(value, SourceConfig(path=path, text_field=field_name or text_field or "text",
+                                                  max_examples=max_examples)))
+    labels = [s.label for s in out]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise LorafitError(f"--data {duplicates[0]} is given more than once; give each source once.")
+    return out
 
 
-def read_texts(source: str, src, seed: int, cache_dir: Path) -> list[str]:
+def sources_file(path: Path, max_examples: int | None) -> list[EvalSource]:
+    """A YAML file of sources in a recipe's format: `{name: {path: ..., text_field: ...}}` (or the same under
+    `sources:` or `data: {sources: ...}`); relative paths mean the file's folder. Checked as a recipe's are."""
+    if not path.is_file():
+        raise LorafitError(f"--data {path}: no such sources file. A YAML file of sources holds "
+                           "{name: {path: FILE, text_field: FIELD}}, as a recipe's data.sources.")
+    raw = load_yaml(path.read_text(encoding="utf-8"), f"--data {path}") or {}
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        raw = raw["data"]
+    if isinstance(raw, dict) and "sources" in raw:
+        raw = raw["sources"]
+    if not isinstance(raw, dict) or not raw:
+        raise LorafitError(f"--data {path}: expected a mapping of sources, {{name: {{path: FILE, text_field: FIELD}}}}.")
+    if max_examples is not None:
+        for spec in raw.values():
+            if isinstance(spec, dict):
+                spec.setdefault("max_examples", max_examples)
+    cfg = build_config({"data": {"sources": raw, "root": str(path.parent.absolute())}})
+    return [EvalSource(name, src, cfg.data.root, flags=False) for name, src in cfg.data.sources.items()]
+
+
+def read_texts(source: str, src, seed: int, cache_dir: Path, root: str | None = None, flags: bool = True) -> list[str]:
     """The texts of one --data source; the reader's hints name the flags instead of config keys."""
     from lorafit.data.sources import read_source
 
     try:
-        return read_source(source, src, None, seed, cache_dir)
+        return read_source(source, src, root, seed, cache_dir)
     except LorafitError as exc:
+        if not flags:  # from a sources file: its keys are the recipe's, as the message says
+            raise
         message = str(exc).replace(" (relative paths are resolved against data.root)", "")
         for key, flag in (("path", "--data"), ("text_field", "--text-field"), ("max_examples", "--max-examples")):
             message = message.replace(f"data.sources.{source}.{key}=", f"{flag} ").replace(f"data.sources.{source}.{key}", flag)
@@ -122,7 +188,7 @@ def read_texts(source: str, src, seed: int, cache_dir: Path) -> list[str]:
         raise (DataError if isinstance(exc, DataError) else LorafitError)(message) from None
 
 
-def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_field: str | None,
+def compare_on_data(run: Path, adapter_dir: Path, cfg, values: list[str], text_field: str | None,
                     max_examples: int | None, base: str | None, *, trust_remote_code: bool = False,
                     force_base: bool = False) -> dict:
     """Loss, perplexity and bits of base and base + adapter on every source; written to eval/forgetting.json."""
@@ -130,28 +196,35 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
     from lorafit.evaluate import evaluate_run, saved_scoring
     from lorafit.generate import load_for_inference
 
-    duplicates = sorted({s for s in sources if sources.count(s) > 1})
-    if duplicates:
-        raise LorafitError(f"--data {duplicates[0]} is given more than once; give each source once.")
     d = cfg.data
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
-    configs = {s: source_config(s, text_field, max_examples) for s in sources}
-    texts = {s: read_texts(s, configs[s], d.split_seed, cache) for s in sources}  # bad data fails before any model loads
+    given = eval_sources(values, text_field, max_examples)
+    configs = {s.label: s.config for s in given}
+    roots = {s.label: s.root for s in given}
+    sources = list(configs)
+    # bad data fails before any model loads
+    texts = {s.label: read_texts(s.label, s.config, d.split_seed, cache, s.root, s.flags) for s in given}
 
+    log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision,
                                                      trust_remote_code=trust_remote_code, force_base=force_base)
     scoring = saved_scoring(run, cfg, model, tokenizer, base=base)
     data = {}
     for source in sources:
-        split, _ = tokenize_cached(texts[source], [0] * len(texts[source]), tokenizer, d.seq_len, d.long_examples, cache)
+        items = texts[source]
+        if configs[source].kind != "text":  # a sources file's prompt_completion or chat source: rendered as in training
+            one = DataConfig(sources={source: configs[source]}, root=roots[source])
+            items = render_examples(items, [0] * len(items), one, tokenizer)
+        split, _ = tokenize_cached(items, [0] * len(items), tokenizer, d.seq_len, d.long_examples, cache)
         if len(split) == 0:
             raise DataError(f"--data {source}: no example is left after tokenisation (data.long_examples={d.long_examples}).")
-        tuned = evaluate_run(model, split, [source], scoring)
+        tuned = evaluate_run(model, split, [source], scoring, progress=f"{source}: adapter")
         with model.disable_adapter():
-            plain = evaluate_run(model, split, [source], scoring)
+            plain = evaluate_run(model, split, [source], scoring, progress=f"{source}: base")
         data[source] = {
-            "text_field": configs[source].text_field,
-            "max_examples": max_examples,
+            "path": configs[source].path,
+            **describe_source(configs[source]),  # only what applied: no text_field for a .txt file
+            **({"max_examples": configs[source].max_examples} if configs[source].max_examples else {}),
             "examples": tuned["val_examples"],
             "tokens": tuned["val_tokens"],
             "bytes": tuned["val_bytes"],

@@ -56,15 +56,16 @@ class Window:
     seconds: float = 0.0
     steps: int = 0
     rank_tokens: list[int] | None = None  # data parallel: the target tokens each rank computed
+    processed: int = 0  # positions computed (each example's tokens but the last): scored or context
 
     def to_state(self) -> dict:
         return {"nll": float(self.nll), "tokens": self.tokens, "examples": self.examples, "seconds": self.seconds,
-                "steps": self.steps, "rank_tokens": self.rank_tokens}
+                "steps": self.steps, "rank_tokens": self.rank_tokens, "processed": self.processed}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device, world_size: int) -> "Window":
         w = cls(torch.tensor(state["nll"], dtype=torch.float64, device=device), state["tokens"], state["examples"],
-                state["seconds"], state["steps"])
+                state["seconds"], state["steps"], processed=state.get("processed", 0))  # older checkpoints: none
         if state.get("rank_tokens") and len(state["rank_tokens"]) == world_size:  # kept only at the same world size
             w.rank_tokens = state["rank_tokens"]
         return w
@@ -78,6 +79,7 @@ class Progress:
     window: Window = field(default_factory=Window)
     train_seconds: float = 0.0
     train_tokens: int = 0
+    train_processed_tokens: int = 0
     last_train_loss: float | None = None
     nonfinite_skipped: int = 0
 
@@ -86,14 +88,21 @@ class Progress:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device, world_size: int) -> "Progress":
-        values = {f.name: state[f.name] for f in fields(cls)}
+        values = {f.name: state.get(f.name, 0) if f.name == "train_processed_tokens" else state[f.name]
+                  for f in fields(cls)}  # a checkpoint older than the processed count has none
         return cls(**values | {"window": Window.from_state(state["window"], device, world_size)})
 
 
 def progress_line(record: dict, total_steps: int, seconds_per_step: float) -> str:
-    """`step 10/283: loss 3.2145, lr 2.00e-04, 1,234 tokens/s, ETA 12m05s` (ETA from the window's pace)."""
+    """`step 10/283: loss 3.2145, lr 2.00e-04, 1,234 tokens/s (all scored), ETA 12m05s` (ETA from the window's pace);
+    when a prompt is context, both: `..., 1,234 processed tokens/s, 160 scored tokens/s, ETA ...`."""
     loss = "n/a (every step skipped)" if record["loss"] is None else f"{record['loss']:.4f}"
-    speed = f", {record['tokens_per_second']:,.0f} tokens/s" if record["tokens_per_second"] else ""
+    scored, processed = record["tokens_per_second"], record.get("processed_tokens_per_second")
+    speed = ""
+    if scored and processed and round(processed) != round(scored):  # a prompt is computed, not scored
+        speed = f", {processed:,.0f} processed tokens/s, {scored:,.0f} scored tokens/s"
+    elif scored:
+        speed = f", {scored:,.0f} tokens/s (all scored)"
     eta = int(round(max(total_steps - record["step"], 0) * seconds_per_step))
     hours, rest = divmod(eta, 3600)
     clock = f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafit.config import RunConfig
+from lorafit.data.templates import describe_source
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
@@ -103,10 +104,15 @@ def _cell(text: str) -> str:
 
 
 def _text_label(src) -> str:
-    """What a source's text is: its field(s), or for plain text files its lines or pieces."""
-    if src.format == "txt" or (src.format == "auto" and src.path.lower().endswith(".txt")):
-        return f"pieces split on `{src.separator}`" if src.separator else "one per line"
-    return " + ".join(f"`{f}`" for f in src.text_fields)
+    """What a source's examples are, as its kind has them: a text's field(s) (or a text file's lines or pieces);
+    a prompt_completion or chat source's fields, template and what is scored."""
+    about = describe_source(src)
+    fields = lambda v: " + ".join(f"`{f}`" for f in ([v] if isinstance(v, str) else v))  # noqa: E731
+    if about["kind"] == "text":
+        return about["text"] if "text" in about else fields(about["text_field"])
+    given = fields(about["messages_field"]) if about["kind"] == "chat" else \
+        f"{fields(about['prompt_field'])} -> {fields(about['completion_field'])}"
+    return f"{about['kind']}: {given}, template {about['template']}, scored: {about['scored']}"
 
 
 def _targets(asked: str | list[str], resolved: list[str] | None) -> str:
@@ -187,6 +193,32 @@ def preference_section(cfg: RunConfig, summary: dict) -> str:
             f"| metric | before training | after |\n|---|---|---|\n{rows}\n")
 
 
+def _split_line(cfg: RunConfig, summary: dict) -> str:
+    """Training and validation counts: how many were held out, and how many of them were evaluated."""
+    held, evaluated = summary.get("val_held_out"), summary.get("val_examples", 0)
+    line = f"{summary.get('train_examples', 0):,} training examples; "
+    if held is not None and held != evaluated:
+        return line + (f"{held:,} held out for validation ({cfg.data.val_fraction:.0%}, seed {cfg.data.split_seed}), "
+                       f"{evaluated:,} of them evaluated (eval.max_examples={cfg.eval.max_examples})")
+    return line + f"{evaluated:,} validation examples (held out {cfg.data.val_fraction:.0%}, seed {cfg.data.split_seed})"
+
+
+def _scored_line(cfg: RunConfig) -> str:
+    if all(s.kind == "text" or s.train_on == "all" for s in cfg.data.sources.values()):
+        return "real target tokens"
+    return "scored target tokens (a prompt_completion or chat source's prompt is context, not scored: see the table)"
+
+
+def _speed_line(summary: dict) -> str:
+    """Scored tokens/s, and the tokens processed when they differ (a prompt is computed but not scored)."""
+    scored, processed = summary.get("train_tokens_per_second"), summary.get("train_processed_tokens_per_second")
+    if not isinstance(scored, int | float):
+        return "n/a tokens/s"
+    if isinstance(processed, int | float) and round(processed) != round(scored):
+        return f"{processed:,.0f} tokens/s processed, {scored:,.0f} of them scored"
+    return f"{scored:,.0f} tokens/s (every processed token scored)"
+
+
 def model_card(cfg: RunConfig, summary: dict, evaluations: dict | None = None) -> str:
     lo = cfg.lora
     weighted = any(s.weight != 1.0 for s in cfg.data.sources.values())
@@ -225,15 +257,14 @@ r = {lo.r}, alpha = {lo.alpha:g}, dropout = {lo.dropout:g}, bias = {lo.bias}, ta
 |---|---|---|---|{"---|" if weighted else ""}
 {sources}
 
-{summary.get('train_examples', 0):,} training and {summary.get('val_examples', 0):,} validation examples
-(held out {cfg.data.val_fraction:.0%}, seed {cfg.data.split_seed}); at most {cfg.data.seq_len} tokens an
-example ({cfg.data.long_examples} beyond), EOS appended. Loss is the mean over real target tokens
+{_split_line(cfg, summary)}; at most {cfg.data.seq_len} tokens an
+example ({cfg.data.long_examples} beyond), EOS appended. Loss is the mean over {_scored_line(cfg)}
 (padding is never computed or scored).
 
 ## Training
 {summary.get('optimizer_steps', 0):,} optimizer steps, {cfg.train.batch_size * cfg.train.grad_accum} examples each,
 lr {cfg.train.lr:g} ({cfg.train.schedule}, warm-up {cfg.train.warmup_steps}), weight decay {cfg.train.weight_decay:g},
-seed {cfg.train.seed}; {f('train_seconds', '.1f')} s, {f('train_tokens_per_second', ',.0f')} tokens/s on {summary.get('device', '?')}.
+seed {cfg.train.seed}; {f('train_seconds', '.1f')} s on {summary.get('device', '?')}, {_speed_line(summary)}.
 
 ## Results (validation)
 | metric | value |

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,16 @@ from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
 from lorafit.atomic import atomic_dir, atomic_path
 from lorafit.config import RunConfig, save_config
-from lorafit.console import log
+from lorafit.console import log, progress_bar
 from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
-from lorafit.data.prepare import Data, prepare_data, share_data
+from lorafit.data.prepare import Data, masked_sources, prepare_data, share_data
+from lorafit.data.templates import describe_source
 from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
 from lorafit.fastpath import FastPaths
 from lorafit.fingerprint import FINGERPRINT_KEY
+from lorafit.localpaths import looks_like_a_path
 from lorafit.lora import (
     apply_lora, check_same_base, format_counts, load_adapter, loaded_fingerprint, resolve_targets, unwrapped,
     write_base_signature,
@@ -40,6 +41,7 @@ from lorafit.generate import resolve_adapter_dir
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
+from lorafit.preflight import check_local_paths
 from lorafit.preference import PreferenceObjective, attach_reference, evaluate_pairs, pair_costs, pair_sequences, settings
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
@@ -151,6 +153,9 @@ class Trainer:
             self.progress.window.tokens += n_targets
             self.progress.window.examples += len(examples)
             self.progress.train_tokens += n_targets
+            processed = int((self.data.train.lengths()[examples] - 1).sum())  # scored or not, every position computed
+            self.progress.window.processed += processed
+            self.progress.train_processed_tokens += processed
         self.scheduler.step()  # a skipped step still counts: lr and data stay aligned with the step number
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.window.steps += 1
@@ -198,7 +203,8 @@ class Trainer:
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
-            "tokens_per_second": w.tokens / w.seconds if w.seconds else None,
+            "tokens_per_second": w.tokens / w.seconds if w.seconds else None,  # scored tokens (the loss's)
+            "processed_tokens_per_second": w.processed / w.seconds if w.seconds else None,
             "examples_per_second": w.examples / w.seconds if w.seconds else None,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "train_seconds": self.progress.train_seconds,
@@ -209,7 +215,8 @@ class Trainer:
         if dist.world().is_main:
             self.run.append_metrics(record)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss or 0:.4f}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss or 0:.4f}", scored_tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
+                            processed_tok_s=f"{record['processed_tokens_per_second'] or 0:,.0f}", refresh=False)
         else:  # no bar (not a terminal, or --no-progress): a line a log window, for nohup and CI logs
             log(progress_line(record, self.plan.total_steps, w.seconds / w.steps if w.steps else 0.0))
         self.progress.window = Window()
@@ -300,11 +307,8 @@ class Trainer:
     # -- the loop
     def fit(self, show_bar: bool = True) -> None:
         t = self.cfg.train
-        bar = None
-        if show_bar and dist.world().is_main and sys.stderr.isatty():  # elsewhere a bar is noise: log lines
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.plan.total_steps, initial=self.progress.step, desc="training", unit="step", dynamic_ncols=True)
+        # No bar where none can draw (not a terminal, a 0-column one) or none is wanted: log lines instead
+        bar = progress_bar(self.plan.total_steps, "training", "step", show_bar, initial=self.progress.step)
         self.model.train()
         with stop_signals(self):
             while self.progress.step < self.plan.total_steps:
@@ -405,21 +409,21 @@ def check_seq_len(cfg: RunConfig, model) -> None:
         )
 
 
-def setup(cfg: RunConfig, run: RunDir) -> Trainer:
+def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
     """Tokenizer, model, LoRA, fast paths, data and optimizer: every input is checked here, the model's
     before any data is read, and nothing is written."""
     from lorafit.data.sources import offline_hint
 
     device = dist.device() if dist.world().parallel else default_device()
     precision = resolve_precision(cfg.model.precision, device)
-    local_model = Path(cfg.model.name).expanduser().exists()
+    local_model = looks_like_a_path(cfg.model.name)
     hint = offline_hint(cfg.data, None if local_model else cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code, hint=hint)
     # Sharded: the base is loaded on the CPU and each rank moves only its shard to its device.
     model = load_base_model(cfg.model, precision, torch.device("cpu") if cfg.train.fsdp else device, hint=hint)
     check_seq_len(cfg, model)
     model, targets, fast = prepare_model(cfg, model, device, precision)
-    data = share_data(prepare_data(cfg, tokenizer) if dist.world().is_main else None)  # read and tokenised once
+    data = share_data(prepare_data(cfg, tokenizer, progress=progress) if dist.world().is_main else None)  # read and tokenised once
     return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
 
 
@@ -541,13 +545,14 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     run = RunDir(Path(cfg.output_dir))
     overwrite = overwrite and not resume  # --resume wins: it never deletes
     run.check_new_run(resume, overwrite)  # cheap and read-only: a plain mistake fails before minutes of set-up
+    check_local_paths(cfg)  # so does a missing data file or local model directory
     if resume and run.is_run():
         changed = check_same_config(run, cfg)
         if run.is_finished() and not extends_run(changed):
             log(f"The run in {run.path} has already finished; nothing to do.")
             return run.read_summary()
     try:
-        trainer = setup(cfg, run)
+        trainer = setup(cfg, run, progress)
         trainer.force_base = force_base
         check_before_training(trainer)  # values used only later (the eval sample) fail now, not after training
         # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
@@ -605,16 +610,22 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "total_params": total,
         "objective": cfg.train.objective,
         "train_examples": len(trainer.data.train),  # preference: sequences (two a pair)
-        "val_examples": len(trainer.data.val),
+        "val_examples": len(trainer.data.val),  # evaluated (at most eval.max_examples of those held out)
+        "val_held_out": trainer.data.val_held_out,
+        "sources": {name: describe_source(src) for name, src in cfg.data.sources.items()},  # kind, fields, scored
         "train_tokens": trainer.progress.train_tokens,
         "optimizer_steps": trainer.progress.step,
         "epochs": round(trainer.plan.epoch(trainer.progress.step), 4),
         "train_seconds": trainer.progress.train_seconds,
         "train_tokens_per_second": trainer.progress.train_tokens / trainer.progress.train_seconds if trainer.progress.train_seconds else None,
+        "train_processed_tokens": trainer.progress.train_processed_tokens,  # scored or context: what was computed
+        "train_processed_tokens_per_second": (trainer.progress.train_processed_tokens / trainer.progress.train_seconds
+                                              if trainer.progress.train_seconds else None),
         "final_train_loss": trainer.progress.last_train_loss,
         "nonfinite_steps_skipped": trainer.progress.nonfinite_skipped,
         # what data.long_examples did, per source: truncated, dropped_too_long, completion_truncated, ...
-        "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names)
+        "length_policy": {name: policy_summary(split.policy_counts, trainer.data.source_names, cfg.data.long_examples,
+                                               masked_sources(cfg.data))
                           for name, split in (("train", trainer.data.train), ("val", trainer.data.val))},
         **after,
         "val_before_training": before_summary(before),

@@ -95,7 +95,7 @@ def test_eval_loaded_otherwise_than_trained_scores_plainly_and_the_same(trained_
 
     monkeypatch.setattr(lorafit.fastpath, "choose_fast_paths", lambda *a, **k: pytest.fail("probe ran"))
     used, real = [], lorafit.evaluate.evaluate_run
-    monkeypatch.setattr(lorafit.evaluate, "evaluate_run", lambda m, s, n, scoring: used.append(scoring.fast) or real(m, s, n, scoring))
+    monkeypatch.setattr(lorafit.evaluate, "evaluate_run", lambda m, s, n, scoring, **k: used.append(scoring.fast) or real(m, s, n, scoring, **k))
     assert main(["eval", str(trained_run), "--attn-implementation", "eager"]) == 0
     out = capsys.readouterr()
     result, summary = json.loads(out.out), json.loads((trained_run / "summary.json").read_text())

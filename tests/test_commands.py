@@ -120,7 +120,8 @@ def test_recipes_lists_every_shipped_recipe_with_its_length(capsys, monkeypatch)
     monkeypatch.setattr(lorafit.config, "load_config",
                         lambda name, overrides=None: real_load(name, ["train.max_steps=7"] if name == "quotes" else overrides))
     assert main(["recipes"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    # each recipe's line, then its description indented below it, and one closing hint
+    lines = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith((" ", "`"))]
     parsed = {m[1]: m.groups()[1:] for m in map(LINE.match, lines)}
     assert None not in parsed and len(parsed) == len(lines)
     recipes = shipped_recipes()

@@ -227,7 +227,7 @@ def test_nproc_relaunches_the_same_command_through_torchrun(monkeypatch):
 
     launched = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr("subprocess.call", lambda command: launched.append(command) or 0)
+    monkeypatch.setattr("subprocess.call", lambda command, env=None: launched.append(command) or 0)
     monkeypatch.setattr(cli, "processors", lambda: (4, "CPU core(s)"))  # whatever this machine has
     assert cli.main(["train", "quotes", "--nproc", "3", "train.max_steps=2", "--resume"]) == 0
     (command,) = launched

@@ -175,10 +175,13 @@ def _train_cli(tiny_tokenizer, tmp_path, family, *extra):
 
 
 def test_missing_targets_are_reported_before_any_data_is_read(tiny_tokenizer, tmp_path, capsys):
-    code = _train_cli(tiny_tokenizer, tmp_path, "llama", "lora.targets=[c_attn]", f"data.sources.quotes.path={tmp_path / 'absent.jsonl'}")
+    # a file that exists (a missing one is reported before the model loads) but that reading would refuse
+    unread = tmp_path / "unread.jsonl"
+    unread.write_text('{"body": "no quote field"}\n')
+    code = _train_cli(tiny_tokenizer, tmp_path, "llama", "lora.targets=[c_attn]", f"data.sources.quotes.path={unread}")
     err = capsys.readouterr().err
     assert code == 2 and "no linear-like module named 'c_attn'" in err and "q_proj" in err and "all-linear" in err
-    assert "absent.jsonl" not in err  # the data was never looked at
+    assert "no field" not in err  # the data was never read
 
 
 def test_an_unsupported_attention_implementation_names_the_key(tiny_tokenizer, tmp_path, capsys):

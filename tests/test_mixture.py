@@ -143,6 +143,13 @@ def test_scored_bytes_table_matches_decoding(tiny_tokenizer):
 
 
 def test_progress_bar_for_large_inputs(tiny_tokenizer, monkeypatch, capsys):
+    import os
+    import sys
+
+    # a bar draws only on a terminal with a width (lorafit/console.py): stderr as one, 100 columns wide
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "fileno", lambda: 2, raising=False)
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((100, 24)))
     monkeypatch.setattr(tok_mod, "PROGRESS_MIN_TEXTS", 10)
     monkeypatch.setattr(tok_mod, "TOKENIZE_BATCH", 8)
     tokenize_texts(make_texts(30, seed=9), [0] * 30, tiny_tokenizer, 64, "truncate", progress=True)

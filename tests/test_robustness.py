@@ -151,8 +151,8 @@ def test_a_run_that_arrives_during_set_up_is_seen_under_the_lock(tmp_path, tiny_
     out = tmp_path / "run"
     real_setup, other = lorafit.train.setup, {}
 
-    def setup_while_another_run_finishes(cfg, run):
-        trainer = real_setup(cfg, run)
+    def setup_while_another_run_finishes(cfg, run, *rest):
+        trainer = real_setup(cfg, run, *rest)
         if not other:  # the other process wins the race while this one loads the model
             monkeypatch.setattr(lorafit.train, "setup", real_setup)
             other["code"] = main(train_args(tiny_model_dir, texts_file, out, "train.max_steps=1"))

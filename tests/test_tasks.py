@@ -80,7 +80,8 @@ def test_reported_val_loss_is_the_completion_only_loss_of_each_example_alone(qa_
     assert summary["val_tokens"] == count and summary["val_bytes"] == n_bytes
     assert summary["val_loss"] == pytest.approx(total / count, abs=1e-5)
     assert summary["val_by_source"]["quotes"]["val_loss"] == pytest.approx(total / count, abs=1e-5)
-    assert summary["length_policy"] == {"train": {}, "val": {}}  # nothing was long
+    nothing = {"truncated": 0, "completion_truncated": 0, "dropped_no_completion": 0}  # nothing was long: zeros
+    assert summary["length_policy"] == {"train": {"quotes": nothing}, "val": {"quotes": nothing}}
     # train tokens: every step's scored targets only (2 steps of 8 examples, each answer + EOS)
     assert 0 < summary["train_tokens"] < 2 * 8 * 40
 
@@ -433,3 +434,17 @@ def test_a_training_step_is_normalised_by_its_scored_targets(tiny_model_dir, tin
     scored, positions = int(split.targets_per_example()[step].sum()), int((split.lengths()[step] - 1).sum())
     assert scored < positions  # the prompts are not scored
     assert train(cfg, progress=False)["train_tokens"] == scored
+
+
+def test_a_prompt_completion_run_describes_itself(qa_run):
+    """summary.json, the card: the kind, fields, template and what is scored, not `text_field: text`; tokens/s of
+    both the positions computed and the targets scored."""
+    _, summary, run = qa_run
+    assert summary["sources"] == {"quotes": {"kind": "prompt_completion", "prompt_field": ["q"], "completion_field": ["a"],
+                                             "template": "plain", "train_on": "completion",
+                                             "scored": "the completion and the EOS"}}
+    card = (run / "README.md").read_text()
+    assert "prompt_completion: `q` -> `a`, template plain, scored: the completion and the EOS" in card
+    assert "`quote`" not in card and "`text`" not in card
+    assert summary["train_processed_tokens"] > summary["train_tokens"] > 0  # the prompts are computed, not scored
+    assert "tokens/s processed" in card and "of them scored" in card

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafit.data.examples import check_fields, columns_needed, from_record
 from lorafit.errors import DataError
+from lorafit.localpaths import special_kind
 
 if TYPE_CHECKING:
     from lorafit.config import SourceConfig
@@ -117,9 +118,7 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
         )
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):  # opening a FIFO waits for a writer; /dev/zero never ends
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else "a character device" if
-                stat.S_ISCHR(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode) else
-                "a socket" if stat.S_ISSOCK(info.st_mode) else "not a file")
+        kind = special_kind(info.st_mode)  # worded as `lorafit train`'s early check (lorafit/preflight.py) words it
         raise DataError(
             f"Source '{name}': {path} is {kind}, not a regular file: lorafit reads a data file more than once. "
             f"Save the data to a file and point data.sources.{name}.path at it."

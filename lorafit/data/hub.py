@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lorafit.atomic import atomic_write_text
 from lorafit.config import SourceConfig
+from lorafit.console import progress_bar
 from lorafit.data.examples import check_fields, columns_needed, from_record, is_example, record_fields
 from lorafit.data.filters import filter_texts, kept, report_pair_problems
 from lorafit.errors import DataError, LorafitError, offline_note
@@ -112,11 +113,7 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
 
     texts: list[str] = []
     problems: dict[str, int] = {}
-    bar = None
-    if src.max_examples >= PROGRESS_MIN_ROWS:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=src.max_examples, desc=f"streaming {name}", unit="row", unit_scale=True, dynamic_ncols=True)
+    bar = progress_bar(src.max_examples, f"streaming {name}", "row", src.max_examples >= PROGRESS_MIN_ROWS, unit_scale=True)
     try:
         for text in kept(rows(), src, problems):  # rows that pass the filters, until the cap
             texts.append(text)

@@ -26,9 +26,10 @@ class Data:
     train: TokenizedSplit | None  # None: not asked for (`lorafit eval` scores validation only)
     val: TokenizedSplit
     source_names: list[str]
+    val_held_out: int | None = None  # validation examples held out, before eval.max_examples takes its sample
 
 
-def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS) -> Data:
+def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Data:
     """The tokenised `splits` (train, val or both). Every source is still read whole: which texts are
     validation is decided by the seeded split of all of them."""
     from lorafit.data.sources import load_corpus
@@ -47,10 +48,11 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS) ->
             rendered, sources = render_pairs(items, sources, d, tokenizer)
         else:
             rendered = render_examples(items, sources, d, tokenizer)
-        out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=True,
+        out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=progress,
                                          pairs=pairs)
         hits.append(hit)
     val = out.get("val")
+    held_out = len(val) if val is not None else None
     if val is not None and cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples * (1 + pairs):
         # every source keeps its share of validation; pairs: the first max_examples pairs (already in random order)
         out["val"] = val = (val.subset(np.arange(2 * cfg.eval.max_examples)) if pairs
@@ -67,10 +69,15 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS) ->
         + (f"; {int(train.truncated.sum()):,} truncated" if train is not None else "")
     )
     if train is not None:
-        policy = policy_summary(train.policy_counts, corpus.source_names)
-        if any(set(c) - {"truncated"} for c in policy.values()):
+        policy = policy_summary(train.policy_counts, corpus.source_names, d.long_examples, masked_sources(d))
+        if any(v for c in policy.values() for k, v in c.items() if k != "truncated"):
             log(f"length policy ({d.long_examples}) on training examples: {policy}")
-    return Data(train, val, corpus.source_names)
+    return Data(train, val, corpus.source_names, held_out)
+
+
+def masked_sources(d) -> list[bool]:
+    """Per source (in order): whether its examples have unscored tokens (prompt_completion, chat)."""
+    return [src.kind != "text" for src in d.sources.values()]
 
 
 def share_data(data: Data | None) -> Data:

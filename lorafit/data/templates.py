@@ -31,8 +31,9 @@ import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lorafit.data.examples import KINDS, Example, prompt_fields
+from lorafit.data.examples import KINDS, Example, completion_fields, prompt_fields, response_fields
 from lorafit.errors import DataError, LorafitError
+from lorafit.localpaths import path_problem
 
 if TYPE_CHECKING:
     from lorafit.config import DataConfig, SourceConfig
@@ -76,11 +77,14 @@ def resolve_template(spec: str | None, kind: str | None = None, root: str | None
     from lorafit.data.sources import resolve_path
 
     path = resolve_path(spec, root)
-    if path.is_file():
+    why = path_problem(path)
+    if why is None:
         try:
             return Template("custom", path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise LorafitError(f"Cannot read the template file {path}: {exc}") from None
+    if path.exists():  # there, but nothing to read a template from (a FIFO would block, a directory has no text)
+        raise LorafitError(f"template file {path} {why}; give a regular file holding a format string with {{prompt}}.")
     raise LorafitError(
         f"template {spec!r} is none of the named templates ({', '.join(NAMED)}), a file ({path} does not exist), "
         "or a format string such as \"Question: {prompt}\\nAnswer:\"."
@@ -282,3 +286,28 @@ def generation_prompt(template: Template, tokenizer, prompt: str) -> list[str]:
             raise LorafitError(f"--template: this template also uses {{{other[0]}}}; generate fills only {{prompt}}. "
                                "Give the whole prompt in a template with {prompt} only.")
     return [prompt_text(template, {"instruction": prompt}, "")]
+
+
+def describe_source(src: SourceConfig) -> dict:
+    """What an example of this source is and which of its tokens are scored: only the settings that apply to its
+    kind (summary.json's `sources`, the model card's data table, `lorafit data --show`)."""
+    if src.kind == "text":
+        if src.format == "txt" or (src.format == "auto" and src.path.lower().endswith(".txt")):
+            return {"kind": "text", "text": f"pieces split on {src.separator!r}" if src.separator else "one per line"}
+        fields = src.text_fields
+        return {"kind": "text", "text_field": fields[0] if len(fields) == 1 else fields}
+    template = src.template or ("chat (the model's chat template)" if src.kind == "chat" else "plain")
+    if src.kind == "preference":
+        about = {"kind": "preference", "prompt_field": prompt_fields(src), "chosen_field": response_fields(src)[0],
+                 "rejected_field": response_fields(src)[1], "template": template,
+                 "scored": "each response and its EOS (chosen and rejected, one sequence each)"}
+        if src.pair_by_label:
+            about["pair_by_label"] = dict(src.pair_by_label, text_field=src.text_fields)
+        return about
+    scored = "every token" if src.train_on == "all" else \
+        ("the assistant turns and the EOS" if src.kind == "chat" else "the completion and the EOS")
+    if src.kind == "chat":
+        return {"kind": "chat", "messages_field": src.messages_field, "template": template, "train_on": src.train_on,
+                "scored": scored}
+    return {"kind": src.kind, "prompt_field": prompt_fields(src), "completion_field": completion_fields(src),
+            "template": template, "train_on": src.train_on, "scored": scored}

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.atomic import atomic_path
+from lorafit.console import progress_bar
 from lorafit.fingerprint import user_cache_dir
 
 TOKENIZE_BATCH = 1000
@@ -148,9 +149,24 @@ class TokenizedSplit:
 ARRAYS = ("ids", "offsets", "sources", "n_bytes", "truncated")  # always in a cache file; `scored` when not None
 
 
-def policy_summary(counts: dict | None, source_names: list[str]) -> dict:
-    """What the length policy did, per source name (sources where it did nothing are left out)."""
-    return {source_names[s]: dict(c) for s, c in sorted((counts or {}).items()) if any(c.values())}
+# What each length policy can do to an example, for plain texts and for examples with unscored tokens (a prompt).
+POLICY_COUNTS = {
+    "truncate": (("truncated",), ("truncated", "completion_truncated", "dropped_no_completion")),
+    "drop": (("dropped_too_long",), ("dropped_too_long", "dropped_no_completion")),
+    "chunk": ((), ("chunks_without_completion", "dropped_no_completion")),
+}
+
+
+def policy_summary(counts: dict | None, source_names: list[str], policy: str, masked: list[bool]) -> dict:
+    """What the length policy did, per source name: every count that can apply to the source (`masked`: it has
+    unscored tokens, a prompt_completion or chat source) under `policy`, 0 when nothing happened."""
+    counts = counts or {}
+    out = {}
+    for s, name in enumerate(source_names):
+        applies = POLICY_COUNTS.get(policy, ((), ()))[bool(masked[s])]
+        got = counts.get(s) or {}
+        out[name] = {key: int(got.get(key, 0)) for key in applies} | {k: int(v) for k, v in got.items() if v}
+    return out
 
 
 def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
@@ -251,11 +267,7 @@ def tokenize_texts(
     count_bytes = byte_counter(tokenizer)
     batches = _Batches(masked)
     counts: dict[int, dict[str, int]] = {}
-    bar = None
-    if progress and len(texts) >= PROGRESS_MIN_TEXTS:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts), desc="tokenising", unit="doc", unit_scale=True, dynamic_ncols=True)
+    bar = progress_bar(len(texts), "tokenising", "doc", progress and len(texts) >= PROGRESS_MIN_TEXTS, unit_scale=True)
     for start in range(0, len(texts), TOKENIZE_BATCH):
         items = texts[start : start + TOKENIZE_BATCH]
         batch_sources = np.asarray(sources[start : start + TOKENIZE_BATCH], dtype=np.int32)
