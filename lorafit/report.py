@@ -110,8 +110,14 @@ def _text_label(src) -> str:
     fields = lambda v: " + ".join(f"`{f}`" for f in ([v] if isinstance(v, str) else v))  # noqa: E731
     if about["kind"] == "text":
         return about["text"] if "text" in about else fields(about["text_field"])
-    given = fields(about["messages_field"]) if about["kind"] == "chat" else \
-        f"{fields(about['prompt_field'])} -> {fields(about['completion_field'])}"
+    if about["kind"] == "preference":
+        given = (f"labelled {fields(about['pair_by_label']['text_field'])} by `{about['pair_by_label']['field']}`, "
+                 f"{about['pair_by_label']['chosen']} over {about['pair_by_label']['rejected']}" if "pair_by_label" in about
+                 else f"{fields(about['prompt_field'])} -> {fields(about['chosen_field'])} over "
+                      f"{fields(about['rejected_field'])}")
+    else:
+        given = fields(about["messages_field"]) if about["kind"] == "chat" else \
+            f"{fields(about['prompt_field'])} -> {fields(about['completion_field'])}"
     return f"{about['kind']}: {given}, template {about['template']}, scored: {about['scored']}"
 
 
