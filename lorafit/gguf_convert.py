@@ -30,13 +30,13 @@ def _patch(llama_cpp_dir: Path, kind: str, pre_tokenizer: str) -> None:
     import gguf
     from conversion import TextModel
 
-    write_kv = gguf.GGUFWriter.write_kv_data_to_file
+    write_header = gguf.GGUFWriter.write_header_to_file
 
-    def write_kv_marked(self):
+    def write_header_marked(self, *args, **kwargs):  # the header counts the keys: add ours before it
         self.add_string(KIND_KEY, kind)
-        return write_kv(self)
+        return write_header(self, *args, **kwargs)
 
-    gguf.GGUFWriter.write_kv_data_to_file = write_kv_marked
+    gguf.GGUFWriter.write_header_to_file = write_header_marked
     known = TextModel.get_vocab_base_pre
 
     def vocab_base_pre(self, tokenizer) -> str:
