@@ -25,7 +25,9 @@ from pathlib import Path
 
 from lorafit.atomic import atomic_dir, atomic_path, atomic_write_text
 from lorafit.data.tokenize import default_cache_dir
+from lorafit import rundir
 from lorafit.errors import LorafitError
+from lorafit.forgetting import refresh_model_card
 from lorafit.generate import base_load_config, load_inference_base, resolve_adapter_dir
 from lorafit.gguf_convert import KIND_KEY
 from lorafit.merge import merged_model, save_model
@@ -157,8 +159,6 @@ def check_out(out: Path, run: Path, what: str = "the GGUF file") -> None:
     if out.exists() and not is_lorafit_gguf(out):
         raise LorafitError(f"'{out}' exists and is not a GGUF file lorafit exported; it is left as it is. "
                            "Choose another name for the export.")
-    from lorafit import rundir
-
     check = getattr(rundir, "check_output_path", None)
     if check is not None:
         check(str(out), what)
@@ -310,8 +310,6 @@ def record_exports(run: Path, files: list[Path], quant: str, adapter_only: bool)
     new = [{"path": str(f.resolve()), "kind": _kind(f, files[0], adapter_only), "quant": None if f.suffix != ".gguf" else quant,
             "bytes": f.stat().st_size, "sha256": sha256(f), "date": date} for f in files]
     keep = [r for r in records if r.get("path") not in {n["path"] for n in new}]
-    from lorafit.forgetting import refresh_model_card
-
     with saving(f"{path}", "Free space or fix the permissions; the exported files are complete."):
         path.parent.mkdir(exist_ok=True)
         atomic_write_text(path, json.dumps({"files": keep + new}, indent=2) + "\n")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from lorafit.config import build_config
+from lorafit.data.templates import generation_prompt, resolve_template
 from lorafit.errors import LorafitError
 from lorafit.rundir import CONFIG_FILE
 
@@ -23,9 +25,6 @@ def check_modelfile_target(path: Path) -> None:
 
 def run_template(run: Path):
     """The template the run's prompt_completion or chat data was rendered with (None: plain text only)."""
-    from lorafit.config import build_config
-    from lorafit.data.templates import resolve_template
-
     path = Path(run) / CONFIG_FILE
     if not path.is_file():
         return None
@@ -43,8 +42,6 @@ def go_literal(text: str) -> str:
 
 def ollama_template(run: Path, tokenizer) -> str:
     """The prompt as training rendered it, with Ollama's {{ .Prompt }} where the prompt goes, then the reply."""
-    from lorafit.data.templates import generation_prompt
-
     template = run_template(run)
     if template is None:
         return "{{ .Prompt }}"
