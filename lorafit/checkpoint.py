@@ -46,11 +46,23 @@ def unreadable(path: Path, exc: BaseException) -> LorafitError:
     path = Path(path)
     step_dir = path if STEP_DIR.match(path.name) else path.parent
     detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+        detail = refused_pickle(exc)
     return LorafitError(
         f"Checkpoint {step_dir} is unreadable ({path.name if path != step_dir else ''}"
         f"{': ' if path != step_dir else ''}{type(exc).__name__}{': ' + detail if detail else ''}). Delete it to resume "
         "from the previous checkpoint, or start again with --overwrite."
     )
+
+
+def refused_pickle(exc: BaseException) -> str:
+    """torch's weights_only refusal in one line. Its first line suggests weights_only=False and only then warns
+    that this can run arbitrary code: a cut message would keep the advice and lose the warning. Keep what was
+    refused and the warning instead."""
+    what = next((line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()), "")
+    return (f"it holds objects other than tensors and plain values, which lorafit never writes"
+            f"{' (' + what[:200] + ')' if what else ''}; loading it anyway could run arbitrary code, so lorafit "
+            "does not")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
