@@ -240,12 +240,8 @@ def test_q4_k_m_by_llama_cpps_quantiser_and_a_prompt_template_in_ollama_syntax(l
 
 
 @pytest.fixture(scope="module")
-def gpt2_run(exported_gpt2_root):
-    return exported_gpt2_root
-
-
-@pytest.fixture(scope="module")
-def exported_gpt2_root(llama_cpp, tmp_path_factory, tiny_tokenizer, family_data) -> Path:
+def gpt2_run(llama_cpp, tmp_path_factory, tiny_tokenizer, family_data) -> Path:
+    """A tiny GPT-2 run, trained one step, for the refusals."""
     root = tmp_path_factory.mktemp("export-bad")
     return train_run(root, save_family_model("gpt2", tiny_tokenizer, root / "model"), family_data, steps=1)
 
@@ -329,11 +325,10 @@ def test_a_failing_conversion_leaves_no_partial_file(gpt2_run, tmp_path, capsys,
     """The GGUF is written under a temporary name: when llama.cpp's tool fails midway, OUT is not there."""
     from lorafit import export
 
-    real = export.run_tool
-
-    def fail_after_writing(args, what):
-        real(args, what)
-        raise OSError(28, "No space left on device")
+    def fail_after_writing(args, what):  # llama.cpp's converter stopped by a full disk, its file half-written
+        outfile = Path(args[args.index("--outfile") + 1])
+        outfile.write_bytes(b"GGUF\x03\x00\x00\x00 half a file")
+        raise OSError(28, "No space left on device", str(outfile))
 
     monkeypatch.setattr(export, "run_tool", fail_after_writing)
     out = tmp_path / "out" / "model.gguf"
