@@ -124,7 +124,7 @@ def pre_tokenizer(tokenizer) -> str:
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     if model.get("type") == "BPE" and spec.get("normalizer") is None and all(pre.get(k) == v for k, v in gpt2.items()):
-        return "gpt2"  # GPT-2's byte-level split (its regex), whatever the merges
+        return "gpt-2"  # GPT-2's byte-level split (its regex), whatever the merges
     return "-"
 
 
