@@ -44,6 +44,8 @@ BLOCK = {"q8_0": 32, "q4_k_m": 32}
 LLAMA_CPP_ENV = "LORAFIT_LLAMA_CPP"
 EXPORTS_FILE = "exports.json"  # in RUN/eval/: what was exported, for the model card
 EXTRA_HINT = 'Install the GGUF tools: pip install -e ".[gguf]" (llama-cpp-python builds llama.cpp: it needs cmake and a C++ compiler).'
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 
 
@@ -122,9 +124,15 @@ def pre_tokenizer(tokenizer) -> str:
         return "-"
     spec = json.loads(backend.to_str())
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return "-"
     gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    if model.get("type") == "BPE" and spec.get("normalizer") is None and all(pre.get(k) == v for k, v in gpt2.items()):
+    if spec.get("normalizer") is None and all(pre.get(k) == v for k, v in gpt2.items()):
         return "gpt-2"  # GPT-2's byte-level split (its regex), whatever the merges
+    steps = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(steps) == 2 and (steps[0].get("pattern") or {}).get("Regex") == QWEN2_SPLIT
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex")):
+        return "qwen2"  # Qwen2's split then bytes (transformers' Qwen2Tokenizer puts it on any vocabulary)
     return "-"
 
 
