@@ -248,9 +248,10 @@ def export(run, out, quant: str = "f16", adapter_only: bool = False, ollama: boo
             config_dir = work / "base-config"
             base_model.config.save_pretrained(str(config_dir))
             with_n_ctx(config_dir)
+            lora_dir = as_llama_cpp_expects(adapter_dir, work / "adapter")
             with saving(f"the GGUF file {out}", "Free space and run the export again."), atomic_path(out) as tmp:
                 run_tool(["lora", str(llama_cpp), "lora-adapter", "-", "--", "--outfile", str(tmp), "--outtype",
-                          quant, "--base", str(config_dir), str(adapter_dir)], f"the adapter GGUF {out}")
+                          quant, "--base", str(config_dir), str(lora_dir)], f"the adapter GGUF {out}")
         else:
             merged, tokenizer = merged_model(adapter_dir, base)
             intermediate = 2 if quant == "q4_k_m" else 0  # the f16 that llama.cpp's quantiser reads
@@ -265,6 +266,30 @@ def export(run, out, quant: str = "f16", adapter_only: bool = False, ollama: boo
         written.append(out.parent / MODELFILE)
     record_exports(run, written, quant, adapter_only)
     return written
+
+
+def as_llama_cpp_expects(adapter_dir: Path, work: Path) -> Path:
+    """The adapter as convert_lora_to_gguf.py reads it right. For fan_in_fan_out layers (GPT-2's Conv1D, weight
+    [in, out]) the converter transposes the (A, B) pair as it transposes the base weight, which turns PEFT's A [r, in],
+    B [out, r] into the wrong orientation; handing it A' = B^T, B' = A^T makes its transpose give back B A."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if not config.get("fan_in_fan_out"):
+        return adapter_dir
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    swapped = {}
+    for name, t in tensors.items():
+        if ".lora_A." in name:
+            swapped[name] = tensors[name.replace(".lora_A.", ".lora_B.")].T.contiguous()
+        elif ".lora_B." in name:
+            swapped[name] = tensors[name.replace(".lora_B.", ".lora_A.")].T.contiguous()
+        else:
+            swapped[name] = t
+    work.mkdir(parents=True)
+    save_file(swapped, str(work / "adapter_model.safetensors"))
+    (work / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return work
 
 
 def _cpu():
