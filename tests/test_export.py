@@ -216,7 +216,7 @@ def test_q4_k_m_by_llama_cpps_quantiser_and_a_prompt_template_in_ollama_syntax(l
                     ).save_pretrained(str(model_dir))
     tiny_tokenizer.save_pretrained(str(model_dir))
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"instruction": t, "output": t[::-1]}) + "\n" for t in make_texts(20, seed=5, max_words=6)))
+    data.write_text("".join(json.dumps({"instruction": t, "input": "", "output": t[::-1]}) + "\n" for t in make_texts(20, seed=5, max_words=6)))
     from lorafit.config import load_config
     from lorafit.train import train
 
