@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
 
     world = dist.init()
     try:
-        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, force_base=args.force_base)
     except (Stopped, KeyboardInterrupt) as exc:
         if world.is_main:
             command = shlex.join(["lorafit", "train", recipe, *overrides, "--resume"])
@@ -192,7 +192,8 @@ def cmd_eval(args) -> int:
     cfg = run_config(run, args.recipe, args.overrides)
     log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
-                                                     attn_implementation=args.attn_implementation)
+                                                     attn_implementation=args.attn_implementation,
+                                                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     scoring = saved_scoring(run, cfg, model, tokenizer, base=args.base)
     data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
     log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
@@ -212,7 +213,8 @@ def cmd_generate(args) -> int:
             raise LorafitError(f"{name}: {why}. Give the prompt in UTF-8 (check the terminal's encoding).")
     print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
-                                                     attn_implementation=args.attn_implementation)
+                                                     attn_implementation=args.attn_implementation,
+                                                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
         from lorafit.data.templates import generation_prompt, resolve_template
@@ -255,7 +257,8 @@ def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) 
 def cmd_merge(args) -> int:
     from lorafit.merge import merge
 
-    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -325,8 +328,19 @@ def cmd_bench(args) -> int:
 
 
 def add_attn_argument(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that loads an adapter's base: attention, trust and identity."""
     parser.add_argument("--attn-implementation", default=None, metavar="NAME",
                         help="attention implementation for the base (auto, eager, sdpa, ...; default: the one the run used)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the base model (only for models you trust; never taken "
+                             "from the adapter's files)")
+    add_force_base_argument(parser)
+
+
+def add_force_base_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force-base", action="store_true",
+                        help="use the adapter or checkpoint even if its recorded base fingerprint differs from this "
+                             "base's (other weights of the same shapes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.yaml (train.max_steps / train.epochs may be raised to train on)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_force_base_argument(t)
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train data parallel in N processes on this machine (through torchrun; one per GPU, or CPU processes)")
     t.set_defaults(func=cmd_train, argv=None)
@@ -475,6 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
         where = f": {shorten(str(exc.filename))}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a write failure a writer reported in its own type (torch, safetensors) outside `saving`
+        from lorafit.rundir import write_error
+
+        error = write_error(exc, "a file", "Check the path, its permissions and the free space.")
+        if error is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

@@ -346,6 +346,7 @@ def record_exports(run: Path, files: list[Path], quant: str, adapter_only: bool)
     with saving(f"{path}", "Free space or fix the permissions; the exported files are complete."):
         path.parent.mkdir(exist_ok=True)
         atomic_write_text(path, json.dumps({"files": keep + new}, indent=2) + "\n")
+    rundir.note_written(run, path)
     refresh_model_card(run)
 
 

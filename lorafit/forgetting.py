@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorafit.errors import DataError, LorafitError
+from lorafit.rundir import check_output_path, note_written
 
 EVAL_DIR = "eval"
 FORGETTING_FILE = "forgetting.json"
@@ -69,6 +70,7 @@ def eval_command(args) -> int:
 
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
+    check_output_path(run, f"the evaluation results ({EVAL_DIR}/)", replaces=False)  # RUN/eval/ is written
     cfg = run_config(run, args.recipe, args.overrides)
     plan = None
     if args.tasks is not None:  # flags, the extra and the task names are checked before anything runs
@@ -79,11 +81,13 @@ def eval_command(args) -> int:
     result: dict = {}
     try:
         if args.data:
-            result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base))
+            result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base,
+                                          trust_remote_code=args.trust_remote_code, force_base=args.force_base))
         if plan is not None:
             from lorafit.lm_eval_bridge import compare_on_tasks
 
-            tasks = compare_on_tasks(run, adapter_dir, plan, base=args.base)
+            tasks = compare_on_tasks(run, adapter_dir, plan, base=args.base, trust_remote_code=args.trust_remote_code,
+                                     force_base=args.force_base)
             result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
     finally:
         if (run / EVAL_DIR).is_dir():
@@ -119,7 +123,8 @@ def read_texts(source: str, src, seed: int, cache_dir: Path) -> list[str]:
 
 
 def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_field: str | None,
-                    max_examples: int | None, base: str | None) -> dict:
+                    max_examples: int | None, base: str | None, *, trust_remote_code: bool = False,
+                    force_base: bool = False) -> dict:
     """Loss, perplexity and bits of base and base + adapter on every source; written to eval/forgetting.json."""
     from lorafit.data.tokenize import default_cache_dir, tokenize_cached
     from lorafit.evaluate import evaluate_run, saved_scoring
@@ -133,7 +138,8 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
     configs = {s: source_config(s, text_field, max_examples) for s in sources}
     texts = {s: read_texts(s, configs[s], d.split_seed, cache) for s in sources}  # bad data fails before any model loads
 
-    model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision)
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision,
+                                                     trust_remote_code=trust_remote_code, force_base=force_base)
     scoring = saved_scoring(run, cfg, model, tokenizer, base=base)
     data = {}
     for source in sources:
@@ -201,6 +207,7 @@ def write_eval_json(run: Path, name: str, obj: dict) -> Path:
     path = eval_dir(run) / name
     with saving(f"{path}", "Free space or fix the permissions, then run the evaluation again."):
         atomic_write_text(path, json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
+        note_written(run, path)
     return path
 
 
