@@ -211,7 +211,7 @@ def test_q4_k_m_by_llama_cpps_quantiser_and_a_prompt_template_in_ollama_syntax(l
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=256, n_layer=1, n_head=4, n_positions=64,
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=256, n_layer=1, n_head=4, n_positions=256,
                                bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
                     ).save_pretrained(str(model_dir))
     tiny_tokenizer.save_pretrained(str(model_dir))
@@ -222,7 +222,7 @@ def test_q4_k_m_by_llama_cpps_quantiser_and_a_prompt_template_in_ollama_syntax(l
 
     cfg = load_config("quotes", [
         f"model.name={model_dir}", f"data.sources.quotes.path={data}", "data.sources.quotes.kind=prompt_completion",
-        "data.sources.quotes.template=alpaca", "data.seq_len=40", "train.max_steps=1", "eval.before_training=false",
+        "data.sources.quotes.template=alpaca", "data.seq_len=200", "train.max_steps=1", "eval.before_training=false",
         "eval.sample_prompt=null", f"output_dir={tmp_path / 'run'}",
     ])
     train(cfg, progress=False)
@@ -340,11 +340,11 @@ def test_a_failing_conversion_leaves_no_partial_file(gpt2_run, tmp_path, capsys,
 def test_an_earlier_export_is_replaced(gpt2_run, tmp_path, capsys):
     from lorafit.cli import main
 
-    out = tmp_path / "model.gguf"
+    out = tmp_path / "out" / "model.gguf"
     assert main(["export", str(gpt2_run), str(out), "--quant", "bf16"]) == 0
     first = out.read_bytes()
     assert main(["export", str(gpt2_run), str(out)]) == 0  # ours: replaced, now f16
-    assert out.read_bytes() != first and no_leftovers(tmp_path) == ["model.gguf"]
+    assert out.read_bytes() != first and no_leftovers(tmp_path / "out") == ["model.gguf"]
 
 
 # ---------------------------------------------------------------- the full-size random GPT-2 (../shared)
