@@ -1,4 +1,4 @@
-"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, config, data, serve, bench."""
+"""The `lorafit` command line: train, eval, generate, merge, export, init-model, recipes, config, data, serve, bench."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ USAGE_EXAMPLES = """examples:
   lorafit eval runs/quotes --data general.txt --tasks hellaswag,arc_easy --limit 200
   lorafit generate runs/quotes "The secret to happiness is" --compare-base
   lorafit merge runs/quotes models/gpt2-quotes
+  lorafit export runs/quotes gguf/quotes.f16.gguf --ollama
   lorafit init-model --config gpt2 --tokenizer ../shared/assets/gpt2-tokenizer models/gpt2-random
 """
 
@@ -334,6 +335,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lorafit.export import export
+
+    written = export(args.run, Path(args.out), quant=args.quant, adapter_only=args.adapter_only, ollama=args.ollama,
+                     base=args.base)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_init_model(args) -> int:
     from lorafit.init_model import init_model
 
@@ -508,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_attn_argument(m)
     m.set_defaults(func=cmd_merge)
 
+    x = sub.add_parser("export", help="write a GGUF file for llama.cpp / Ollama (base + adapter merged, or the adapter alone)")
+    x.add_argument("run", help="run directory or PEFT adapter directory")
+    x.add_argument("out", help="the GGUF file to write, e.g. quotes.f16.gguf")
+    x.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_k_m"],
+                   help="weight type in the file (default: %(default)s); q4_k_m by llama.cpp's own quantiser")
+    x.add_argument("--adapter-only", action="store_true",
+                   help="write the LoRA adapter alone, as a GGUF LoRA (llama.cpp --lora, Ollama's ADAPTER)")
+    x.add_argument("--ollama", action="store_true",
+                   help="also write a Modelfile beside OUT (with --adapter-only, the base's GGUF too)")
+    x.add_argument("--base", help="base model (default: the adapter's own)")
+    x.set_defaults(func=cmd_export)
+
     from lorafit.init_model import SIZES, describe_sizes
 
     i = sub.add_parser("init-model", help="write a randomly initialised GPT-2 model (offline runs, benchmarks)")
@@ -570,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     if argv is not None and hasattr(args, "argv"):
         args.argv = list(argv)  # what --nproc relaunches
-    if args.command in ("train", "eval", "generate", "merge", "bench", "serve", "data"):
+    if args.command in ("train", "eval", "generate", "merge", "export", "bench", "serve", "data"):
         _offline_if_hub_unreachable()
     _quiet_libraries()
     if args.command not in ("train", "bench"):  # only a training config can ask for model.quantize

@@ -22,16 +22,27 @@ def merge(run_or_adapter, out: Path, base: str | None = None, dtype: str = "fp32
         raise LorafitError(f"'{out}' exists and is a file; choose a new directory for the merged model.")
     if out.exists() and any(out.iterdir()):
         raise LorafitError(f"'{out}' exists and is not empty; choose a new directory for the merged model.")
-    # Merge in fp32 on CPU: exact arithmetic first, then cast to the requested dtype once.
+    merged, tokenizer = merged_model(run_or_adapter, base, attn_implementation, trust_remote_code, force_base)
+    merged = merged.to(DTYPES[dtype])
+    with saving(f"the merged model in {out}", "Free space or choose another directory; nothing else was changed."):
+        with atomic_dir(out) as tmp:
+            save_model(merged, tokenizer, tmp)
+    return out
+
+
+def merged_model(run_or_adapter, base: str | None = None, attn_implementation: str | None = None,
+                 trust_remote_code: bool = False, force_base: bool = False):
+    """(base + adapter merged into plain weights in fp32 on CPU, tokenizer): exact arithmetic first; a caller
+    casts once, after (merge's --dtype, export's GGUF types)."""
     model, tokenizer, _ = load_for_inference(run_or_adapter, base=base, precision="fp32", device=torch.device("cpu"),
                                              attn_implementation=attn_implementation,
                                              trust_remote_code=trust_remote_code, force_base=force_base)
     merged = model.merge_and_unload()
     restore_activation_names(merged)  # loaded with the one-kernel GELU; saved with the base's own name
-    merged = merged.to(DTYPES[dtype])
     merged.config.use_cache = True
-    with saving(f"the merged model in {out}", "Free space or choose another directory; nothing else was changed."):
-        with atomic_dir(out) as tmp:
-            merged.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-    return out
+    return merged, tokenizer
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))

@@ -133,7 +133,7 @@ def read_evaluations(eval_dir: Path) -> dict:
 
     found = {}
     for key, name in (("forgetting", "forgetting.json"), ("lm_eval_base", "lm_eval_base.json"),
-                      ("lm_eval_adapter", "lm_eval_adapter.json")):
+                      ("lm_eval_adapter", "lm_eval_adapter.json"), ("exports", "exports.json")):
         path = Path(eval_dir) / name
         if path.is_file():
             try:
@@ -225,6 +225,17 @@ def _speed_line(summary: dict) -> str:
     return f"{scored:,.0f} tokens/s (every processed token scored)"
 
 
+def exports_section(exports: dict | None) -> str:
+    """The files `lorafit export` wrote (eval/exports.json), each with its sha256."""
+    files = (exports or {}).get("files") or []
+    if not files:
+        return ""
+    rows = "\n".join(f"| {_cell('`' + Path(f['path']).name + '`')} | {_cell(f['kind'])} | {f.get('quant') or ''} | "
+                     f"{f['bytes']:,} | `{f['sha256']}` |" for f in files)
+    return ("\n## Exported files\nWritten by `lorafit export` (llama.cpp's converter; see the README's \"Run it in "
+            "llama.cpp / Ollama\"):\n\n| file | what | type | bytes | sha256 |\n|---|---|---|---|---|\n" + rows + "\n")
+
+
 def model_card(cfg: RunConfig, summary: dict, evaluations: dict | None = None) -> str:
     lo = cfg.lora
     weighted = any(s.weight != 1.0 for s in cfg.data.sources.values())
@@ -283,7 +294,7 @@ seed {cfg.train.seed}; {f('train_seconds', '.1f')} s on {summary.get('device', '
 
 {"| source | loss | PPL | bits/byte | tokens |" + chr(10) + "|---|---|---|---|---|" + chr(10) + source_rows if len(by_source) > 1 else ""}
 {preference_section(cfg, summary)}
-{evaluation_section(evaluations or {})}
+{evaluation_section(evaluations or {})}{exports_section((evaluations or {}).get("exports"))}
 ## Use
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
