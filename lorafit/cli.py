@@ -75,7 +75,8 @@ def cmd_train(args) -> int:
 
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
-    RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
+    run = RunDir(cfg.output_dir)
+    run.check_new_run(resume, args.overwrite and not resume)  # so does a run in the way (train() then skips it)
     from lorafit.trackers import check_available
 
     check_available(cfg.train.report_to)  # and a tracker whose extra is missing
@@ -87,7 +88,7 @@ def cmd_train(args) -> int:
 
     world = dist.init()
     try:
-        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, checked=run)
     except (Stopped, KeyboardInterrupt) as exc:
         if world.is_main:
             command = shlex.join(["lorafit", "train", recipe, *overrides, "--resume"])

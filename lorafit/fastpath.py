@@ -10,13 +10,13 @@ training code path, on examples as long as `data.seq_len` -- against the model's
 each example alone, and used only where the two agree. Elsewhere lorafit falls back (plain logits;
 one example a row, right-padded and masked) and says why.
 
-Train, eval and bench ask `choose_fast_paths`; none of them re-decides.
+Train, eval and bench ask `choose_fast_paths`; none of them re-decides. The training code path checked
+here is `lorafit.forward.Forward`, the one forward training and evaluation run.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,25 +24,16 @@ import torch
 from lorafit.data.packing import Layout, pack, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.errors import LorafitError, first_line
+from lorafit.forward import FastPaths, Forward
 from lorafit.lora import unwrapped
+from lorafit.loss import head_is_linear
+from lorafit.modeling import max_positions
 
 # Per-token NLL gaps taken as rounding in fp32 (measured: 0 to 6e-6 on random GPT-2s at seq 512).
 FP32_TOLERANCE = 5e-5
 # In half precision a gap may also be rounding when it is this small a part of the gap of attention
 # that crosses examples (bf16 rounding of large logits is large; measured: packed 0, crossing 0.06-2.4).
 CROSSED_SHARE = 0.1
-
-
-@dataclass
-class FastPaths:
-    layout: Layout
-    fused_head: bool
-    why_not: dict[str, str] = field(default_factory=dict)  # fast path -> why it is not used
-
-    def record(self) -> dict:
-        """What summary.json says: the layout used, the head loss, and why any path was refused."""
-        return {"packing": self.layout.kind, "row_len": self.layout.row_len, "fused_head": self.fused_head,
-                "why_not": dict(self.why_not)}
 
 
 def rows_length(pack_len: int | None, seq_len: int, max_positions: int | None) -> int:
@@ -127,12 +118,10 @@ class _Probe:
     @contextlib.contextmanager
     def evaluating(self):
         """No dropout, no gradients, the training precision; the model's mode is restored after."""
-        from lorafit.evaluate import autocast_context
-
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
+            with torch.no_grad(), self.forward(fused_head=False).autocast():
                 self.logit_scale = 0.0
                 self.alone = torch.cat([self._plain_nll(e[None, :-1], e[1:]) for e in self.examples])
                 self.crossed_gap = self._crossed_gap()
@@ -165,15 +154,17 @@ class _Probe:
             return FP32_TOLERANCE
         return 4 * torch.finfo(dtype).eps * max(1.0, self.logit_scale)
 
-    def _gap(self, layout: Layout, fused_head: bool) -> float:
-        from lorafit.loss import token_nll
+    def forward(self, layout: Layout = Layout("padded"), fused_head: bool = False) -> Forward:
+        """The forward training would run with these fast paths."""
+        return Forward(self.model, FastPaths(layout, fused_head), self.autocast_dtype, device=self.device)
 
+    def _gap(self, layout: Layout, fused_head: bool) -> float:
         nll = torch.zeros(len(self.alone), dtype=torch.float64, device=self.device)
         offsets = np.concatenate([[0], np.cumsum([len(e) - 1 for e in self.examples])])
         indices = np.arange(3)
         batch = pack(self.split, indices, layout, pad_id=0, multiple=shape_multiple(self.device)).to(self.device)
-        values, example = token_nll(self.model, batch, fused=fused_head)
-        # token_nll returns targets in the batch's order; place each at its example's own position.
+        values, example = self.forward(layout, fused_head).token_nll(batch)
+        # Forward.token_nll returns targets in the batch's order; place each at its example's own position.
         for i in indices:
             sel = example == i
             nll[offsets[i] : offsets[i + 1]] = values[sel].double()
@@ -181,8 +172,6 @@ class _Probe:
 
     def head_reason(self, sharded: bool = False) -> str | None:
         """Why the fused head loss may not be used (None: it gives the model's own logits' NLL)."""
-        from lorafit.loss import head_is_linear
-
         if sharded:  # the fused loss calls the backbone alone, outside the sharded model's gathering forward
             return "train.fsdp: the model is sharded, and its forward gathers the head's weight"
         if not head_is_linear(self.base):
@@ -208,8 +197,6 @@ class _Probe:
 
 def fast_paths_for(model, cfg, device: torch.device, autocast_dtype: torch.dtype | None, log=None) -> FastPaths:
     """`choose_fast_paths` with the settings of a RunConfig (data.packing, seq_len, pack_len, train.compile)."""
-    from lorafit.modeling import max_positions
-
     d = cfg.data
     return choose_fast_paths(
         model, packing=d.packing, device=device, compile=cfg.train.compile, seq_len=d.seq_len,

@@ -163,12 +163,17 @@ def quotes_evaluator(tokenizer, val_texts: list[str], device: torch.device, comp
     from lorafit.config import load_config
     from lorafit.data.tokenize import tokenize_texts
     from lorafit.evaluate import evaluate_run, scoring_for
+    from lorafit.fastpath import fast_paths_for
+    from lorafit.forward import Forward
+    from lorafit.modeling import resolve_precision
 
     cfg = load_config("quotes", [f"train.compile={str(compiled).lower()}"])
     val = tokenize_texts(val_texts, [0] * len(val_texts), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
+    autocast = resolve_precision(cfg.model.precision, device).autocast
 
     def run(model) -> dict:  # the fast paths are checked on each model: the peer's is not lorafit's
-        return evaluate_run(model, val, ["quotes"], scoring_for(cfg, model, tokenizer, device=device))
+        forward = Forward(model, fast_paths_for(model, cfg, device, autocast), autocast, device=device)
+        return evaluate_run(model, val, ["quotes"], scoring_for(cfg, forward, tokenizer))
 
     return run
 
