@@ -158,15 +158,31 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
     return subprocess.call(command)
 
 
-def cmd_eval(args) -> int:
-    from lorafit.forgetting import eval_command, wants_comparison
+# `lorafit eval` flags that belong to --data or --tasks (their comparison: lorafit/forgetting.py)
+DATA_ONLY = ("text_field", "max_examples")
+TASKS_ONLY = ("limit", "num_fewshot", "batch_size", "include_path")
 
+
+def wants_comparison(args) -> bool:
+    """True when `lorafit eval` was given --data or --tasks; their sub-options alone are an error."""
+    for names, main, example in ((DATA_ONLY, "data", "--data FILE --text-field text"),
+                                 (TASKS_ONLY, "tasks", "--tasks hellaswag --limit 100")):
+        stray = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+        if stray and getattr(args, main, None) is None:
+            verb = "applies" if len(stray) == 1 else "apply"
+            raise LorafitError(f"{', '.join(stray)} only {verb} with --{main}, e.g. lorafit eval RUN {example}.")
+    return getattr(args, "data", None) is not None or getattr(args, "tasks", None) is not None
+
+
+def cmd_eval(args) -> int:
     if wants_comparison(args):  # --data / --tasks: base vs base + adapter (lorafit/forgetting.py)
+        from lorafit.forgetting import eval_command  # lazy: loads torch, after the flags are checked
+
         return eval_command(args)
     from lorafit.console import log
     from lorafit.data.prepare import prepare_data
     from lorafit.evaluate import evaluate_run, saved_scoring
-    from lorafit.forgetting import run_config
+    from lorafit.config import run_config
     from lorafit.generate import load_for_inference, resolve_adapter_dir
     from lorafit.rundir import CONFIG_FILE, to_json
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lorafit.comparison import compare, fmt, stderr_cell
 from lorafit.errors import LorafitError, first_line
+from lorafit.rundir import eval_dir
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
 SIDES = ("base", "adapter")
@@ -30,9 +32,6 @@ OFFLINE_TASKS = (
     "  test_split: test\n  output_type: multiple_choice   # or loglikelihood_rolling, ...\n"
     "(see the README, 'Did it forget?')."
 )
-NOT_METRICS = ("alias", "name", "sample_len", "samples")
-
-
 def results_file(side: str) -> str:
     return f"lm_eval_{side}.json"
 
@@ -179,7 +178,6 @@ def plan_tasks(tasks_spec: str, *, limit: str | None, num_fewshot: int | None, b
 
 def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None) -> dict:
     """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison."""
-    from lorafit.forgetting import eval_dir
     from lorafit.generate import base_load_config
     from lorafit.modeling import default_device
 
@@ -288,54 +286,6 @@ def _frames(exc: BaseException):
 
 
 # ---------------------------------------------------------------- the comparison
-
-
-def metric_values(results: dict, task: str) -> dict[str, tuple[float | None, float | None]]:
-    """{metric: (value, stderr)} of one task in lm-eval's results; a filter other than `none` stays in the name."""
-    out = {}
-    for key, value in results.get("results", {}).get(task, {}).items():
-        if key in NOT_METRICS or "," not in key or "_stderr," in key:
-            continue
-        metric, filt = key.split(",", 1)
-        stderr = results["results"][task].get(f"{metric}_stderr,{filt}")
-        out[metric if filt == "none" else key] = (_number(value), _number(stderr))
-    return out
-
-
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def compare(base: dict, adapter: dict) -> list[dict]:
-    """One row per task and metric: base, adapter, difference (adapter - base) and both standard errors."""
-    rows = []
-    for task in adapter.get("results", {}):
-        higher = adapter.get("higher_is_better", {}).get(task, {})
-        b_values = metric_values(base, task)
-        for metric, (a, a_err) in metric_values(adapter, task).items():
-            b, b_err = b_values.get(metric, (None, None))
-            rows.append({
-                "task": task, "metric": metric, "base": b, "adapter": a,
-                "difference": a - b if a is not None and b is not None else None,
-                "base_stderr": b_err, "adapter_stderr": a_err,
-                "higher_is_better": higher.get(metric.split(",")[0]),
-            })
-    return rows
-
-
-def fmt(value: float | None, spec: str = ".4f") -> str:
-    """4 decimals; large figures (word perplexities of a weak model) with 1, and thousands separated."""
-    if value is None:
-        return "n/a"
-    return format(value, spec.replace(".4f", ",.1f")) if abs(value) >= 1000 else format(value, spec)
-
-
-def stderr_cell(row: dict) -> str:
-    """The standard errors lm-eval gives, base / adapter (n/a where it gives none, as for perplexities)."""
-    b, a = row["base_stderr"], row["adapter_stderr"]
-    if b is None and a is None:
-        return "n/a"
-    return f"{fmt(b)} / {fmt(a)}"
 
 
 def show_task_table(rows: list[dict]) -> None:

@@ -147,6 +147,13 @@ def _same_file(handle, path: Path) -> bool:
         return False
 
 
+def eval_dir(run: Path) -> Path:
+    """RUN/eval/, made if missing: where `lorafit eval --data/--tasks` save their results."""
+    path = Path(run) / EVAL_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

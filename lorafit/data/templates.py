@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lorafit.data.examples import KINDS, Example, prompt_fields
+from lorafit.data.paths import resolve_path
 from lorafit.errors import DataError, LorafitError
 
 if TYPE_CHECKING:
@@ -67,8 +68,6 @@ def resolve_template(spec: str | None, kind: str | None = None, root: str | None
         return Template(spec)
     if "{" in spec:
         return Template("custom", spec)
-    from lorafit.data.sources import resolve_path
-
     path = resolve_path(spec, root)
     if path.is_file():
         try:
