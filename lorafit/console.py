@@ -6,7 +6,7 @@ import sys
 
 
 def log(msg: str) -> None:
-    from lorafit import distributed as dist
+    from lorafit import distributed as dist  # lazy: the CLI logs before torch loads (distributed imports it)
 
     if dist.world().is_main:
         from tqdm import tqdm

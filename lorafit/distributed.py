@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+from lorafit.lora import unwrapped
 
 TIMEOUT = timedelta(minutes=30)  # a rank that stops answering ends the job instead of hanging it
 
@@ -158,7 +159,6 @@ def shard(model) -> None:
     global _sharded
     from torch.distributed.fsdp import fully_shard
 
-    from lorafit.lora import unwrapped
 
     base = unwrapped(model)
     block_names = set(getattr(base, "_no_split_modules", None) or [])

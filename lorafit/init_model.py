@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorafit.config import LoraConfig, ModelConfig
 from lorafit.errors import LorafitError
+from lorafit.lora import apply_lora
+from lorafit.modeling import _whole_reason, load_settings, load_tokenizer
+from lorafit.train import save_adapter
 
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
@@ -37,7 +41,6 @@ def tokenizer_from_dir(tok_dir: Path):
         from transformers import GPT2Tokenizer
 
         return GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
-    from lorafit.modeling import load_tokenizer
 
     return load_tokenizer(str(tok_dir))
 
@@ -58,8 +61,6 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
     except LorafitError:
         raise
     except Exception as exc:  # transformers raises ValueError/OSError/TypeError for the same problem
-        from lorafit.modeling import _whole_reason
-
         raise LorafitError(
             f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({_whole_reason(exc, 200)}). Give a saved "
             "tokenizer directory (tokenizer.json, tokenizer_config.json) or GPT-2's vocab.json + merges.txt."
@@ -89,10 +90,6 @@ def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.config import LoraConfig, ModelConfig
-    from lorafit.lora import apply_lora
-    from lorafit.modeling import load_settings, load_tokenizer
-    from lorafit.train import save_adapter
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
     load = load_settings(ModelConfig(name=str(base_dir), precision="fp32"), base)

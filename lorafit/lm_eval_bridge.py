@@ -22,6 +22,8 @@ from pathlib import Path
 
 from lorafit.comparison import compare, fmt, stderr_cell
 from lorafit.errors import LorafitError, first_line
+from lorafit.generate import base_load_config
+from lorafit.modeling import default_device, is_network_error, resolve_precision
 from lorafit.rundir import eval_dir
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
@@ -134,7 +136,6 @@ def hf_model_args(m, base_name: str) -> dict:
     run's record: revision, dtype, attention); fp32 on CPU, where half precision is emulated and slow."""
     import torch
 
-    from lorafit.modeling import default_device, resolve_precision
 
     device = default_device()
     weights = resolve_precision(m.precision, device).weights if device.type == "cuda" else torch.float32
@@ -178,9 +179,6 @@ def plan_tasks(tasks_spec: str, *, limit: str | None, num_fewshot: int | None, b
 
 def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None) -> dict:
     """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison."""
-    from lorafit.generate import base_load_config
-    from lorafit.modeling import default_device
-
     base_model = base_load_config(adapter_dir, base)  # the base as the run recorded loading it
     base_name = base_model.name
     model_args = hf_model_args(base_model, base_name)
@@ -211,7 +209,6 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
     """One lm-eval run, saved by lm-eval's own EvaluationTracker and renamed into place; its results file."""
     from lm_eval.loggers import EvaluationTracker
 
-    from lorafit.modeling import is_network_error
 
     # Not atomic_dir: eval/ also holds the other side's and `eval --data`'s results, so lm-eval's files are renamed
     # into it one by one (the results file last: its presence means the side is complete).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lorafit.atomic import atomic_write_text
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError, first_line
 
@@ -174,8 +175,6 @@ def base_signature(model) -> dict:
 def write_base_signature(adapter_dir: Path, model, load: dict | None = None) -> None:
     """lorafit's metadata beside a saved adapter: the base's signature, and how the base was loaded
     (`load`: what eval, generate and merge need to load it the same way)."""
-    from lorafit.atomic import atomic_write_text
-
     record = {**base_signature(model), **({"load": load} if load else {})}
     atomic_write_text(Path(adapter_dir) / BASE_SIGNATURE, json.dumps(record, indent=2))
 

@@ -6,17 +6,16 @@ from pathlib import Path
 
 import torch
 
+from lorafit.atomic import atomic_dir
 from lorafit.errors import LorafitError
 from lorafit.generate import load_for_inference
 from lorafit.modeling import restore_activation_names
-from lorafit.atomic import atomic_dir
+from lorafit.rundir import forbidden_output_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def merge(run_or_adapter, out: Path, base: str | None = None, dtype: str = "fp32", attn_implementation: str | None = None) -> Path:
-    from lorafit.rundir import forbidden_output_dir
-
     out = Path(out).expanduser()
     why = forbidden_output_dir(str(out))
     if why:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from lorafit.config import RunConfig, build_config, load_yaml
+from lorafit.errors import ConfigError, LorafitError
+from lorafit.generate import check_generation
+from lorafit.rundir import CONFIG_FILE
 
-from lorafit.config import RunConfig, load_yaml
-from lorafit.errors import LorafitError
 
 # Settings that change what is logged, evaluated, sampled or kept, never the weights: a resume may change them
 # (recorded in the run's marker, config.yaml updated). A trailing dot means the whole section.
@@ -66,8 +68,6 @@ def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
 def check_same_config(run, cfg: RunConfig) -> dict:
     """A resume must use the config the run (a RunDir) started with, or it would silently train something else.
     Settings that do not change the training (RESUME_MAY_CHANGE) may differ: returns them, {key: [old, new]}."""
-    from lorafit.rundir import CONFIG_FILE
-
     allowed, changed = config_changes(run.file(CONFIG_FILE), cfg)
     if changed:
         raise LorafitError(
@@ -91,9 +91,6 @@ def extends_run(changed: dict) -> bool:
 def with_defaults(raw: dict) -> dict:
     """A saved config with the keys a newer lorafit added filled in with their defaults (which are what the
     run used), so a resume compares settings, not versions. A config that no longer builds is compared as saved."""
-    from lorafit.config import build_config
-    from lorafit.errors import ConfigError
-
     try:
         return yaml.safe_load(yaml.safe_dump(build_config(raw).to_dict()))
     except ConfigError:
@@ -156,8 +153,6 @@ def same_data(checkpoint: Path, state: dict, n_train: int, total_steps: int, now
 def check_before_training(trainer) -> None:
     """The eval sample is generated after every eval: a prompt plus new tokens beyond the model's context
     would fail only then, after the training."""
-    from lorafit.generate import check_generation
-
     e = trainer.cfg.eval
     if e.sample_prompt:
         check_generation(trainer.model, trainer.tokenizer, e.sample_prompt, e.sample_max_new_tokens,
