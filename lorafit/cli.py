@@ -1,4 +1,8 @@
-"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, bench."""
+"""The `lorafit` command line: train, eval, generate, merge, init-model, recipes, bench.
+
+Imported at the top: what checks arguments and configs and needs no torch (a typo fails in a fraction of a
+second). Each torch-side module is imported inside the command that uses it, after those checks, and says so.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from lorafit.errors import EXIT_USER_ERROR, LorafitError
+from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
+from lorafit.config import annotated_yaml, apply_overrides, build_config, list_recipes, load_config, run_config
+from lorafit.console import log
+from lorafit.data.templates import generation_prompt, resolve_template
+from lorafit.errors import EXIT_USER_ERROR, OFFLINE_REASON, ConfigError, LorafitError, Stopped
+from lorafit.init_model import SIZES, describe_sizes, init_model
+from lorafit.rundir import CONFIG_FILE, RunDir, to_json
+from lorafit.trackers import check_available
 
 USAGE_EXAMPLES = """examples:
   lorafit train quotes
@@ -34,8 +45,6 @@ def _offline_if_hub_unreachable() -> None:
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
-        from lorafit.errors import OFFLINE_REASON
-
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ[OFFLINE_REASON] = f"{host} does not resolve: this machine looks offline, so lorafit ran in offline mode"
@@ -70,21 +79,16 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from lorafit.config import load_config
-    from lorafit.rundir import RunDir
-
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
     run = RunDir(cfg.output_dir)
     run.check_new_run(resume, args.overwrite and not resume)  # so does a run in the way (train() then skips it)
-    from lorafit.trackers import check_available
 
     check_available(cfg.train.report_to)  # and a tracker whose extra is missing
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
-    from lorafit import distributed as dist
-    from lorafit.errors import Stopped
-    from lorafit.train import train
+    from lorafit import distributed as dist  # lazy: torch
+    from lorafit.train import train  # lazy: torch
 
     world = dist.init()
     try:
@@ -110,8 +114,6 @@ def train_target(args) -> tuple[str, list[str], bool]:
     `--resume` alone continues the recipe's run; `--resume RUN_DIR` (no recipe) continues the run in RUN_DIR from
     its own config.yaml, the overrides on top. argparse hands `--resume`'s optional value whatever follows it, so
     a value that is an override or a recipe goes back where it belongs."""
-    from lorafit.rundir import CONFIG_FILE
-
     recipe, overrides, value = args.recipe, list(args.overrides), args.resume
     if recipe is not None and "=" in recipe and not Path(recipe).exists():  # `train --resume RUN k=v`
         recipe, overrides = None, [recipe, *overrides]
@@ -179,12 +181,9 @@ def cmd_eval(args) -> int:
         from lorafit.forgetting import eval_command  # lazy: loads torch, after the flags are checked
 
         return eval_command(args)
-    from lorafit.console import log
-    from lorafit.data.prepare import prepare_data
-    from lorafit.evaluate import evaluate_run, saved_scoring
-    from lorafit.config import run_config
-    from lorafit.generate import load_for_inference, resolve_adapter_dir
-    from lorafit.rundir import CONFIG_FILE, to_json
+    from lorafit.data.prepare import prepare_data  # lazy: torch
+    from lorafit.evaluate import evaluate_run, saved_scoring  # lazy: torch
+    from lorafit.generate import load_for_inference, resolve_adapter_dir  # lazy: torch
 
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
@@ -203,7 +202,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lorafit.generate import SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base
+    from lorafit.generate import (  # lazy: torch
+        SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base,
+    )
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
@@ -212,8 +213,6 @@ def cmd_generate(args) -> int:
                                                      attn_implementation=args.attn_implementation)
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
-        from lorafit.data.templates import generation_prompt, resolve_template
-
         template = resolve_template(args.template)
     rendered = [generation_prompt(template, tokenizer, p) if template else None for p in args.prompts]
     for i, (prompt, segments) in enumerate(zip(args.prompts, rendered), 1):
@@ -250,7 +249,7 @@ def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) 
 
 
 def cmd_merge(args) -> int:
-    from lorafit.merge import merge
+    from lorafit.merge import merge  # lazy: torch
 
     out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation)
     print(f"merged model written to {out}", file=sys.stderr)
@@ -258,16 +257,12 @@ def cmd_merge(args) -> int:
 
 
 def cmd_init_model(args) -> int:
-    from lorafit.init_model import init_model
-
     out = init_model(args.config, args.tokenizer, Path(args.out), seed=args.seed)
     print(f"random {args.config} model written to {out}", file=sys.stderr)
     return 0
 
 
 def cmd_recipes(args) -> int:
-    from lorafit.config import list_recipes, load_config
-
     for name in list_recipes():
         cfg = load_config(name)
         length = f"epochs={cfg.train.epochs:g}" + (f" max_steps={cfg.train.max_steps}" if cfg.train.max_steps else "")
@@ -276,14 +271,9 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from lorafit.config import annotated_yaml, build_config, load_config
-
     if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():  # `config k=v`: defaults
         args.overrides, args.recipe = [args.recipe, *args.overrides], None
     if args.recipe is None:
-        from lorafit.config import apply_overrides
-        from lorafit.errors import ConfigError
-
         problems: list[str] = []
         raw = apply_overrides({"data": {"sources": {"text": {"path": "data.jsonl"}}}}, args.overrides, problems)
         if problems:
@@ -297,13 +287,13 @@ def cmd_config(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from lorafit.serve.app import serve
+    from lorafit.serve.app import serve  # lazy: torch and the serve extra
 
     return serve(args)
 
 
 def cmd_bench(args) -> int:
-    from lorafit.bench.run import main as bench_main
+    from lorafit.bench.run import main as bench_main  # lazy: torch and the bench extra
 
     return bench_main(args)
 
@@ -384,7 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_attn_argument(m)
     m.set_defaults(func=cmd_merge)
 
-    from lorafit.init_model import SIZES, describe_sizes
 
     i = sub.add_parser("init-model", help="write a randomly initialised GPT-2 model (offline runs, benchmarks)")
     i.add_argument("--config", required=True, choices=list(SIZES), help=f"the model's size: {describe_sizes()}")
@@ -414,7 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_attn_argument(s)
     s.set_defaults(func=cmd_serve)
 
-    from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
 
     b = sub.add_parser("bench", help="benchmark lorafit against the original pipeline")
     add_arguments(b)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from lorafit.config import LoraConfig, ModelConfig
 from lorafit.errors import LorafitError
-from lorafit.lora import apply_lora
-from lorafit.modeling import _whole_reason, load_settings, load_tokenizer
-from lorafit.train import save_adapter
 
+# This module's own imports of lorafit's torch-side modules are made inside its functions: the CLI's parser reads
+# SIZES (`init-model --help`) at start-up, before torch loads.
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
@@ -41,6 +40,7 @@ def tokenizer_from_dir(tok_dir: Path):
         from transformers import GPT2Tokenizer
 
         return GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
+    from lorafit.modeling import load_tokenizer  # lazy: torch (see SIZES)
 
     return load_tokenizer(str(tok_dir))
 
@@ -61,6 +61,8 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
     except LorafitError:
         raise
     except Exception as exc:  # transformers raises ValueError/OSError/TypeError for the same problem
+        from lorafit.modeling import _whole_reason  # lazy: torch (see SIZES)
+
         raise LorafitError(
             f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({_whole_reason(exc, 200)}). Give a saved "
             "tokenizer directory (tokenizer.json, tokenizer_config.json) or GPT-2's vocab.json + merges.txt."
@@ -90,6 +92,9 @@ def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tu
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lorafit.lora import apply_lora  # lazy: torch (see SIZES)
+    from lorafit.modeling import load_settings, load_tokenizer  # lazy: torch (see SIZES)
+    from lorafit.train import save_adapter  # lazy: torch (see SIZES)
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
     load = load_settings(ModelConfig(name=str(base_dir), precision="fp32"), base)
