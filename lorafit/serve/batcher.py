@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafit.lora import unwrapped
+
 
 @dataclass
 class Row:
@@ -103,8 +105,6 @@ class Batcher:
 
     def _forward(self, input_ids, mask, positions, cache, adapters):
         import inspect
-
-        from lorafit.lora import unwrapped
 
         kwargs = {"adapter_names": adapters} if self.host.has_adapters else {}
         # transformers renamed past_key_values to cache (5.x); pass whichever this model takes
