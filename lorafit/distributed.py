@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+
+from lorafit.balance import longest_first
 from lorafit.lora import unwrapped
 
 TIMEOUT = timedelta(minutes=30)  # a rank that stops answering ends the job instead of hanging it
@@ -82,12 +84,7 @@ def device() -> torch.device:
 def shares(lengths: np.ndarray, size: int) -> list[np.ndarray]:
     """Positions 0..n-1 split into `size` disjoint shares of about equal total length: longest first,
     each to the lightest share (ties to the lowest rank), each share kept in its original order."""
-    loads, picked = np.zeros(size, dtype=np.int64), [[] for _ in range(size)]
-    for i in np.argsort(-lengths, kind="stable"):
-        r = int(np.argmin(loads))
-        picked[r].append(int(i))
-        loads[r] += int(lengths[i])
-    return [np.array(sorted(p), dtype=np.int64) for p in picked]
+    return [np.array(sorted(p), dtype=np.int64) for p in longest_first(lengths, size)]
 
 
 def my_share(indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 
 from lorafit.data.packing import Layout, pack, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
-from lorafit.errors import LorafitError, first_line
+from lorafit.errors import LorafitError, described
 from lorafit.forward import FastPaths, Forward
 from lorafit.lora import unwrapped
 from lorafit.loss import head_is_linear
@@ -179,7 +179,7 @@ class _Probe:
         try:
             gap = self._gap(Layout("padded"), fused_head=True)
         except Exception as exc:  # noqa: BLE001 - any failure means: do not use it with this model
-            return f"the fused head loss failed ({type(exc).__name__}: {first_line(exc)})"
+            return f"the fused head loss failed ({described(exc)})"
         if gap > self._tolerance():
             return f"the model's logits are not its head's linear map of the last hidden state (NLL gap {gap:.3g})"
         return None
@@ -189,7 +189,7 @@ class _Probe:
         try:
             gap = self._gap(layout, fused_head)
         except Exception as exc:  # noqa: BLE001 - e.g. segment attention meeting a sliding window
-            return f"{layout.kind} failed on this model ({type(exc).__name__}: {first_line(exc)})"
+            return f"{layout.kind} failed on this model ({described(exc)})"
         if gap <= self._tolerance() or (self.crossed_gap and gap <= CROSSED_SHARE * self.crossed_gap):
             return None
         return f"{layout.kind}: packed examples do not get the log-probabilities they get alone (max NLL gap {gap:.3g})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafit.config import LoraConfig, ModelConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, one_line
 
 # This module's own imports of lorafit's torch-side modules are made inside its functions: the CLI's parser reads
 # SIZES (`init-model --help`) at start-up, before torch loads.
@@ -61,10 +61,8 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
     except LorafitError:
         raise
     except Exception as exc:  # transformers raises ValueError/OSError/TypeError for the same problem
-        from lorafit.modeling import _whole_reason  # lazy: torch (see SIZES)
-
         raise LorafitError(
-            f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({_whole_reason(exc, 200)}). Give a saved "
+            f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({one_line(exc, 200)}). Give a saved "
             "tokenizer directory (tokenizer.json, tokenizer_config.json) or GPT-2's vocab.json + merges.txt."
         ) from None
     if tokenizer.eos_token_id is None:

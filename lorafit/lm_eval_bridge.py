@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorafit.comparison import compare, fmt, stderr_cell
-from lorafit.errors import LorafitError, first_line
+from lorafit.errors import LorafitError, described, first_line
 from lorafit.generate import base_load_config
 from lorafit.modeling import default_device, is_network_error, resolve_precision
 from lorafit.rundir import eval_dir
@@ -252,7 +252,7 @@ def explain_failure(exc: Exception, tasks: list[str], model_args: dict, include_
     """A failure of lm-eval as a LorafitError where it is the user's to fix (offline, a task's data); else unchanged."""
     where = {Path(f.f_code.co_filename).parent.name for f, _ in _frames(exc)}
     in_tasks = bool(where & {"tasks", "datasets", "api"}) and "models" not in where
-    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    reason = described(exc)
     if network and not in_tasks:
         return LorafitError(
             f"lm-evaluation-harness could not load the model '{model_args['pretrained']}': not a local directory, and the "

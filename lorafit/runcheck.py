@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
 from lorafit.config import RunConfig, build_config, load_yaml
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.generate import check_generation

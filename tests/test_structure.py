@@ -139,3 +139,41 @@ def test_importing_lorafit_registers_no_attention_with_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip().splitlines()[-1:] == ["False True"], proc.stdout + proc.stderr
+
+
+def test_rows_and_rank_shares_are_one_balancing_rule():
+    """packing.balance_rows and distributed.shares both put the longest example first into the lightest bin
+    (lorafit.balance): checked against that rule written out plainly, ties to the lowest bin."""
+    import numpy as np
+
+    from lorafit.data.packing import balance_rows
+    from lorafit.distributed import shares
+
+    def plain(lengths, n_bins, capacity=None):
+        bins, loads = [[] for _ in range(n_bins)], [0] * n_bins
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # sorted is stable: ties in index order
+            b = min(range(len(bins)), key=lambda b: loads[b])
+            if capacity is not None and loads[b] + lengths[i] > capacity:
+                bins.append([]), loads.append(0)
+                b = len(bins) - 1
+            bins[b].append(i)
+            loads[b] += int(lengths[i])
+        return bins
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 40, size=int(rng.integers(1, 30)))
+        size = int(rng.integers(1, 5))
+        assert [list(s) for s in shares(lengths, size)] == [sorted(b) for b in plain(list(lengths), size)]
+        n_rows = max(1, -(-int(lengths.sum()) // 48))
+        assert balance_rows(lengths, 48) == [b for b in plain(list(lengths), n_rows, 48) if b]
+
+
+def test_an_exceptions_message_is_quoted_through_lorafit_errors_only():
+    """errors.first_line / described / one_line say why an exception happened; no module cuts a message by hand."""
+    import re
+
+    by_hand = re.compile(r"str\(exc\)[^\n]*splitlines\(\)\[0\]|str\(exc\)\[:\d+\]|str\(exc\)\.splitlines\(\)")
+    found = [f"{name}:{i}" for name, path in modules().items() if name != "lorafit.errors"
+             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if by_hand.search(line)]
+    assert not found, found
