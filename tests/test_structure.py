@@ -177,3 +177,19 @@ def test_an_exceptions_message_is_quoted_through_lorafit_errors_only():
     found = [f"{name}:{i}" for name, path in modules().items() if name != "lorafit.errors"
              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if by_hand.search(line)]
     assert not found, found
+
+
+def test_accelerate_is_no_dependency_of_lorafit_itself():
+    """lorafit never imports accelerate (`accelerate launch` is the user's launcher); only the bench extras and dev
+    declare it, for the original pipeline's transformers.Trainer."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not any(d.startswith("accelerate") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert all(any(d.startswith("accelerate") for d in extras[e]) for e in ("bench", "bench-gpu", "dev"))
+    importing = [name for name, path in modules().items()
+                 if any(isinstance(n, (ast.Import, ast.ImportFrom)) and any(
+                     (a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] == "accelerate"
+                     for a in n.names) for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))]
+    assert importing == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import importlib.util
 import json
 import math
 import platform
@@ -28,7 +29,7 @@ from lorafit.bench.baseline import (
     generation_rates,
     run_baseline,
 )
-from lorafit.bench.peers import parse_peers, run_trl, trl_min_examples
+from lorafit.bench.peers import INSTALL, parse_peers, run_trl, trl_min_examples
 from lorafit.config import load_config
 from lorafit.data.prepare import Data
 from lorafit.data.sources import load_corpus
@@ -283,7 +284,16 @@ def print_table(results: dict) -> None:
         print(f"speedup vs {name}: {x:.2f}x examples/s", file=sys.stderr)
 
 
+def check_baseline_available() -> None:
+    """The re-created original pipeline is transformers' Trainer, which needs accelerate at run time; lorafit itself
+    does not (`accelerate launch` is only the user's launcher): it is in the bench extras, checked before any work."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise LorafitError("lorafit bench re-creates the original pipeline with transformers' Trainer, which needs "
+                           f"accelerate, which is not installed: {INSTALL}")
+
+
 def main(args) -> int:
+    check_baseline_available()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peers = parse_peers(getattr(args, "peers", None), device)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else DEFAULT_TOKENIZER
