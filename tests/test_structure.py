@@ -193,3 +193,28 @@ def test_accelerate_is_no_dependency_of_lorafit_itself():
                      (a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] == "accelerate"
                      for a in n.names) for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))]
     assert importing == []
+
+
+# The floors of docs/design.md's map, bottom first: a module imports only from its own floor or below.
+FLOORS = [
+    "errors atomic balance measure metrics progress comparison data.paths serve.protocol attention lorafit data recipes "
+    "serve bench",
+    "data.examples data.tokenize data.filters data.formats data.packing data.templates rundir trackers",
+    "config",
+    "data.hub data.sources lora modeling report checkpoint distributed console fast loss generate runcheck merge",
+    "data.prepare forward serve.batcher serve.models",
+    "evaluate fastpath lm_eval_bridge",
+    "train forgetting init_model serve.app",
+    "cli __main__ bench.run bench.suite bench.shapes bench.peers bench.baseline",
+]
+
+
+def test_every_import_points_down_the_map_of_floors():
+    """docs/design.md's map stays true: every module is on a floor, and none imports from a floor above its own."""
+    floor = {("lorafit" if m == "lorafit" else f"lorafit.{m}"): i for i, f in enumerate(FLOORS) for m in f.split()}
+    graph = import_graph()
+    unplaced = sorted(set(graph) - set(floor))
+    assert not unplaced, f"{unplaced}: put each on a floor of FLOORS here and of the map in docs/design.md"
+    up = [f"{a} (floor {floor[a]}) imports {b} (floor {floor[b]})" for a, ts in graph.items() for b in ts
+          if floor[b] > floor[a]]
+    assert not up, "\n".join(up)
