@@ -138,7 +138,9 @@ def start_server(adapter_dirs: dict[str, Path], port: int, threads: int) -> subp
             "--port", str(port), "--precision", "fp32"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     env.pop("LORAFIT_API_KEY", None)
-    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    # to a file, not a pipe: the server logs a line a request, and an unread pipe would fill and block it
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(args, env=env, stderr=log, text=True)
     import urllib.request
 
     deadline = time.time() + 120
@@ -149,7 +151,8 @@ def start_server(adapter_dirs: dict[str, Path], port: int, threads: int) -> subp
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise SystemExit(f"the server did not start:\n{proc.stderr.read()}")
+                log.seek(0)
+                raise SystemExit(f"the server did not start:\n{log.read()}")
             time.sleep(0.2)
 
 

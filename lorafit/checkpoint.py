@@ -45,11 +45,24 @@ def unreadable(path: Path, exc: BaseException) -> LorafitError:
     """A checkpoint (or one of its files) that cannot be used: say so, and how to go on without it."""
     path = Path(path)
     step_dir = path if STEP_DIR.match(path.name) else path.parent
+    why = described(exc, 200)
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+        why = f"{type(exc).__name__}: {refused_pickle(exc)}"
     return LorafitError(
         f"Checkpoint {step_dir} is unreadable ({path.name if path != step_dir else ''}"
-        f"{': ' if path != step_dir else ''}{described(exc, 200)}). Delete it to resume "
+        f"{': ' if path != step_dir else ''}{why}). Delete it to resume "
         "from the previous checkpoint, or start again with --overwrite."
     )
+
+
+def refused_pickle(exc: BaseException) -> str:
+    """torch's weights_only refusal in one line. Its first line suggests weights_only=False and only then warns
+    that this can run arbitrary code: a cut message would keep the advice and lose the warning. Keep what was
+    refused and the warning instead."""
+    what = next((line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()), "")
+    return (f"it holds objects other than tensors and plain values, which lorafit never writes"
+            f"{' (' + what[:200] + ')' if what else ''}; loading it anyway could run arbitrary code, so lorafit "
+            "does not")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

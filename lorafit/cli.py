@@ -17,7 +17,7 @@ from lorafit.bench import add_arguments  # argument definitions only: the benchm
 from lorafit.config import annotated_yaml, apply_overrides, build_config, list_recipes, load_config, run_config
 from lorafit.console import log
 from lorafit.data.templates import generation_prompt, resolve_template
-from lorafit.errors import EXIT_USER_ERROR, OFFLINE_REASON, ConfigError, LorafitError, Stopped
+from lorafit.errors import EXIT_USER_ERROR, OFFLINE_REASON, ConfigError, LorafitError, Stopped, not_utf8, shorten
 from lorafit.init_model import SIZES, describe_sizes, init_model
 from lorafit.rundir import CONFIG_FILE, RunDir, to_json
 from lorafit.trackers import check_available
@@ -153,11 +153,26 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: the same command as N data-parallel processes on this machine, started by torchrun."""
     import subprocess
 
+    have, what = processors()
+    if nproc > have:  # each process holds the model and its data: more than the machine runs only thrash (or OOM)
+        raise LorafitError(f"--nproc {nproc}: this machine has {have} {what}, and each process holds a copy of the "
+                           f"model and the data. Use --nproc {have} or fewer.")
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
             and not (i > 0 and argv[i - 1] == "--nproc")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lorafit", *rest]
     return subprocess.call(command)
+
+
+def processors() -> tuple[int, str]:
+    """How many processes `--nproc` may start here, and what they run on: one per GPU, else one per CPU core
+    this process may use."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, "CPU core(s) usable (no GPU)"
 
 
 # `lorafit eval` flags that belong to --data or --tasks (their comparison: lorafit/forgetting.py)
@@ -208,6 +223,10 @@ def cmd_generate(args) -> int:
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
+    for i, prompt in enumerate(args.prompts, 1):  # argv hands bytes that are not UTF-8 over as lone surrogates
+        if why := not_utf8(prompt):
+            name = "the prompt" if len(args.prompts) == 1 else f"prompt {i}"
+            raise LorafitError(f"{name}: {why}. Give the prompt in UTF-8 (check the terminal's encoding).")
     print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
                                                      attn_implementation=args.attn_implementation)
@@ -394,10 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapters", nargs="*", metavar="RUN_DIR or NAME=RUN_DIR", help="adapters to serve (name: the directory's)")
     s.add_argument("--base", help="base model (default: the first adapter's own)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     s.add_argument("--adapters-root", help="allow POST /v1/adapters to load adapters from under this directory")
     s.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every API request (default: $LORAFIT_API_KEY)")
+    s.add_argument("--allow-admin", action="store_true",
+                   help="without --api-key, still allow POST/DELETE /v1/adapters (off by default: anyone reaching the "
+                        "server could load or unload adapters)")
+    s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log (default: not)")
     s.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the precision the first adapter's run was trained in (auto for --base alone)")
     add_attn_argument(s)
@@ -432,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
-        where = f": {exc.filename}" if exc.filename else ""
+        where = f": {shorten(str(exc.filename))}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -27,13 +27,19 @@ import yaml
 from lorafit.atomic import atomic_write_text
 from lorafit.data.paths import LOCAL_SUFFIXES
 from lorafit.data.templates import source_problems
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, LorafitError, not_utf8
 from lorafit.rundir import CONFIG_FILE, MARKER_FILE, forbidden_output_dir
 
 RECIPE_PACKAGE = "lorafit.recipes"
 YAML_MAX_NODES = 10_000  # a recipe is a few hundred nodes; YAML aliases may not expand one beyond this
 MAX_INT = 2**63 - 1  # what torch and numpy can hold
 MAX_SEED = 2**32 - 1  # numpy's seeding limit
+# Caps on values that would exhaust memory or overflow later, checked with the config before anything loads:
+PATH_MAX, NAME_MAX = 4096, 255  # Linux's limits on a path and on one of its names (most file systems share them)
+MAX_SOURCE_WEIGHT = 1_000  # a source repeated 1,000 times is already far beyond useful upsampling; 1e6 took 6 GB
+MAX_EPOCHS = 1_000_000  # epochs x examples must stay a step count (train.max_steps caps a run more precisely)
+MAX_LORA_R = 4_096  # beyond a layer's own width a rank adds nothing; 2^63-1 would try to allocate it
+MAX_LORA_ALPHA = 65_536.0  # alpha / r scales every update; beyond this it overflows half precision (1e308: inf)
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -62,7 +68,7 @@ class SourceConfig:
     config: str | None = doc(None, "hub config name (e.g. \"3.0.0\" for cnn_dailymail)")
     revision: str | None = doc(None, "hub revision of the dataset")
     max_examples: int | None = doc(None, "cap, taken by seeded sampling")
-    weight: float = doc(1.0, "sampling weight: examples kept = weight * available (after the cap)")
+    weight: float = doc(1.0, "sampling weight: examples kept = weight * available (after the cap); at most 1000")
     separator: str | None = doc(None, "txt: split the file on this string instead of lines")
     drop_unterminated: bool = doc(False, "txt + separator: drop a last piece with no separator after it")
     csv_header: bool = doc(True, "csv: false when the first row is data; fields are then indices")
@@ -100,8 +106,8 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = doc(8, "LoRA rank")
-    alpha: float = doc(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    r: int = doc(8, "LoRA rank (at most 4096)")
+    alpha: float = doc(16.0, "LoRA scaling numerator (the update is scaled by alpha / r); at most 65536")
     dropout: float = doc(0.05, "dropout on the LoRA input")
     targets: str | list[str] = doc(
         "auto", "auto: PEFT's default for the architecture (GPT-2: c_attn); all-linear: every linear layer but the head; or names")
@@ -112,7 +118,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = doc(1.0, "passes over the training data (may be raised on --resume)")
+    epochs: float = doc(1.0, "passes over the training data (may be raised on --resume); at most 1e6")
     max_steps: int | None = doc(None, "caps the run (optimizer steps; may be raised on --resume)")
     lr: float = doc(2e-4, "peak learning rate")
     batch_size: int = doc(4, "examples per micro-batch in the original recipe")
@@ -173,6 +179,14 @@ CHOICES = {
 
 
 # ---------------------------------------------------------------- building from dicts
+# Why by hand, not a library (issue 22). pydantic (installed only as another package's dependency) could check the
+# types, but: its messages ("Input should be a valid integer, unable to parse string as an integer", under a loc
+# tuple) would each need translating into lorafit's one line per key ("train.batch_size: expected an integer, got
+# 'four'"), and it reports each branch of a union (`str | list[str]`) as an error of its own; extra="forbid" says
+# "Extra inputs are not permitted", without the nearest name or the PEFT / HF Trainer aliases; and what lorafit
+# accepts (a scalar for a list of names, `targets: c_attn`; a number for a string, a hub config `3`; integers up to
+# 2^63 - 1; values cut to 80 characters in messages) would be a validator each. OmegaConf (not installed) would merge
+# `a.b=c` overrides, but interpolates "${...}" inside values and types them its own way; apply_overrides is 25 lines.
 
 KNOWN_ALIASES = {
     "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
@@ -321,6 +335,13 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         options = CHOICES[key]
         need(value in options, f"{key}: {value!r} is not one of {', '.join(options)}")
 
+    paths = {"model.name": cfg.model.name, "output_dir": cfg.output_dir, "data.root": cfg.data.root,
+             "data.cache_dir": cfg.data.cache_dir,
+             **{f"data.sources.{n}.path": s.path for n, s in cfg.data.sources.items() if s is not None}}
+    for key, value in paths.items():
+        need(not value or (len(value) <= PATH_MAX and all(len(part) <= NAME_MAX for part in value.split("/"))),
+             f"{key}: {_short(value)} ({len(value or ''):,} characters) is too long to be a path or a Hub id (a path "
+             f"has at most {PATH_MAX:,} characters, each name in it at most {NAME_MAX}). Shorten it.")
     choice("model.precision", cfg.model.precision)
     need(cfg.model.quantize in (None, "nf4", "int8"), f"model.quantize: {cfg.model.quantize!r} is not one of nf4, int8 (or null)")
     choice("data.long_examples", cfg.data.long_examples)
@@ -347,7 +368,9 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
             src.max_examples is None or src.max_examples > 0,
             f"data.sources.{name}.max_examples: must be positive, got {src.max_examples}",
         )
-        need(0 < src.weight, f"data.sources.{name}.weight: must be positive, got {src.weight}")
+        need(0 < src.weight <= MAX_SOURCE_WEIGHT,
+             f"data.sources.{name}.weight: must be positive and at most {MAX_SOURCE_WEIGHT:,} (each unit of weight "
+             f"is another copy of the source in memory), got {src.weight:g}")
         need(len(src.text_fields) > 0 and all(src.text_fields), f"data.sources.{name}.text_field: required")
         problems += source_problems(name, src, d.root)
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
@@ -360,7 +383,11 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
 
     lo = cfg.lora
     need(lo.r > 0, f"lora.r: must be a positive integer, got {lo.r}")
+    need(lo.r <= MAX_LORA_R, f"lora.r: must be at most {MAX_LORA_R:,} (a rank beyond a layer's width adds nothing "
+                             f"and each unit costs memory in every adapted layer), got {_short(lo.r)}")
     need(lo.alpha > 0, f"lora.alpha: must be positive, got {lo.alpha}")
+    need(lo.alpha <= MAX_LORA_ALPHA, f"lora.alpha: must be at most {MAX_LORA_ALPHA:g} (alpha / r scales every update; "
+                                     f"larger values overflow), got {lo.alpha:g}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     need(
         (isinstance(lo.targets, str) and lo.targets != "") or (isinstance(lo.targets, list) and len(lo.targets) > 0 and all(lo.targets)),
@@ -369,6 +396,8 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
 
     t = cfg.train
     need(t.epochs > 0, f"train.epochs: must be positive, got {t.epochs}")
+    need(t.epochs <= MAX_EPOCHS, f"train.epochs: must be at most {MAX_EPOCHS:,} (use train.max_steps to cap a long "
+                                 f"run), got {t.epochs:g}")
     need(0.0 <= t.adam_beta1 < 1.0, f"train.adam_beta1: must be in [0, 1), got {t.adam_beta1}")
     need(0.0 <= t.adam_beta2 < 1.0, f"train.adam_beta2: must be in [0, 1), got {t.adam_beta2}")
     need(t.adam_eps > 0, f"train.adam_eps: must be positive, got {t.adam_eps}")
@@ -482,8 +511,9 @@ def rebase_paths(raw: dict, folder: Path) -> None:
 def load_yaml(text: str, what: str) -> Any:
     """yaml.safe_load, refusing what would take minutes or gigabytes: aliases that expand the document beyond
     YAML_MAX_NODES nodes (the "billion laughs"), nesting too deep for the parser, numbers too long to read."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters and lone surrogates at once
         node = loader.get_single_node()
         if node is not None and _expanded_nodes(node, {}, set()) > YAML_MAX_NODES:
             raise LorafitError(
@@ -491,6 +521,8 @@ def load_yaml(text: str, what: str) -> Any:
                 "for); a run configuration is far smaller. Remove the bulk, or use fewer aliases."
             )
         return loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        raise LorafitError(f"{what}: {_unreadable_character(text, exc)}") from None
     except yaml.YAMLError as exc:
         raise LorafitError(f"{what} is not valid YAML: {_first_chars(exc)}") from None
     except RecursionError:
@@ -499,7 +531,20 @@ def load_yaml(text: str, what: str) -> Any:
         why = "a number in it has thousands of digits" if "digits" in str(exc) else _first_chars(exc)
         raise LorafitError(f"{what}: a value cannot be read ({why}).") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _unreadable_character(text: str, exc: yaml.reader.ReaderError) -> str:
+    """YAML's refusal of a character (a control character, or a byte that was not UTF-8), with its line and column."""
+    position = exc.position if isinstance(exc.position, int) else 0
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    bad = not_utf8(text[position:position + 1]) if isinstance(exc.character, int) else None
+    what = f"byte 0x{exc.character - 0xDC00:02x}, which is not valid UTF-8" if bad and exc.character >= 0xDC80 else \
+        f"the control character U+{exc.character:04X}" if isinstance(exc.character, int) else "a character"
+    return (f"{what} at line {line}, column {column}, which YAML does not allow. Remove it (in a double-quoted "
+            "YAML string a control character can be written as an escape, e.g. \"\\t\").")
 
 
 def _first_chars(exc: BaseException, limit: int = 300) -> str:
@@ -536,8 +581,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: list[st
             problems.append(f"override '{item}': expected key=value, e.g. train.lr=1e-4")
             continue
         key, text = item.split("=", 1)
+        if why := not_utf8(item):  # bytes the terminal sent that are not UTF-8: never a value anyone meant
+            problems.append(f"override {_short(item)}: {why}. Type it again in UTF-8.")
+            continue
         try:
-            value = load_yaml(text, f"override '{_short(item)}'") if text != "" else ""
+            value = load_yaml(text, f"override {_short(item)}") if text != "" else ""
         except LorafitError as exc:
             if "not valid YAML" not in str(exc):
                 problems.append(str(exc))

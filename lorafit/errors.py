@@ -32,6 +32,25 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def not_utf8(text: str) -> str | None:
+    """Why `text` (from argv or a file read with surrogateescape) is not valid UTF-8, or None. Python hands bytes
+    that are not UTF-8 on the command line over as lone surrogates (U+DC80-U+DCFF stand for bytes 0x80-0xFF)."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if ord(ch) >= 0xDC80 else f"a lone surrogate U+{ord(ch):04X}"
+            return f"{byte} at character {i + 1} is not valid UTF-8"
+    return None
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """`text` cut in its middle to at most about `limit` characters: a path of 10,000 characters must not flood
+    the one line that names it, and its start and end say which it was."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]} ({len(text):,} characters)"
+
+
 OFFLINE_REASON = "LORAFIT_OFFLINE_REASON"  # set by the CLI when it switched to offline mode itself
 
 

@@ -15,6 +15,9 @@ from lorafit.modeling import default_device, load_base_model, load_tokenizer, ma
 from lorafit.rundir import ADAPTER_DIR
 
 
+MAX_RETURN_SEQUENCES = 128  # OpenAI's own cap on `n`; each sequence holds its own KV cache (20,000 took over 6 GB)
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 70
@@ -40,6 +43,9 @@ def check_sampling(cfg: SamplingConfig) -> None:
         problems.append(f"--seed must be in [0, 2^63), got {cfg.seed}")
     if cfg.num_return_sequences < 1:
         problems.append(f"--num-return-sequences must be at least 1, got {cfg.num_return_sequences}")
+    elif cfg.num_return_sequences > MAX_RETURN_SEQUENCES:
+        problems.append(f"--num-return-sequences must be at most {MAX_RETURN_SEQUENCES} (each sample holds its own "
+                        f"cache in memory; run the command again for more), got {cfg.num_return_sequences}")
     elif cfg.num_return_sequences > 1 and cfg.temperature == 0:
         problems.append(f"--num-return-sequences {cfg.num_return_sequences} needs sampling (--temperature > 0): "
                         "greedy decoding has one answer")

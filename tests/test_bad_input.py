@@ -54,6 +54,14 @@ CASES = [
     ("infinite-weight", ["data.sources.quotes.weight=.inf"], ["data.sources.quotes.weight: must be a finite number"]),
     ("eval-max-examples-zero", ["eval.max_examples=0"], ["eval.max_examples: must be positive", "null"]),
     ("empty-output-dir", ["output_dir="], ["output_dir: '' can never hold a run", "it is empty"]),
+    ("path-of-10000-characters", ["data.sources.quotes.path=" + "x" * 10_000],
+     ["data.sources.quotes.path: 'xxxx", "(10,000 characters) is too long to be a path"]),
+    ("override-not-utf8", ["output_dir=runs/\udcff"], ["byte 0xff at character 17 is not valid UTF-8"]),
+    # issue 21 item 11: values that would exhaust memory or overflow later, refused with the config
+    ("huge-weight", ["data.sources.quotes.weight=1e6"], ["data.sources.quotes.weight: must be positive and at most 1,000"]),
+    ("huge-rank", ["lora.r=9223372036854775807"], ["lora.r: must be at most 4,096"]),
+    ("huge-alpha", ["lora.alpha=1e308"], ["lora.alpha: must be at most 65536", "got 1e+308"]),
+    ("huge-epochs", ["train.epochs=1e300"], ["train.epochs: must be at most 1,000,000", "train.max_steps"]),
 ]
 
 
@@ -140,3 +148,12 @@ def _can_create(directory: Path) -> bool:
         return False
     (directory / ".lorafit-test").unlink()
     return True
+
+
+@pytest.mark.parametrize("key", ["data.sources.quotes.path", "model.name", "output_dir", "data.root"])
+def test_a_path_of_10000_characters_is_named_by_its_key_in_one_short_line(key, capsys):
+    """Before, `File name too long: xxxx...` (10,000 characters) came from deep inside, naming no key."""
+    code = main(["train", "quotes", f"{key}={'x' * 10_000}"])
+    err = capsys.readouterr().err
+    assert_clean_failure(code, err, [f"{key}: 'xxx", "10,000 characters"])
+    assert max(len(line) for line in err.splitlines()) < 400

@@ -57,3 +57,25 @@ def test_yaml_file_recipe_and_round_trip(tmp_path):
     assert cfg.recipe == "mine" and cfg.lora.r == 2
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(str(tmp_path / "saved.yaml")) == cfg  # as `train --resume RUN_DIR` reads a run's config.yaml
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("train.lr=\x01", ["train.lr=\\x01", "the control character U+0001 at line 1, column 1", "Remove it"]),
+    ("output_dir=runs/a\x07b", ["the control character U+0007 at line 1, column 7"]),
+    ("output_dir=runs/caf\udce9", ["byte 0xe9 at character 20 is not valid UTF-8", "UTF-8"]),  # argv's bytes
+], ids=["control-in-number", "control-in-path", "not-utf8"])
+def test_an_override_with_a_control_character_or_bytes_not_utf8_is_one_problem(override, fragments):
+    """yaml.SafeLoader refused these while it was built, outside the try: a traceback."""
+    with pytest.raises(ConfigError) as err:
+        load_config("quotes", [override])
+    assert len(err.value.problems) == 1
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_a_recipe_with_a_control_character_names_its_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 1.0e-4\n  epochs: \x1b[31m2\n", encoding="utf-8")
+    with pytest.raises(LorafitError, match=r"r.yaml: the control character U\+001B at line 3, column 11, which YAML "
+                                           r"does not allow"):
+        load_config(str(recipe))

@@ -228,10 +228,25 @@ def test_nproc_relaunches_the_same_command_through_torchrun(monkeypatch):
     launched = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr("subprocess.call", lambda command: launched.append(command) or 0)
+    monkeypatch.setattr(cli, "processors", lambda: (4, "CPU core(s)"))  # whatever this machine has
     assert cli.main(["train", "quotes", "--nproc", "3", "train.max_steps=2", "--resume"]) == 0
     (command,) = launched
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
     assert command[6:] == ["lorafit", "train", "quotes", "train.max_steps=2", "--resume"]
+
+
+def test_nproc_beyond_the_machine_is_refused_before_anything_starts(monkeypatch, capsys):
+    """12 processes on 2 cores took over 5 GB with no warning: now refused, naming the flag and the limit."""
+    import lorafit.cli as cli
+
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("subprocess.call", lambda command: launched.append(command) or 0)
+    have, _ = cli.processors()
+    assert cli.main(["train", "quotes", "--nproc", str(have + 1), "train.max_steps=2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--nproc {have + 1}: this machine has {have} " in err and f"Use --nproc {have} or fewer" in err
+    assert "Traceback" not in err and launched == []
 
 
 def test_prompt_completion_data_trains_as_one_on_two_processes(tiny_model_dir, tmp_path):

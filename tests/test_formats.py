@@ -408,3 +408,50 @@ def test_real_ag_news_joins_title_and_description():
 def test_real_squad_paragraph_text():
     texts = read(sample("squad/dev-v1.1.json"), records_path="data[].paragraphs[]", text_field="context")
     assert "Super Bowl 50" in texts[0]
+
+
+# ---------------------------------------------------------------- issue 21 item 12: files that are not data files
+
+
+def test_a_fifo_or_device_is_not_a_regular_file_not_an_empty_one(tmp_path):
+    import os
+
+    fifo = tmp_path / "stream.jsonl"
+    os.mkfifo(fifo)
+    assert "stream.jsonl is a FIFO (named pipe), not a regular file" in error(fifo)  # and does not wait for a writer
+    assert "/dev/zero is a character device, not a regular file" in error(Path("/dev/zero"), format="txt")
+
+
+def test_a_proc_file_is_a_pseudo_file_not_an_empty_one(tmp_path):
+    proc = Path("/proc/self/status")
+    if not proc.is_file():
+        pytest.skip("no /proc here")
+    message = error(proc, format="txt")
+    assert "is a pseudo-file" in message and "is empty" not in message
+
+
+def _parquet_with(tmp_path, name, values, kind="string"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array(values, pa.binary()).view(pa.string()) if kind == "bytes-as-string" else pa.array(values)
+    pq.write_table(pa.table({"quote": column}), tmp_path / name, row_group_size=2)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt_completion"])
+def test_a_parquet_string_column_with_latin1_bytes_names_row_and_column(tmp_path, kind):
+    path = _parquet_with(tmp_path, "latin1.parquet", [b"fine", b"good", b"ok", b"caf\xe9"], "bytes-as-string")
+    kw = {"text_field": "quote"} if kind == "text" else {"kind": kind, "prompt_field": "quote", "completion_field": "quote"}
+    message = error(path, **kw)
+    assert "latin1.parquet row 4, column 'quote', is not valid UTF-8" in message and "byte 0xe9" in message
+
+
+def test_a_damaged_parquet_page_names_the_file(tmp_path):
+    path = _parquet_with(tmp_path, "damaged.parquet", [f"text number {i} " * 20 for i in range(2000)])
+    raw = bytearray(path.read_bytes())
+    for k in range(200, 3000):  # inside the first data pages: snappy no longer decompresses them
+        raw[k] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    message = error(path, text_field="quote")
+    assert "damaged.parquet is damaged: the rows from 1 on cannot be read" in message and "Write the file again" in message

@@ -306,6 +306,7 @@ def test_resume_on_other_validation_data_is_refused(run, tmp_path, tiny_model_di
     (["--top-k", "-1"], ["--top-k must be >= 0"]),
     (["--num-return-sequences", "0"], ["--num-return-sequences must be at least 1, got 0"]),
     (["--num-return-sequences", "2", "--temperature", "0"], ["needs sampling"]),
+    (["--num-return-sequences", "20000"], ["--num-return-sequences must be at most 128", "got 20000"]),
     (["--seed", "-1"], ["--seed must be in [0, 2^63), got -1"]),
     (["--prompt-too-long"], ["the prompt is 300 tokens", "256 positions"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
@@ -503,3 +504,60 @@ def test_a_second_ctrl_c_during_shutdown_ends_quietly(tmp_path, tiny_model_dir, 
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Resume with:" in err
     assert ckpt.list_checkpoints(out / "checkpoints")
+
+
+def test_a_huge_single_word_is_cut_inside_itself_before_tokenising(tiny_tokenizer, monkeypatch):
+    """A 2 MB "word" of one letter has no pre-token boundary to cut at: before, it reached BPE whole (a 200 MB
+    one took over 7 GB). Now no text of more than a bounded size reaches the tokenizer, text that fits is
+    untouched, and the kept tokens are those of tokenising a long prefix of the word."""
+    from lorafit.data import tokenize as tk
+
+    real_call = type(tiny_tokenizer).__call__
+    seen = []
+
+    def recording(self, batch, *a, **k):
+        seen.extend(len(t) for t in (batch if isinstance(batch, list) else [batch]))
+        return real_call(self, batch, *a, **k)
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", recording)
+    seq_len = 16
+    word = "a" * 2_000_000
+    fits = "aaaa bbb"  # short: never cut
+    texts = [word, "hello world " + word, " " * 2_000_000 + "x", fits]
+    got = tk.tokenize_texts(texts, [0] * len(texts), tiny_tokenizer, seq_len, "truncate")
+    assert max(seen) <= 200_000, max(seen)  # bounded (seq_len x the longest token, doubled), never the 2 MB
+    for i, text in enumerate(texts[:3]):
+        reference = real_call(tiny_tokenizer, text[:100_000], add_special_tokens=False)["input_ids"]
+        assert got.example(i).tolist() == reference[:seq_len], i
+    assert got.example(3).tolist() == [*real_call(tiny_tokenizer, fits, add_special_tokens=False)["input_ids"],
+                                       tiny_tokenizer.eos_token_id]
+    assert got.truncated.tolist() == [True, True, True, False]
+    seen.clear()
+    dropped = tk.tokenize_texts(texts, [0] * len(texts), tiny_tokenizer, seq_len, "drop")
+    assert max(seen) <= 200_000 and len(dropped) == 1
+
+
+def test_a_checkpoint_file_torch_refuses_to_unpickle_keeps_the_warning(tmp_path):
+    """torch's weights_only refusal starts by suggesting weights_only=False and warns about code execution only
+    after: cut to its first 200 characters, the message kept the advice and lost the warning."""
+    import torch
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    step = tmp_path / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    torch.save({"state": RunsCode()}, step / ckpt.OPTIMIZER)
+    with pytest.raises(Exception) as refused_load:
+        torch.load(step / ckpt.OPTIMIZER, weights_only=True)
+    message = str(ckpt.unreadable(step / ckpt.OPTIMIZER, refused_load.value))
+    assert f"Checkpoint {step} is unreadable (optimizer.pt" in message
+    assert "arbitrary code" in message and "getcwd" in message and "Delete it" in message
+    assert "weights_only` set to `False` will likely succeed" not in message
+
+
+def test_a_generate_prompt_not_in_utf8_is_one_message(run, capsys):
+    """argv hands bytes that are not UTF-8 over as lone surrogates; the tokenizer then raised a traceback."""
+    code = main(["generate", str(run), "fine", "caf\udce9", "--max-new-tokens", "2"])
+    refused(code, capsys.readouterr().err, "prompt 2: byte 0xe9 at character 4 is not valid UTF-8")

@@ -3,6 +3,7 @@ adapter loading at run time, safety limits, and the playground in a real headles
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,15 +40,19 @@ def host(adapters):
                      device=torch.device("cpu"))
 
 
-def run_rows(host, rows: list[Row], max_batch: int = 64, stagger: float = 0.0) -> dict[int, tuple[str, str]]:
-    """Run rows through a batcher; {row index: (text, finish_reason)}."""
+def run_rows(host, rows: list[Row], max_batch: int = 64, stagger: float = 0.0, errors: dict | None = None,
+             while_running=None) -> dict[int, tuple[str, str]]:
+    """Run rows through a batcher; {row index: (text, finish_reason)}. Errors fail the test unless
+    `errors` is given to collect them ({row index: exception})."""
     out: dict[int, list] = {i: ["", None] for i in range(len(rows))}
     done = threading.Event()
 
     def emit(row, text, finish, error=None):
-        assert error is None, error
         i = rows.index(row)
-        out[i][0] += text
+        if error is not None:
+            assert errors is not None, error
+            errors[i] = error
+        out[i][0] += text or ""
         if finish:
             out[i][1] = finish
             if all(v[1] for v in out.values()):
@@ -61,6 +66,8 @@ def run_rows(host, rows: list[Row], max_batch: int = 64, stagger: float = 0.0) -
             batcher.submit(r)
             if stagger:
                 time.sleep(stagger)
+        if while_running is not None:
+            while_running()
         assert done.wait(60)
     finally:
         batcher.stop()
@@ -206,7 +213,7 @@ def make_app(host, **kw):
 def client(host, root):
     from fastapi.testclient import TestClient
 
-    with TestClient(make_app(host, adapters_root=root)) as c:
+    with TestClient(make_app(host, adapters_root=root, allow_admin=True)) as c:
         yield c
 
 
@@ -304,7 +311,7 @@ def test_bad_json_big_bodies_and_unknown_routes(client):
         for _ in range(20):
             yield b"x" * (100 << 10)
 
-    assert_error(client.post("/v1/completions", content=chunks()), 413)
+    assert_error(client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
     assert_error(client.get("/v1/nothing"), 404)
     assert_error(client.get("/v1/completions"), 405)
 
@@ -357,25 +364,38 @@ def test_runtime_loading_is_confined_and_checked(client, host, root, tmp_path, a
 # ---------------------------------------------------------------- a real server on loopback
 
 
-@pytest.fixture(scope="module")
-def live(host, root):
-    """The app under uvicorn on 127.0.0.1 and a free port (bound here, so no race for it)."""
+@contextlib.contextmanager
+def serving(app, header_timeout_s: float = 10):
+    """The app under uvicorn, with `lorafit serve`'s settings, on 127.0.0.1 and a free port (bound
+    here, so no race for it)."""
     import uvicorn
 
-    app = make_app(host, api_key="k-test", adapters_root=root)
+    from lorafit.serve.app import server_settings
+
+    settings = server_settings("127.0.0.1", 0, header_timeout_s=header_timeout_s)
+    del settings["host"], settings["port"]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **settings))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started:
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(host, root):
+    app = make_app(host, api_key="k-test", adapters_root=root, bound_host="127.0.0.1")
+    with serving(app) as url:
+        yield url, app
 
 
 def test_official_openai_client_works_unchanged(live, adapters):
@@ -523,8 +543,297 @@ def test_serve_command_wires_the_server(adapters, monkeypatch, capsys):
     assert main(["serve", f"first={adapters['alpha']}", str(adapters["beta"]), "--port", "8123"]) == 0
     [(app, kw)] = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
-    assert "serving tiny (base), first, beta on http://127.0.0.1:8123/" in capsys.readouterr().err
-    with TestClient(app) as c:
+    err = capsys.readouterr().err
+    assert "serving tiny (base), first, beta on http://127.0.0.1:8123/" in err
+    assert "adapter loading and unloading (POST/DELETE /v1/adapters): on, with the API key" in err
+    with TestClient(app, base_url="http://127.0.0.1:8123") as c:
         assert_error(c.get("/v1/models"), 401)
         models = c.get("/v1/models", headers={"Authorization": "Bearer env-key"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny", "first", "beta"]
+    assert kw["limit_concurrency"] and kw["timeout_keep_alive"]  # a cap on connections, idle ones closed
+
+
+def test_serve_help_shows_the_default_port(capsys):
+    from lorafit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8000)" in out and "--allow-admin" in out and "--log-prompts" in out
+
+
+def test_keyless_administration_is_off_unless_allowed(host, root, adapters, monkeypatch, capsys):
+    """Without --api-key, POST /v1/adapters and DELETE are refused (a DELETE could only be undone by a
+    restart); --allow-admin turns them on, and the startup line says which."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from lorafit.cli import main
+
+    with TestClient(make_app(host, adapters_root=root)) as c:
+        assert_error(c.post("/v1/adapters", json={"name": "g", "path": "gamma"}), 403, code="admin_disabled")
+        assert_error(c.delete("/v1/adapters/alpha"), 403, code="admin_disabled")
+        assert set(host.adapters) == {"alpha", "beta"}
+        assert c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1}).status_code == 200
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.delenv("LORAFIT_API_KEY", raising=False)
+    assert main(["serve", str(adapters["alpha"])]) == 0
+    assert "(POST/DELETE /v1/adapters): off (no --api-key; --allow-admin turns it on)" in capsys.readouterr().err
+    assert main(["serve", str(adapters["alpha"]), "--allow-admin"]) == 0
+    assert "on for anyone, without a key (--allow-admin)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- one client never breaks another (issue 21)
+
+
+def test_a_row_that_cannot_sample_or_whose_adapter_left_fails_alone(host, adapters):
+    """temperature 1e-40 with top_p 0.5 once raised an IndexError that failed every row in flight; an
+    adapter unloaded under its rows failed the base rows beside them. Now each is the row's own."""
+    ids = host.tokenizer(PROMPTS[1])["input_ids"]
+    greedy = Row(ids, "__base__", 10, temperature=0.0)
+    tiny = Row(ids, "__base__", 10, temperature=1e-40, top_p=0.5, seed=1)
+    got, _ = run_rows(host, [greedy, tiny])
+    assert got[0] == got[1] == (alone(adapters["alpha"], PROMPTS[1], 10, base=True), "length")  # the limit: greedy
+
+    host.add("gamma", adapters["gamma"])
+    slow = host.model.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+    base = Row(ids, "__base__", 40, temperature=0.0)
+    doomed = Row(ids, "gamma", 40, temperature=0.0)
+
+    def unload_midway():
+        deadline = time.time() + 20
+        while len(doomed.tokens) < 3:
+            assert time.time() < deadline
+            time.sleep(0.005)
+        host.remove("gamma")  # under the host lock, between two forward passes
+
+    errors: dict = {}
+    try:
+        got, _ = run_rows(host, [base, doomed], errors=errors, while_running=unload_midway)
+    finally:
+        slow.remove()
+        if "gamma" in host.adapters:
+            host.remove("gamma")
+    from lorafit.serve.batcher import AdapterGone
+
+    assert set(errors) == {1} and isinstance(errors[1], AdapterGone) and got[1][1] == "error"
+    assert got[0] == (alone(adapters["alpha"], PROMPTS[1], 40, base=True), "length")
+
+
+def test_kv_cache_surgery_gives_each_row_its_own_tokens(host, adapters):
+    """Pins kvcache.py to the installed transformers: rows prefilled apart and joined (left-padded),
+    then one dropped mid-way (and the all-padding columns cut), still decode exactly each row's own
+    greedy tokens."""
+    from lorafit.serve import kvcache
+    from lorafit.serve.batcher import Batcher
+
+    tok = host.tokenizer
+    jobs = [("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("__base__", PROMPTS[0])]
+    want = [alone(adapters["alpha"], PROMPTS[1], 8), alone(adapters["beta"], PROMPTS[2], 8),
+            alone(adapters["alpha"], PROMPTS[0], 8, base=True)]
+    b = Batcher(host)
+    with torch.inference_mode():
+        def prefill(job):
+            ids = torch.tensor([tok(job[1])["input_ids"]])
+            mask = torch.ones_like(ids)
+            logits, cache = b._forward(ids, mask, positions_of(mask), None, [job[0]])
+            return int(logits.argmax()), cache, mask
+
+        firsts, caches, masks = zip(*(prefill(j) for j in jobs))
+        cache, mask = caches[0], masks[0]
+        for c, m in zip(caches[1:], masks[1:]):
+            mask = kvcache.join(cache, mask, c, m)
+        assert mask.shape[1] == max(m.shape[1] for m in masks) and kvcache.can_join(cache)
+        tokens = [[t] for t in firsts]
+        rows = [0, 1, 2]
+        for step in range(7):
+            if step == 3:  # the longest prompt's row leaves: its padding columns go with it
+                rows = [1, 2]  # PROMPTS[1] (row 0) is the longest
+                width = mask.shape[1]
+                mask = kvcache.keep_rows(cache, mask, [1, 2])
+                assert mask.shape[1] < width and mask[:, 0].any()
+            last = torch.tensor([[tokens[r][-1]] for r in rows])
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+            logits, cache = b._forward(last, mask, positions_of(mask)[:, -1:], cache, [jobs[r][0] for r in rows])
+            for i, r in enumerate(rows):
+                tokens[r].append(int(logits[i].argmax()))
+    for r in (1, 2):
+        assert tok.decode(tokens[r]) == want[r]
+    assert want[0].startswith(tok.decode(tokens[0][:4]).rstrip("\ufffd"))  # the row that left, before it left
+
+
+def test_peft_generate_takes_per_row_adapters_but_only_for_one_fixed_batch(host, adapters):
+    """Why the batcher keeps its own loop: PEFT's `generate(adapter_names=...)` does mixed-adapter
+    batches, and the batcher's rows match it token for token, but it runs one fixed batch with one
+    sampling setting (no row joins or leaves, no per-row temperature or seed)."""
+    tok = host.tokenizer
+    jobs = [("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("__base__", PROMPTS[0])]
+    enc = [tok(p)["input_ids"] for _, p in jobs]
+    width = max(map(len, enc))
+    ids = torch.tensor([[host.pad_id] * (width - len(e)) + e for e in enc])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(e) for e in enc])[:, None]).long()
+    with torch.inference_mode():
+        out = host.model.generate(input_ids=ids, attention_mask=mask, adapter_names=[a for a, _ in jobs],
+                                  max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=host.pad_id)
+    rows = [Row(e, a, 8, temperature=0.0) for e, (a, _) in zip(enc, jobs)]
+    got, _ = run_rows(host, rows, stagger=0.02)
+    for i in range(3):
+        assert got[i][0] == tok.decode(out[i, width:].tolist(), skip_special_tokens=True)
+
+
+RAW = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b"[" * 5000 + b"]" * 5000, None),
+    (b"[" * 100_000 + b"]" * 100_000, None),
+    (b'{"model": "alpha", "prompt": "x", "seed": ' + b"7" * 5000 + b"}", None),
+    (b'{"model": "alpha", "prompt": "x", "seed": ' + b"7" * 4000 + b"}", "seed"),
+    (b'{"model": "\\ud800", "prompt": "x"}', "model"),
+    (b'{"model": "alpha", "prompt": "x", "\\udfff": 1}', None),
+    (b'{"model": "alpha", "prompt": "a\\ud800b"}', "prompt"),
+    (b'{"model": "alpha", "prompt": ["ok", "\\udc00"]}', "prompt"),
+    (b'{"model": "alpha", "prompt": "x", "stop": ["' + b"s" * 1000 + b'"]}', "stop"),
+], ids=["nested-5000", "nested-100000", "seed-5000-digits", "seed-4000-digits", "surrogate-model",
+        "surrogate-name", "surrogate-prompt", "surrogate-in-list", "long-stop"])
+def test_hostile_bodies_get_openai_shaped_4xx(client, raw, param):
+    """Each of these was a 500 (or, for the long stop strings, a 10x slowdown of every co-batched row)."""
+    r = client.post("/v1/completions", content=raw, headers=RAW)
+    assert_error(r, 400, param=param)
+    assert r.content.isascii()  # rendered with escapes: a surrogate in the message cannot break it
+
+
+def test_hostile_adapter_paths_get_4xx(client, host):
+    for path in ["beta\0x", "a" * 5000, "b/" * 2500]:
+        assert_error(client.post("/v1/adapters", json={"name": "h", "path": path}), 400, param="path")
+    r = client.post("/v1/adapters", content=b'{"name": "\\ud800", "path": "beta"}', headers=RAW)
+    assert_error(r, 400)
+    assert set(host.adapters) == {"alpha", "beta"}
+
+
+def test_bodies_that_are_not_json_are_refused(client, host):
+    """A browser's cross-origin text/plain POST once loaded an adapter."""
+    body = json.dumps({"name": "g", "path": "gamma"})
+    for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]:
+        headers = {"content-type": kind} if kind else {}
+        assert_error(client.post("/v1/adapters", content=body, headers=headers), 415, code="unsupported_media_type")
+    assert_error(client.post("/v1/completions", content=b'{"model": "alpha"}', headers={"content-type": "text/plain"}),
+                 415)
+    assert "g" not in host.adapters
+    ok = client.post("/v1/completions", content=b'{"model": "alpha", "max_tokens": 1}',
+                     headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_host_header_must_name_the_bound_address(host):
+    """DNS rebinding: a page on evil.example, its name re-pointed at 127.0.0.1, sends Host: evil.example."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(host, bound_host="127.0.0.1"), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/v1/models").status_code == 200
+        for good in ["localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"]:
+            assert c.get("/v1/models", headers={"host": good}).status_code == 200, good
+        for bad in ["evil.example:8000", "evil.example", "127.0.0.1.evil.example", "", "10.0.0.1:8000"]:
+            assert_error(c.get("/v1/models", headers={"host": bad}), 421, code="invalid_host")
+            assert_error(c.get("/", headers={"host": bad}), 421)
+    with TestClient(make_app(host, bound_host="0.0.0.0"), base_url="http://10.1.2.3:8000") as c:
+        assert c.get("/v1/models").status_code == 200  # any address of this machine; still no names
+        assert_error(c.get("/v1/models", headers={"host": "evil.example"}), 421)
+
+
+def test_one_log_line_a_request_without_prompts_unless_asked(host, caplog):
+    from fastapi.testclient import TestClient
+
+    secret = "my secret prompt"
+    for log_prompts in (False, True):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lorafit.serve.requests"):
+            with TestClient(make_app(host, log_prompts=log_prompts)) as c:
+                complete(c, model="alpha", prompt=secret, max_tokens=3, temperature=0)
+                assert_error(c.post("/v1/completions", json={"model": "nope", "prompt": secret}), 404)
+        lines = [r.getMessage() for r in caplog.records if r.name == "lorafit.serve.requests"]
+        assert len(lines) == 2
+        ok, missing = lines
+        assert " POST /v1/completions 200 " in ok and 'model="alpha"' in ok and "completion_tokens=3" in ok
+        assert "latency_ms=" in ok and ok[:4].isdigit() and "Z " in ok  # an ISO time in UTC first
+        assert " 404 " in missing and 'model="nope"' in missing
+        assert (secret in ok) is log_prompts and (secret in missing) is log_prompts
+
+
+def test_slow_clients_and_huge_bodies_on_a_live_server(host):
+    """A silent connection is closed after the header deadline; a stalled body gets a 408; a 20 MB
+    body gets its 413 (once the connection dropped, so the client saw a network error)."""
+    import urllib.error
+    import urllib.request
+
+    from lorafit.serve.protocol import Limits
+
+    app = make_app(host, limits=Limits(body_timeout_s=0.5), bound_host="127.0.0.1")
+    with serving(app, header_timeout_s=0.4) as url:
+        port = int(url.rsplit(":", 1)[1])
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        start = time.time()
+        assert silent.recv(100) == b"" and time.time() - start < 3  # closed by the server
+        silent.close()
+        dribble = socket.create_connection(("127.0.0.1", port), timeout=5)
+        start, closed = time.time(), False
+        for byte in b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"x" * 60:
+            try:
+                dribble.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)  # headers that never end, a byte at a time: over 4 s in all
+        if not closed:
+            dribble.settimeout(1)
+            try:
+                closed = dribble.recv(100) == b""
+            except ConnectionResetError:
+                closed = True
+            except TimeoutError:  # still open: the test fails below
+                pass
+        dribble.close()
+        assert closed and time.time() - start < 4
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"model\"")
+        reply = b""
+        while chunk := stalled.recv(4096):
+            reply += chunk
+        stalled.close()
+        assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply
+        # urllib sends the whole body before it reads: the server must read it too, or the client gets a reset
+        req = urllib.request.Request(url + "/v1/completions", data=b"x" * (20 << 20), headers=RAW)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "body_too_large"
+
+
+def test_an_adapter_unloaded_under_requests_fails_only_them(client, host, adapters):
+    """Over HTTP: its plain request gets a 404, its stream a finish_reason "error" and [DONE]; a base
+    request batched with them gets its own text (once all three got 500s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    host.add("gamma", adapters["gamma"])
+    slow = host.model.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+    body = {"prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            plain = pool.submit(client.post, "/v1/completions", json={**body, "model": "gamma"})
+            stream = pool.submit(client.post, "/v1/completions", json={**body, "model": "gamma", "stream": True})
+            base = pool.submit(client.post, "/v1/completions", json={**body, "model": host.base_id})
+            batcher = client.app.state.batcher
+            deadline = time.time() + 20
+            while sum(len(r.tokens) >= 3 for r in batcher.active) < 3:
+                assert time.time() < deadline
+                time.sleep(0.005)
+            host.remove("gamma")
+            plain, stream, base = plain.result(60), stream.result(60), base.result(60)
+    finally:
+        slow.remove()
+        if "gamma" in host.adapters:
+            host.remove("gamma")
+    assert_error(plain, 404, param="model", code="model_not_found")
+    assert stream.status_code == 200 and sse_events(stream.text)[-1]["choices"][0]["finish_reason"] == "error"
+    assert base.status_code == 200
+    assert base.json()["choices"][0]["text"] == alone(adapters["alpha"], PROMPTS[1], 40, base=True)

@@ -5,6 +5,15 @@
 Every problem becomes a `DataError` naming the source, the file and the line or record, and what
 to do. Files are decoded here rather than by `open(encoding=...)` so that a bad byte can be
 reported with its offset and line, and line-based formats are streamed (files can be large).
+
+Libraries parse: `json` (JSON and JSON lines), `csv`, pyarrow (parquet). What is by hand is there for the
+messages, because the libraries' readers that would do more lack them (issue 22):
+- pyarrow.json says "JSON parse error: ... in row 2" counting from 0 within a block, not the file's line; a field
+  that holds a string on one line and a number on the next fails the whole file ("changed from string to number");
+  a byte that is not UTF-8 raises a bare UnicodeDecodeError that names no file and no line;
+- pyarrow.csv says "Expected 2 columns, got 3: 3,4,5", without a row or line number;
+- datasets' loaders are built on these, and its text loader splits on lines or blank lines only (not on
+  `separator`); its json `field=` is one top-level key, not a path like "data[].paragraphs[]" with inherited fields.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import csv
 import errno
 import json
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,7 +115,21 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
             f"Source '{name}': {path} is a directory, not a file. "
             f"Set data.sources.{name}.path to a file inside it."
         )
-    if path.stat().st_size == 0:
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO waits for a writer; /dev/zero never ends
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else "a character device" if
+                stat.S_ISCHR(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode) else
+                "a socket" if stat.S_ISSOCK(info.st_mode) else "not a file")
+        raise DataError(
+            f"Source '{name}': {path} is {kind}, not a regular file: lorafit reads a data file more than once. "
+            f"Save the data to a file and point data.sources.{name}.path at it."
+        )
+    if info.st_size == 0 and _has_data(path):
+        raise DataError(
+            f"Source '{name}': {path} is a pseudo-file (as in /proc or /sys): it reports 0 bytes yet has content, "
+            f"which changes as it is read. Save a copy to a regular file and point data.sources.{name}.path at it."
+        )
+    if info.st_size == 0:
         raise DataError(
             f"Source '{name}': {path} is empty (0 bytes). "
             f"Point data.sources.{name}.path at a file with data, or remove the source."
@@ -121,6 +145,14 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
             f"If it is UTF-16 or another encoding, convert it to UTF-8; if it is parquet, "
             f"set data.sources.{name}.format: parquet."
         )
+
+
+def _has_data(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
 
 
 def _not_utf8(path: Path, name: str, offset: int, err: UnicodeDecodeError) -> DataError:
@@ -439,12 +471,53 @@ def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
         return _read_parquet_examples(pf, columns, path, src, name)
     check_fields(fields, columns, lambda: f"Source '{name}': {path}", name, src, noun="column")
     texts: list[str] = []
-    for batch in pf.iter_batches(columns=fields):  # streamed, one row group slice at a time
-        cols = [batch.column(f).to_pylist() for f in fields]
+    for cols in _parquet_columns(pf, fields, path, name):
         for values in zip(*cols):
             row = len(texts) + 1
             texts.append(_text(list(zip(fields, values)), src, lambda: f"Source '{name}': {path} row {row}"))
     return texts
+
+
+def _parquet_columns(pf, fields: list[str], path: Path, name: str) -> Iterator[list[list]]:
+    """Each batch's columns as Python lists, streamed (one row-group slice at a time). A page that does not
+    decompress or decode, and a string column holding bytes that are not UTF-8, become a DataError naming the
+    file and the rows (pyarrow names neither)."""
+    import pyarrow as pa
+
+    first = 1  # the batch's first row, 1-based
+    batches = pf.iter_batches(columns=fields)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            cols = [batch.column(f).to_pylist() for f in fields]
+        except UnicodeDecodeError as e:
+            raise _parquet_not_utf8(batch, fields, first, path, name, e) from None
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(
+                f"Source '{name}': {path} is damaged: the rows from {first:,} on cannot be read ({str(e).strip()[:200]}). "
+                f"Write the file again from its source."
+            ) from None
+        yield cols
+        first += batch.num_rows
+
+
+def _parquet_not_utf8(batch, fields: list[str], first: int, path: Path, name: str, err: UnicodeDecodeError) -> DataError:
+    """Which row and column hold bytes that are not UTF-8 (looked for only once decoding failed)."""
+    for field in fields:
+        column = batch.column(field)
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError as e:
+                return DataError(
+                    f"Source '{name}': {path} row {first + i:,}, column '{field}', is not valid UTF-8 ({e.reason}, "
+                    f"byte 0x{e.object[e.start]:02x}). Write the column as UTF-8 text (if it is Latin-1, decode it "
+                    "from latin-1 first)."
+                )
+    return DataError(f"Source '{name}': {path} rows from {first:,} on are not valid UTF-8 ({err.reason}). "
+                     "Write the text columns as UTF-8.")
 
 
 def _read_parquet_examples(pf, columns: list[str], path: Path, src: SourceConfig, name: str) -> list:
@@ -452,8 +525,8 @@ def _read_parquet_examples(pf, columns: list[str], path: Path, src: SourceConfig
     needed = columns_needed(src, columns)
     check_fields(needed, columns, lambda: f"Source '{name}': {path}", name, src, noun="column")
     examples: list = []
-    for batch in pf.iter_batches(columns=needed):
-        for record in batch.to_pylist():
+    for cols in _parquet_columns(pf, needed, path, name):
+        for record in (dict(zip(needed, values)) for values in zip(*cols)):
             row = len(examples) + 1
             examples.append(from_record(record, src, lambda: f"Source '{name}': {path} row {row}"))
     return examples

@@ -23,8 +23,10 @@ happens to it silently (`policy_counts`, per source, goes into summary.json):
 Under truncate and drop a text longer than seq_len * CHARS_PER_TOKEN characters is cut before it is
 tokenised (a 50 MB line would otherwise take gigabytes to keep 64 tokens, or none). The cut is exact: it falls at a
 pre-token boundary well inside the prefix (the BPE model encodes each pre-token on its own, so every
-token before the cut is the one full tokenisation gives), and when the cut text gives fewer than
-seq_len tokens the whole text is tokenised instead (so a dropped text is one of more than seq_len tokens). Tokenizers with a normaliser, or without a
+token before the cut is the one full tokenisation gives), in a window doubled until it gives seq_len tokens, and
+a text that never does is tokenised whole (so a dropped text is one of more than seq_len tokens). A single
+pre-token too long to give fewer than seq_len tokens (a 200 MB line of one letter) is cut inside itself, the one
+place where the kept tokens may differ from the whole text's (`_prefix`). Tokenizers with a normaliser, or without a
 pre-tokeniser, are never cut.
 
 Speed: the fast (Rust) tokenizer encodes each batch of texts on all cores (unless
@@ -252,8 +254,8 @@ def tokenize_texts(
         # Under truncate/drop a very long plain text is cut first (exact: see cut_long_texts); rendered examples are not.
         cut = cut_long_texts(flat, tokenizer, seq_len) if policy in ("truncate", "drop") and not masked else {}
         encoded = tokenizer([cut.get(k, t) for k, t in enumerate(flat)], add_special_tokens=False)["input_ids"] if flat else []
-        for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: use the whole text
-            encoded[k] = tokenizer(flat[k], add_special_tokens=False)["input_ids"]
+        for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: look further
+            encoded[k] = tokenizer(longer_prefix(flat[k], tokenizer, seq_len), add_special_tokens=False)["input_ids"]
         encoded = iter(encoded)
         for j, (item, segs) in enumerate(zip(items, segments)):
             source = sources[start + j]
@@ -303,20 +305,61 @@ def tokenize_texts(
 
 
 def cut_long_texts(texts: list[str], tokenizer, seq_len: int) -> dict[int, str]:
-    """{index: prefix} for the texts long enough to cut before truncation to seq_len tokens (see the module doc)."""
+    """{index: prefix} for the texts long enough to cut before truncation to seq_len tokens (see the module doc).
+    A prefix that gives fewer than seq_len tokens is replaced by `longer_prefix` (rare: few characters a token)."""
     limit = seq_len * CHARS_PER_TOKEN
     long = [j for j, t in enumerate(texts) if len(t) > limit]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not long or backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
         return {}
-    cut = {}
-    for j in long:
-        pieces = backend.pre_tokenizer.pre_tokenize_str(texts[j][:limit])
-        # The last pre-tokens may end differently in the full text (a word or a run of spaces cut short):
-        # cut before the last two, so every pre-token kept is one the full text has.
-        if len(pieces) >= 3:
-            cut[j] = texts[j][: pieces[-2][1][0]]
-    return cut
+    word_cap = _word_cap(backend, seq_len)
+    cuts = {j: _cut(texts[j], backend.pre_tokenizer, limit, word_cap) for j in long}
+    return {j: prefix for j, prefix in cuts.items() if prefix is not None}
+
+
+def _cut(text: str, pre_tokenizer, end: int, word_cap: int | None) -> str | None:
+    """A prefix of text[:end] whose tokens are the whole text's first ones, or None (too few pre-tokens). Two kinds:
+    - at a pre-token boundary: the last pre-tokens of the window may end differently in the full text (a word or a
+      run of spaces cut short), so the cut falls before the last two; every pre-token kept is then one the full
+      text has, and the BPE model encodes each pre-token on its own: the tokens are exactly those of the whole text;
+    - inside a single pre-token longer than `word_cap` characters (a 200 MB "word" of one letter): it alone gives
+      more than seq_len tokens, so the text is truncated or dropped whatever happens; it is cut to its first
+      `word_cap` characters, as tokenising it whole would take gigabytes. Only there may the kept tokens differ from
+      the whole text's (BPE merges of a prefix of one pre-token can end differently); normal text never meets it."""
+    pieces = pre_tokenizer.pre_tokenize_str(text[:end])
+    if word_cap is not None:
+        for _, (a, b) in pieces:
+            if b - a > word_cap:
+                return text[: a + word_cap]
+    return text[: pieces[-2][1][0]] if len(pieces) >= 3 else None
+
+
+def longer_prefix(text: str, tokenizer, seq_len: int) -> str:
+    """A prefix of `text` giving at least seq_len tokens (exact, as `_cut`), from windows doubled from twice the
+    first; the whole text when none does. The windows stay bounded: one without enough tokens has few characters a
+    token, so few pre-tokens, and a pre-token longer than the word cap ends the search."""
+    backend = tokenizer.backend_tokenizer
+    word_cap = _word_cap(backend, seq_len)
+    end = 2 * seq_len * CHARS_PER_TOKEN
+    while end < len(text):
+        prefix = _cut(text, backend.pre_tokenizer, end, word_cap)
+        if prefix is not None and len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) >= seq_len:
+            return prefix
+        end *= 2
+    return text
+
+
+def _word_cap(backend, seq_len: int) -> int | None:
+    """Characters beyond which one pre-token surely gives more than seq_len tokens: seq_len times the longest
+    vocabulary entry (a BPE token covers at most as many characters as it has: one a byte for byte-level BPE).
+    None for other models (a WordPiece or fused unknown token may cover a whole word of any length)."""
+    from tokenizers import models
+
+    model = backend.model
+    if not isinstance(model, models.BPE) or (model.fuse_unk and model.unk_token is not None):
+        return None
+    longest = max((len(token) for token in backend.get_vocab(with_added_tokens=False)), default=1)
+    return seq_len * max(longest, 1)
 
 
 def target_bytes(ids: np.ndarray, offsets: np.ndarray, tokenizer, scored: np.ndarray | None = None) -> np.ndarray:

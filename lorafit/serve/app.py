@@ -2,26 +2,34 @@
 
 import asyncio
 import contextlib
-import hmac
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.serve.batcher import Batcher, Row
+from lorafit.serve.batcher import AdapterGone, Batcher, Row
+from lorafit.serve.guards import BearerAuth, HostCheck, RequestLog, guarded_h11, request_log
 from lorafit.serve.models import ModelHost, NameTaken, parse_adapter_arg, under_root
 from lorafit.serve.protocol import (
-    ApiError, Limits, choice, completion, completion_id, error_body, now, parse_completion, parse_json, usage,
+    ApiError, Limits, choice, completion, completion_id, error_response, now, parse_completion, parse_json, shown, usage,
 )
 
 UNLOAD_WAIT_S = 120  # DELETE waits this long for the adapter's requests in flight to finish
+HEADER_TIMEOUT_S = 10  # a new connection's request headers must arrive within this
+MAX_CONNECTIONS = 256  # uvicorn answers 503 beyond this many connections and tasks
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
 def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path | None = None,
-               limits: Limits | None = None, max_batch: int = 64):
+               limits: Limits | None = None, max_batch: int = 64, allow_admin: bool = False,
+               bound_host: str | None = None, log_prompts: bool = False):
+    """The app. Loading and unloading adapters needs `api_key`, or `allow_admin` to allow it without
+    one; `bound_host` (the address served on) turns on the Host-header check."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     limits = limits or Limits()
@@ -37,38 +45,71 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
     app = FastAPI(title="lorafit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.host = batcher, host
 
-    def fail(exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
+    # the one error path: every refusal, raised anywhere, leaves as protocol.error_response
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return fail(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):  # unknown routes, wrong methods: same error shape
-        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+        return error_response(ApiError(exc.status_code, str(exc.detail), code=str(exc.status_code)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
-        return JSONResponse(error_body(f"Invalid request: {exc.errors()[0].get('msg', exc)}"), status_code=400)
+        return error_response(ApiError(400, f"Invalid request: {shown(exc.errors()[0].get('msg', ''), 200)}"))
 
     @app.exception_handler(Exception)
     async def _bug(request, exc):  # never bad input (that is a 4xx above): a bug, said as one
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", type="server_error"), status_code=500)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
+    # outermost last: the log sees every answer, the Host check runs before the key is looked at
     if api_key is not None:
         app.add_middleware(BearerAuth, api_key=api_key)
+    if bound_host is not None:
+        app.add_middleware(HostCheck, bound_host=bound_host)
+    app.add_middleware(RequestLog)
+
+    def note(request: Request, **fields):
+        request.state.log = {**getattr(request.state, "log", {}), **fields}
 
     async def read_json(request: Request):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            # a browser's cross-origin "simple" POST (text/plain, forms) must never reach a route
+            raise ApiError(415, f"Send the body as JSON with 'Content-Type: application/json' (got {shown(kind or None)}).",
+                           code="unsupported_media_type")
+        try:  # (asyncio.timeout would read better, but Python 3.10 lacks it)
+            body = await asyncio.wait_for(receive_body(request), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {limits.body_timeout_s:g} s.",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        return parse_json(body, limits.max_depth)
+
+    async def receive_body(request: Request) -> bytes:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            await drain(request)
             raise ApiError(413, f"Request body of {size} bytes; at most {limits.max_body_bytes}.", code="body_too_large")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limits.max_body_bytes:
+                await drain(request)
                 raise ApiError(413, f"Request body over {limits.max_body_bytes} bytes.", code="body_too_large")
-        return parse_json(bytes(body))
+        return bytes(body)
+
+    async def drain(request: Request):
+        """Read (and drop) the rest of a refused body, so that the client, still sending, reads the
+        413 instead of a reset connection. Bounded by the body timeout around it."""
+        with contextlib.suppress(Exception):
+            async for _ in request.stream():
+                pass
+
+    def admin(request: Request):
+        if api_key is None and not allow_admin:
+            raise ApiError(403, "Loading and unloading adapters is off on a server without --api-key; restart it "
+                           "with --api-key KEY (or --allow-admin to allow it to anyone who can reach it).",
+                           code="admin_disabled")
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
@@ -85,6 +126,9 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_completion(await read_json(request), limits)
+        note(request, model=req.model)
+        if log_prompts:
+            note(request, prompts=req.prompts)
         adapter = host.adapter_for(req.model) if req.model not in unloading else None
         if adapter is None:
             raise ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists those served.",
@@ -112,6 +156,7 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
             batcher.submit(r)
         cid, created = completion_id(), now()
         prompt_tokens = sum(len(ids) for ids in prompt_ids) * req.n
+        note(request, prompt_tokens=prompt_tokens, completion_tokens=0)
 
         def cancel_all():
             for r in rows:
@@ -123,12 +168,12 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
                 try:
                     while open_rows:
                         row, text, finish, error = await events.get()
-                        if error is not None:
-                            yield sse_data(error_body(f"generation failed: {type(error).__name__}", type="server_error"))
-                            return
+                        if error is not None:  # this row only; the others of the request go on
+                            text, finish = "", "error"
                         if finish:
                             open_rows -= 1
                             tokens += len(row.tokens)
+                            note(request, completion_tokens=tokens)
                         yield sse_data(completion(cid, created, req.model, [choice(text, index[id(row)], finish)], None))
                     if req.include_usage:
                         yield sse_data(completion(cid, created, req.model, [], usage(prompt_tokens, tokens)))
@@ -146,10 +191,10 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
                     row, text, finish, error = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        return JSONResponse(error_body("client disconnected"), status_code=499)
+                        return error_response(ApiError(499, "client disconnected"))
                     continue
                 if error is not None:
-                    raise ApiError(500, f"generation failed: {type(error).__name__}", type="server_error")
+                    raise row_failure(error, req.model)
                 i = index[id(row)]
                 texts[i] += text
                 if finish:
@@ -157,6 +202,7 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
         finally:
             cancel_all()
         choices = [choice(t, i, f) for i, (t, f) in enumerate(zip(texts, finishes))]
+        note(request, completion_tokens=tokens)
         return completion(cid, created, req.model, choices, usage(prompt_tokens, tokens))
 
     def encode(prompt: str) -> list[int]:
@@ -165,10 +211,15 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
 
     @app.post("/v1/adapters")
     async def load(request: Request):
+        admin(request)
         data = await read_json(request)
         if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("path"), str):
             raise ApiError(400, 'Give {"name": NAME, "path": ADAPTER_OR_RUN_DIR} (the path under --adapters-root).')
         name, path = data["name"], data["path"]
+        note(request, model=name)
+        if "\0" in path or len(path) > MAX_PATH_CHARS:
+            raise ApiError(400, f"'path' {shown(path)} is not a usable path (a NUL byte, or over {MAX_PATH_CHARS} "
+                           "characters).", param="path", code="invalid_value")
         try:
             host.check_name(name)
         except NameTaken as exc:
@@ -177,8 +228,6 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
             raise ApiError(400, str(exc), param="name", code="invalid_value") from None
         try:
             adapter_dir = under_root(path, adapters_root)
-            from starlette.concurrency import run_in_threadpool
-
             await run_in_threadpool(host.add, name, adapter_dir)  # waits for the forward pass in flight
         except PermissionError as exc:
             raise ApiError(403, str(exc), param="path", code="path_not_allowed") from None
@@ -186,12 +235,17 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
             raise ApiError(409, str(exc), param="name", code="adapter_exists") from None
         except LorafitError as exc:  # not an adapter, or one for another base: lorafit's own message
             raise ApiError(400, str(exc), param="path", code="adapter_not_loadable") from None
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a file unreadable
+            raise ApiError(400, f"Cannot load an adapter from {shown(path)}: {shown(str(exc), 200)}.", param="path",
+                           code="adapter_not_loadable") from None
         return {"id": name, "object": "model", "created": now(), "owned_by": "lorafit", "parent": host.base_id}
 
     @app.delete("/v1/adapters/{name}")
-    async def unload(name: str):
+    async def unload(name: str, request: Request):
+        admin(request)
+        note(request, model=name)
         if name not in host.adapters or name in unloading:
-            raise ApiError(404, f"No adapter named '{name}' is loaded.", param="name", code="model_not_found")
+            raise ApiError(404, f"No adapter named {shown(name)} is loaded.", param="name", code="model_not_found")
         unloading.add(name)  # no new requests for it from now on
         try:
             for _ in range(int(UNLOAD_WAIT_S / 0.05)):
@@ -200,8 +254,6 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
                 await asyncio.sleep(0.05)
             else:
                 raise ApiError(409, f"Adapter '{name}' still has requests in flight; try again.", code="adapter_busy")
-            from starlette.concurrency import run_in_threadpool
-
             await run_in_threadpool(host.remove, name)
         finally:
             unloading.discard(name)
@@ -210,23 +262,12 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
     return app
 
 
-class BearerAuth:
-    """Every request but the playground page itself (which holds nothing; all it calls is under /v1)
-    needs `Authorization: Bearer KEY`. Plain ASGI, so streamed responses and disconnects pass untouched."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/":
-            return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
-            return await self.app(scope, receive, send)
-        from fastapi.responses import JSONResponse
-
-        message = "Missing or wrong API key: send 'Authorization: Bearer KEY' (the key given to --api-key)."
-        await JSONResponse(error_body(message, code="invalid_api_key"), status_code=401)(scope, receive, send)
+def row_failure(error: Exception, model: str) -> ApiError:
+    """A row the batcher dropped alone, as its request's answer."""
+    if isinstance(error, AdapterGone):
+        return ApiError(404, f"The model '{model}' was unloaded while this request ran.", param="model",
+                        code="model_not_found")
+    return ApiError(500, f"generation failed: {type(error).__name__}", type="server_error")
 
 
 def sse_data(obj) -> str:
@@ -250,13 +291,40 @@ def serve(args) -> int:
         raise LorafitError(f"Two adapters share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                            "name them: NAME=RUN_DIR.")
     host = ModelHost(adapters, base=args.base, precision=args.precision, attn_implementation=args.attn_implementation)
-    app = create_app(host, api_key=args.api_key, adapters_root=root)
+    app = create_app(host, api_key=args.api_key, adapters_root=root, allow_admin=args.allow_admin,
+                     bound_host=args.host, log_prompts=args.log_prompts)
     served = ", ".join([f"{host.base_id} (base)", *host.adapters])
-    import sys
-
     print(f"serving {served} on http://{args.host}:{args.port}/ (playground at /, OpenAI API at /v1)", file=sys.stderr)
+    if args.api_key:
+        print("adapter loading and unloading (POST/DELETE /v1/adapters): on, with the API key", file=sys.stderr)
+    elif args.allow_admin:
+        print("adapter loading and unloading (POST/DELETE /v1/adapters): on for anyone, without a key (--allow-admin)",
+              file=sys.stderr)
+    else:
+        print("adapter loading and unloading (POST/DELETE /v1/adapters): off (no --api-key; --allow-admin turns it on)",
+              file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: --host {args.host} without --api-key: anyone who can reach this address can use the models "
-              "and load adapters from --adapters-root.", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        print(f"warning: --host {args.host} without --api-key: anyone who can reach this address can use the models.",
+              file=sys.stderr)
+    log_requests(prompts=args.log_prompts)
+    uvicorn.run(app, **server_settings(args.host, args.port))
     return 0
+
+
+def server_settings(host: str, port: int, header_timeout_s: float = HEADER_TIMEOUT_S) -> dict:
+    """uvicorn's settings: keep-alive and header deadlines, a connection cap, bounded header size."""
+    return dict(host=host, port=port, log_level="warning", http=guarded_h11(header_timeout_s), timeout_keep_alive=5,
+                limit_concurrency=MAX_CONNECTIONS, h11_max_incomplete_event_size=64 << 10)
+
+
+def log_requests(prompts: bool) -> None:
+    """The request log on stderr, one line a request (prompt text only with --log-prompts)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    request_log.handlers[:] = [handler]
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
+    if prompts:
+        print("warning: --log-prompts writes every prompt to the log.", file=sys.stderr)

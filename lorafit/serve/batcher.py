@@ -5,7 +5,10 @@ mixed-adapter batch inference (`adapter_names`, one name a row). Prompts are lef
 attention mask hides the padding and position ids count only real tokens (cumsum(mask) - 1), so a
 padded row computes what it would alone. Rows join the running batch between steps (their prompts
 are prefilled, and the KV caches are left-padded to a common length and concatenated) and leave it
-when they finish or their client goes away, so no row waits for another.
+when they finish or their client goes away, so no row waits for another. The cache surgery this
+needs lives in kvcache.py (why not `generate`: see there); sampling is transformers' own logits
+warpers. A row that cannot go on (its adapter unloaded, its sampling failed) is dropped alone: it
+gets finish_reason "error" and the rows beside it carry on.
 """
 
 from __future__ import annotations
@@ -15,8 +18,16 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from lorafit.errors import LorafitError
 from lorafit.lora import unwrapped
+from lorafit.serve import kvcache
+from lorafit.serve.models import BASE_ADAPTER
+
+
+class AdapterGone(LorafitError):
+    """The row's adapter was unloaded before the row finished."""
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Batcher:
         self.max_batch = max_batch
         self.intake: queue.Queue[Row] = queue.Queue()
         self.active: list[Row] = []
+        self._in_hand: list[Row] = []  # taken from the intake, not yet in the batch (DELETE must see them)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorafit-batcher", daemon=True)
         # the running batch: attention mask (B, T) and the KV cache, row-aligned with self.active
@@ -70,16 +82,21 @@ class Batcher:
 
     def busy_rows(self, adapter: str | None = None) -> int:
         """Rows waiting or running (for one adapter, or all)."""
-        rows = list(self.intake.queue) + list(self.active)
+        rows = list(self.intake.queue) + list(self._in_hand) + list(self.active)
         return sum(1 for r in rows if not r.cancelled and (adapter is None or r.adapter == adapter))
 
     # ------------------------------------------------------------ worker
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            newcomers = self._take_newcomers(block=not self.active)
+            newcomers = self._in_hand = self._take_newcomers(block=not self.active)
             try:
                 with self.host.lock, torch.inference_mode():
+                    # under the lock: adapters cannot change until this step's forward is done
+                    newcomers = [r for r in newcomers if self._adapter_loaded(r)]
+                    for r in self.active:
+                        self._adapter_loaded(r)
+                    self._drop_finished()
                     if newcomers:
                         self._prefill(newcomers)
                     elif self.active:
@@ -88,6 +105,16 @@ class Batcher:
                 for row in newcomers + self.active:
                     row.emit(row, None, "error", exc)
                 self.active, self._mask, self._cache = [], None, None
+            finally:
+                self._in_hand = []
+
+    def _adapter_loaded(self, row: Row) -> bool:
+        """False (and the row answered alone) when its adapter is no longer loaded."""
+        if row.cancelled or row.adapter == BASE_ADAPTER or row.adapter in self.host.adapters:
+            return not row.cancelled
+        row.cancelled = True
+        row.emit(row, None, "error", AdapterGone(f"adapter '{row.adapter}' was unloaded"))
+        return False
 
     def _take_newcomers(self, block: bool) -> list[Row]:
         rows: list[Row] = []
@@ -138,13 +165,9 @@ class Batcher:
         """Put freshly prefilled rows into the running batch: left-pad mask and cache to one length."""
         if not self.active:
             self.active, self._mask, self._cache = list(rows), mask, cache
-            self._can_join = all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+            self._can_join = kvcache.can_join(cache)
             return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._mask = torch.cat([left_pad(self._mask, width), left_pad(mask, width)])
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, width, dim=2), left_pad(new.keys, width, dim=2)])
-            old.values = torch.cat([left_pad(old.values, width, dim=2), left_pad(new.values, width, dim=2)])
+        self._mask = kvcache.join(self._cache, self._mask, cache, mask)
         self.active = self.active + list(rows)
 
     def _decode_step(self) -> None:
@@ -161,14 +184,21 @@ class Batcher:
         for i, r in enumerate(rows):
             if r.cancelled:
                 continue
-            token = next_token(logits[i], r.temperature, r.top_p, r.generator)
+            try:
+                token = next_token(logits[i], r.temperature, r.top_p, r.generator)
+            except Exception as exc:  # this row's sampling alone: it leaves, the others go on
+                r.cancelled = True
+                r.emit(r, None, "error", exc)
+                continue
             finish = None
             if token == self.host.eos_id:
                 finish = "stop"
             else:
                 r.tokens.append(token)
             text = tokenizer.decode(r.tokens, skip_special_tokens=True)
-            cut = first_stop(text, r.stop)
+            # a stop string can only begin in the text not yet sent (held_back kept its start), so only
+            # that tail is searched: the cost stays bounded by the stop strings' (capped) length
+            cut = first_stop(text, r.stop, start=max(0, r.text_sent - 1))
             if cut is not None:
                 text, finish = text[:cut], "stop"
             elif finish is None and len(r.tokens) >= r.max_tokens:
@@ -185,22 +215,18 @@ class Batcher:
                 r.text_sent = max(r.text_sent, safe)
             if finish:
                 r.cancelled = True  # done: leaves the batch below
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Take finished, cancelled and dropped rows out of the running batch."""
         keep = [i for i, r in enumerate(self.active) if not r.cancelled]
         if len(keep) == len(self.active):
             return
         if not keep:
             self.active, self._mask, self._cache = [], None, None
             return
-        index = torch.tensor(keep, device=self._mask.device)
         self.active = [self.active[i] for i in keep]
-        self._mask = self._mask[index]
-        self._cache.batch_select_indices(index)
-        # columns that are padding in every remaining row cost attention for nothing: cut them
-        lead = int((self._mask.cumsum(1) == 0).all(0).sum())
-        if lead and self._can_join:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        self._mask = kvcache.keep_rows(self._cache, self._mask, keep)
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
@@ -208,40 +234,22 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def left_pad(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)
-
-
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling from this row's own generator."""
+    """Greedy at temperature 0; otherwise transformers' temperature and top-p warpers, then one draw
+    from this row's own generator."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    order = None
+    # shifted so the top logit is 0: softmax is unchanged, and a tiny temperature (1e-40) cannot
+    # overflow to inf (inf - inf = nan); it tends to greedy, as it should
+    scores = (logits - logits.max()).unsqueeze(0)
+    scores = TemperatureLogitsWarper(float(temperature))(None, scores)
     if top_p < 1.0:
-        # the nucleus is a prefix of the tokens by probability; usually a short one, so sort only the top
-        # candidates, and all of them only when those do not reach top_p
-        for k in (min(256, probs.numel()), probs.numel()):
-            top, order = probs.topk(k) if k < probs.numel() else probs.sort(descending=True)
-            reach = top.cumsum(0)
-            if reach[-1] >= top_p or k == probs.numel():
-                break
-        keep = int((reach - top < top_p).sum())  # tokens before which the mass is still short of top_p
-        probs, order = top[:keep], order[:keep]
-    cdf = probs.cumsum(0)
-    # one uniform draw a token (inverse CDF): the same distribution as multinomial, a fraction of its cost
-    u = torch.rand((), generator=generator, device=cdf.device) * cdf[-1]
-    i = min(int(torch.searchsorted(cdf, u.reshape(1), right=True)), cdf.numel() - 1)
-    return int(order[i]) if order is not None else i
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
 
 
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def first_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
 
 
