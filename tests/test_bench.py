@@ -71,7 +71,7 @@ def test_bench_peers_trl_side_by_side(tmp_path, tiny_model_dir, tiny_tokenizer_d
         trained["model"] = model
         return res, model, settings
 
-    monkeypatch.setattr(peers, "run_trl", keep_model)
+    monkeypatch.setattr(run, "run_trl", keep_model)  # bench.run imports it at its top
     out = tmp_path / "bench.json"
     code = main(bench_args(tiny_model_dir, tiny_tokenizer_dir, quotes, out, "--examples", "48", "--peers", "trl",
                            "--skip-generation", "--skip-eval"))
