@@ -14,6 +14,7 @@ name, then renamed), and an old one disappears by a rename before it is deleted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -97,8 +98,8 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, sta
     """Write checkpoints/step-N atomically, then drop all but the newest `keep`. `gathered`: the weights and
     optimizer state already gathered whole from a sharded model (train.fsdp); else this process's own."""
     final = Path(directory) / f"step-{step}"
-    previous = list_checkpoints(directory)
-    kept = f"the newest complete checkpoint is still {previous[-1][1]}" if previous else "no checkpoint was saved yet"
+    previous = newest_checkpoint(directory)
+    kept = f"the newest complete checkpoint is still {previous}" if previous else "no checkpoint was saved yet"
     json_rng, tensor_rng = rng_state()
     with saving(f"checkpoint {final}", f"Nothing was lost: {kept}. Free space, then continue with --resume."):
         with atomic_dir(final) as tmp:
@@ -124,8 +125,23 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint under `directory` (None when there is none): what --resume continues from."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+CHECKPOINT_FILES = (STATE, WEIGHTS, OPTIMIZER, SCHEDULER, RNG)  # state.json first: without it, no checkpoint
+
+
 def prune(directory: Path, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints. A checkpoint directory that also holds something lorafit did
+    not write loses only lorafit's files, so it stops being a checkpoint and the user's files stay."""
     for _, path in list_checkpoints(directory)[:-keep]:
+        if any(p.name not in CHECKPOINT_FILES for p in path.iterdir()):
+            for name in CHECKPOINT_FILES:
+                (path / name).unlink(missing_ok=True)
+            continue
         doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, doomed)  # gone from the listing at once; a crash mid-delete leaves only a temporary
         shutil.rmtree(doomed, ignore_errors=True)
@@ -140,9 +156,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, apply=None) -> dict
         optimizer_state = torch.load(path / OPTIMIZER, weights_only=True)
         scheduler_state = torch.load(path / SCHEDULER, weights_only=True)
         tensor_rng = torch.load(path / RNG, weights_only=True)
-        state = json.loads((path / STATE).read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise ValueError(f"{STATE} holds a {type(state).__name__}, not an object")
+        state = read_state(path)
     except UNREADABLE as exc:
         raise unreadable(path, exc) from None
     check_weights(path, model, weights)
@@ -160,6 +174,55 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, apply=None) -> dict
     except TAMPERED as exc:  # files that load but do not hold what lorafit wrote
         raise unreadable(path, exc) from None
     return state
+
+
+# Counters in state.json: whole numbers from 0 (a bound far above any run keeps a tampered one from
+# overflowing later arithmetic or looking like a finished run).
+COUNTS = ("step", "total_steps", "train_examples", "metrics_records", "train_tokens", "nonfinite_skipped")
+WINDOW_COUNTS = ("tokens", "examples", "steps")
+MAX_COUNT = 2**53
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _seconds(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, its values checked: a tampered one (a negative, fractional or huge step, a
+    string where a number belongs) is a ValueError, reported as an unreadable checkpoint, never used."""
+    state = json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE} holds a {type(state).__name__}, not an object")
+    # What is there must be right; what is missing fails where it is used (a KeyError: unreadable too).
+    bad = [k for k in COUNTS if (k in state or k == "step") and not _count(state.get(k))]
+    window = state.get("window", {})
+    if not isinstance(window, dict):
+        bad.append("window")
+    elif window:
+        bad += [f"window.{k}" for k in WINDOW_COUNTS if not _count(window.get(k))]
+        bad += [f"window.{k}" for k in ("seconds",) if not _seconds(window.get(k))]
+        if not isinstance(window.get("nll"), int | float) or isinstance(window.get("nll"), bool):
+            bad.append("window.nll")
+    if "train_seconds" in state and not _seconds(state["train_seconds"]):
+        bad.append("train_seconds")
+    if bad:
+        shown = ", ".join(f"{k}={_value(state, k)}" for k in bad[:4])
+        raise ValueError(f"{STATE}: {shown} (not what lorafit writes)")
+    if "total_steps" in state and state["step"] > state["total_steps"]:
+        raise ValueError(f"{STATE}: step {state['step']} is beyond total_steps {state['total_steps']}")
+    return state
+
+
+def _value(state: dict, key: str) -> str:
+    value = state
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_weights(path: Path, model, weights: dict[str, torch.Tensor]) -> None:

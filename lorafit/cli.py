@@ -19,7 +19,7 @@ from lorafit.console import log
 from lorafit.data.templates import generation_prompt, resolve_template
 from lorafit.errors import EXIT_USER_ERROR, OFFLINE_REASON, ConfigError, LorafitError, Stopped, not_utf8, shorten
 from lorafit.init_model import SIZES, describe_sizes, init_model
-from lorafit.rundir import CONFIG_FILE, RunDir, to_json
+from lorafit.rundir import CONFIG_FILE, RunDir, to_json, write_error
 from lorafit.trackers import check_available
 
 USAGE_EXAMPLES = """examples:
@@ -92,7 +92,8 @@ def cmd_train(args) -> int:
 
     world = dist.init()
     try:
-        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, checked=run)
+        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, force_base=args.force_base,
+              checked=run)
     except (Stopped, KeyboardInterrupt) as exc:
         if world.is_main:
             command = shlex.join(["lorafit", "train", recipe, *overrides, "--resume"])
@@ -207,7 +208,8 @@ def cmd_eval(args) -> int:
     cfg = run_config(run, args.recipe, args.overrides)
     log(f"loading the base and the adapter from {adapter_dir} ...")
     model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
-                                                     attn_implementation=args.attn_implementation)
+                                                     attn_implementation=args.attn_implementation,
+                                                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     scoring = saved_scoring(run, cfg, model, tokenizer, base=args.base)
     data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
     log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
@@ -229,7 +231,8 @@ def cmd_generate(args) -> int:
             raise LorafitError(f"{name}: {why}. Give the prompt in UTF-8 (check the terminal's encoding).")
     print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
-                                                     attn_implementation=args.attn_implementation)
+                                                     attn_implementation=args.attn_implementation,
+                                                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
         template = resolve_template(args.template)
@@ -270,7 +273,8 @@ def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) 
 def cmd_merge(args) -> int:
     from lorafit.merge import merge  # lazy: torch
 
-    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -321,8 +325,19 @@ def cmd_bench(args) -> int:
 
 
 def add_attn_argument(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that loads an adapter's base: attention, trust and identity."""
     parser.add_argument("--attn-implementation", default=None, metavar="NAME",
                         help="attention implementation for the base (auto, eager, sdpa, ...; default: the one the run used)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the base model (only for models you trust; never taken "
+                             "from the adapter's files)")
+    add_force_base_argument(parser)
+
+
+def add_force_base_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force-base", action="store_true",
+                        help="use the adapter or checkpoint even if its recorded base fingerprint differs from this "
+                             "base's (other weights of the same shapes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.yaml (train.max_steps / train.epochs may be raised to train on)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_force_base_argument(t)
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train data parallel in N processes on this machine (through torchrun; one per GPU, or CPU processes)")
     t.set_defaults(func=cmd_train, argv=None)
@@ -457,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the environment, not lorafit: a permission, a full disk, a vanished file
         where = f": {shorten(str(exc.filename))}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a write failure a writer reported in its own type (torch, safetensors) outside `saving`
+        error = write_error(exc, "a file", "Check the path, its permissions and the free space.")
+        if error is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

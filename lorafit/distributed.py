@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from lorafit.balance import longest_first
-from lorafit.lora import unwrapped
 
 TIMEOUT = timedelta(minutes=30)  # a rank that stops answering ends the job instead of hanging it
 
@@ -149,15 +148,14 @@ def sharded() -> bool:
     return _sharded
 
 
-def shard(model) -> None:
+def shard(base) -> None:
     """torch's FSDP2 `fully_shard` on each decoder block (the classes transformers keeps whole on one
     device, `_no_split_modules`) and on the whole model: frozen base and LoRA weights both sharded,
-    gathered a block at a time in the forward; gradients reduce-scattered."""
+    gathered a block at a time in the forward; gradients reduce-scattered. `base`: the transformers model (inside
+    PEFT's wrapper, lora.unwrapped)."""
     global _sharded
     from torch.distributed.fsdp import fully_shard
 
-
-    base = unwrapped(model)
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     for module in [m for m in base.modules() if type(m).__name__ in block_names]:
         fully_shard(module)

@@ -26,7 +26,7 @@ from lorafit.evaluate import evaluate_run, saved_scoring
 from lorafit.generate import load_for_inference, resolve_adapter_dir
 from lorafit.lm_eval_bridge import compare_on_tasks, plan_tasks
 from lorafit.report import model_card, read_evaluations
-from lorafit.rundir import CONFIG_FILE, EVAL_DIR, MODEL_CARD, SUMMARY_FILE, RunDir, eval_dir, saving, to_json
+from lorafit.rundir import CONFIG_FILE, EVAL_DIR, MODEL_CARD, SUMMARY_FILE, RunDir, check_output_path, eval_dir, note_written, saving, to_json
 
 FORGETTING_FILE = "forgetting.json"
 METRICS = (("loss", "loss (nats/token)"), ("ppl", "perplexity"), ("bits_per_token", "bits/token"),
@@ -37,6 +37,7 @@ def eval_command(args) -> int:
     """`lorafit eval RUN --data ... / --tasks ...`: compare, print, write eval/*.json, refresh the card."""
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
+    check_output_path(run, f"the evaluation results ({EVAL_DIR}/)", replaces=False)  # RUN/eval/ is written
     cfg = run_config(run, args.recipe, args.overrides)
     plan = None
     if args.tasks is not None:  # flags, the extra and the task names are checked before anything runs
@@ -45,9 +46,11 @@ def eval_command(args) -> int:
     result: dict = {}
     try:
         if args.data:
-            result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base))
+            result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base,
+                                          trust_remote_code=args.trust_remote_code, force_base=args.force_base))
         if plan is not None:
-            tasks = compare_on_tasks(run, adapter_dir, plan, base=args.base)
+            tasks = compare_on_tasks(run, adapter_dir, plan, base=args.base, trust_remote_code=args.trust_remote_code,
+                                     force_base=args.force_base)
             result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
     finally:
         if (run / EVAL_DIR).is_dir():
@@ -79,7 +82,8 @@ def read_texts(source: str, src, seed: int, cache_dir: Path) -> list[str]:
 
 
 def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_field: str | None,
-                    max_examples: int | None, base: str | None) -> dict:
+                    max_examples: int | None, base: str | None, *, trust_remote_code: bool = False,
+                    force_base: bool = False) -> dict:
     """Loss, perplexity and bits of base and base + adapter on every source; written to eval/forgetting.json."""
     duplicates = sorted({s for s in sources if sources.count(s) > 1})
     if duplicates:
@@ -89,7 +93,8 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, sources: list[str], text_
     configs = {s: source_config(s, text_field, max_examples) for s in sources}
     texts = {s: read_texts(s, configs[s], d.split_seed, cache) for s in sources}  # bad data fails before any model loads
 
-    model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision)
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision,
+                                                     trust_remote_code=trust_remote_code, force_base=force_base)
     scoring = saved_scoring(run, cfg, model, tokenizer, base=base)
     data = {}
     for source in sources:
@@ -147,6 +152,7 @@ def write_eval_json(run: Path, name: str, obj: dict) -> Path:
     path = eval_dir(run) / name
     with saving(f"{path}", "Free space or fix the permissions, then run the evaluation again."):
         atomic_write_text(path, json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
+        note_written(run, path)
     return path
 
 

@@ -96,9 +96,11 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     )
 
 
-def base_load_config(adapter_dir: Path, base: str | None = None, attn_implementation: str | None = None):
-    """How to load an adapter's base: as the run recorded it (name, revision, attention implementation,
-    trust_remote_code), with `base` / `attn_implementation` given by the user taking precedence."""
+def base_load_config(adapter_dir: Path, base: str | None = None, attn_implementation: str | None = None,
+                     trust_remote_code: bool = False):
+    """How to load an adapter's base: as the run recorded it (name, revision, attention implementation),
+    with `base` / `attn_implementation` given by the user taking precedence. `trust_remote_code` is the
+    user's alone (--trust-remote-code): a file lorafit reads never switches on code execution."""
     load = read_base_record(adapter_dir).get("load") or {}
     if not isinstance(load, dict):
         load = {}
@@ -107,23 +109,31 @@ def base_load_config(adapter_dir: Path, base: str | None = None, attn_implementa
     if not name:
         raise LorafitError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass --base MODEL.")
     same_base = base is None
+    if same_base and load.get("trust_remote_code") is True and not trust_remote_code:
+        raise LorafitError(
+            f"The adapter in '{adapter_dir}' records that its base '{name}' was loaded with trust_remote_code, which "
+            "runs Python code shipped with the model. lorafit never takes that setting from a file it reads: if you "
+            "trust the base's code, pass --trust-remote-code; otherwise do not use this adapter."
+        )
     return ModelConfig(
         name=name,
         revision=load.get("revision") if same_base else None,
         precision=load.get("precision") or "auto",
         attn_implementation=attn_implementation or load.get("attn_implementation") or "auto",
-        trust_remote_code=bool(load.get("trust_remote_code")) and same_base,
+        trust_remote_code=trust_remote_code,
     )
 
 
 def load_for_inference(run_or_adapter, base: str | None = None, precision: str | None = None, device=None,
-                       attn_implementation: str | None = None):
+                       attn_implementation: str | None = None, trust_remote_code: bool = False,
+                       force_base: bool = False):
     """(PEFT model in eval mode, tokenizer, base name) for a run or adapter directory, the base loaded
-    as the run recorded it unless `base`, `precision` or `attn_implementation` say otherwise."""
+    as the run recorded it unless `base`, `precision` or `attn_implementation` say otherwise. `force_base`:
+    load the adapter onto a base whose weights differ from those it was trained on (lora.load_adapter)."""
     adapter_dir = resolve_adapter_dir(run_or_adapter)
-    model_cfg = base_load_config(adapter_dir, base, attn_implementation)
+    model_cfg = base_load_config(adapter_dir, base, attn_implementation, trust_remote_code)
     base_model, tokenizer = load_inference_base(model_cfg, adapter_dir, precision, device)
-    model = load_adapter(base_model, adapter_dir, model_cfg.name)
+    model = load_adapter(base_model, adapter_dir, model_cfg.name, force_base=force_base)
     return model.eval(), tokenizer, model_cfg.name
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from lorafit.config import LoraConfig, ModelConfig
 from lorafit.errors import LorafitError, one_line
+from lorafit.fingerprint import base_fingerprint
+from lorafit.rundir import saving
 
 # This module's own imports of lorafit's torch-side modules are made inside its functions: the CLI's parser reads
 # SIZES (`init-model --help`) at start-up, before torch loads.
@@ -78,9 +80,10 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
         **SIZES[size],
     )
     model = GPT2LMHeadModel(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    with saving(f"the model in {out}", "Free space or choose another directory."):
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
     return out
 
 
@@ -91,10 +94,11 @@ def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tu
     from transformers import AutoModelForCausalLM
 
     from lorafit.lora import apply_lora  # lazy: torch (see SIZES)
-    from lorafit.modeling import load_settings, load_tokenizer  # lazy: torch (see SIZES)
+    from lorafit.modeling import BASE_FINGERPRINT, load_settings, load_tokenizer  # lazy: torch (see SIZES)
     from lorafit.train import save_adapter  # lazy: torch (see SIZES)
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
+    setattr(base, BASE_FINGERPRINT, base_fingerprint(str(base_dir), base.config))  # as load_base_model records it
     load = load_settings(ModelConfig(name=str(base_dir), precision="fp32"), base)
     model = apply_lora(base, LoraConfig(r=r, dropout=0.0, targets=list(targets)))
     gen = torch.Generator().manual_seed(seed)

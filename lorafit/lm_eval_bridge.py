@@ -22,9 +22,11 @@ from pathlib import Path
 
 from lorafit.comparison import compare, fmt, stderr_cell
 from lorafit.errors import LorafitError, described, first_line
+from lorafit.fingerprint import FINGERPRINT_KEY, base_fingerprint
 from lorafit.generate import base_load_config
+from lorafit.lora import check_same_base, read_base_record
 from lorafit.modeling import default_device, is_network_error, resolve_precision
-from lorafit.rundir import eval_dir
+from lorafit.rundir import eval_dir, note_written, saving
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
 SIDES = ("base", "adapter")
@@ -177,10 +179,17 @@ def plan_tasks(tasks_spec: str, *, limit: str | None, num_fewshot: int | None, b
     return TaskPlan(lm_eval, manager, tasks, limit_value, num_fewshot, batch, include_path)
 
 
-def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None) -> dict:
-    """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison."""
-    base_model = base_load_config(adapter_dir, base)  # the base as the run recorded loading it
+def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | None = None, *,
+                     trust_remote_code: bool = False, force_base: bool = False) -> dict:
+    """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison.
+    lm-eval loads the models itself: the base's fingerprint is checked here first, as lora.load_adapter would."""
+    base_model = base_load_config(adapter_dir, base, trust_remote_code=trust_remote_code)  # as the run recorded it
     base_name = base_model.name
+    check_same_base(read_base_record(adapter_dir).get(FINGERPRINT_KEY), base_fingerprint(base_name, None), force_base,
+                    lambda why: LorafitError(f"The adapter in '{adapter_dir}' was trained on another base than "
+                                             f"'{base_name}': {why}. Pass the adapter's own base (--base), or "
+                                             "--force-base to evaluate it on this one anyway."),
+                    f"the adapter in '{adapter_dir}'")
     model_args = hf_model_args(base_model, base_name)
     device = str(default_device())
     out_dir = eval_dir(run)
@@ -228,9 +237,10 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
             raise explained from None
         samples = res.pop("samples")
         # As lm-eval's CLI does: the aggregated results, then the logged samples of each task.
-        tracker.save_results_aggregated(results=res, samples=samples)
-        for task in res["configs"]:
-            tracker.save_results_samples(task_name=task, samples=samples[task])
+        with saving(f"lm-eval's results under {out_dir}", "Free space or fix the permissions, then run again."):
+            tracker.save_results_aggregated(results=res, samples=samples)
+            for task in res["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
         # lm-eval names its files NAME_DATE.json and samples_TASK_DATE.jsonl; lorafit's names have no date.
         moves = {tmp / f"{Path(results_file(side)).stem}_{tracker.date_id}.json": out_dir / results_file(side)}
         moves.update({tmp / f"samples_{t}_{tracker.date_id}.jsonl": out_dir / samples_file(side, t) for t in res["configs"]})
@@ -238,7 +248,9 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
             raise LorafitError(f"lm-evaluation-harness did not write its results under {out_dir} (see its warnings above); "
                                "free space or fix the permissions, then run again.")
         for src, dst in sorted(moves.items(), key=lambda m: m[1].suffix == ".json"):  # the results file last
-            os.replace(src, dst)
+            with saving(f"{dst}", "Free space or fix the permissions, then run again."):
+                os.replace(src, dst)
+                note_written(out_dir.parent, dst)
         keep = {dst.name for dst in moves.values()}
         for old in out_dir.glob(f"lm_eval_{side}_samples_*.jsonl"):  # samples of tasks this run did not have
             if old.name not in keep:

@@ -11,7 +11,9 @@ import torch
 
 from lorafit.atomic import atomic_write_text
 from lorafit.config import LoraConfig
+from lorafit.console import log
 from lorafit.errors import LorafitError, first_line
+from lorafit.fingerprint import FINGERPRINT_KEY, differs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -171,10 +173,17 @@ def base_signature(model) -> dict:
     return {key: getattr(config, key, None) for key in BASE_SIGNATURE_KEYS}
 
 
+def loaded_fingerprint(model) -> dict | None:
+    """The fingerprint modeling.load_base_model attached to a base (None for a model made otherwise)."""
+    return getattr(unwrapped(model), "lorafit_base_fingerprint", None)
+
+
 def write_base_signature(adapter_dir: Path, model, load: dict | None = None) -> None:
-    """lorafit's metadata beside a saved adapter: the base's signature, and how the base was loaded
-    (`load`: what eval, generate and merge need to load it the same way)."""
-    record = {**base_signature(model), **({"load": load} if load else {})}
+    """lorafit's metadata beside a saved adapter: the base's signature and fingerprint (its weights' identity),
+    and how the base was loaded (`load`: what eval, generate and merge need to load it the same way)."""
+    fingerprint = loaded_fingerprint(model)
+    record = {**base_signature(model), **({FINGERPRINT_KEY: fingerprint} if fingerprint else {}),
+              **({"load": load} if load else {})}
     atomic_write_text(Path(adapter_dir) / BASE_SIGNATURE, json.dumps(record, indent=2))
 
 
@@ -184,10 +193,12 @@ def read_base_record(adapter_dir: Path) -> dict:
     return read_adapter_json(path) if path.is_file() else {}
 
 
-def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False, adapter_name: str = "default"):
-    """Base + saved adapter. Any difference in base signature, keys or shapes is an error naming both
-    bases; never a partial load. Weights come only from safetensors. Given a PeftModel, the adapter is
-    added to it as `adapter_name` (several adapters on one base, as `lorafit serve` keeps them)."""
+def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bool = False, adapter_name: str = "default",
+                 force_base: bool = False):
+    """Base + saved adapter. Any difference in base signature, fingerprint (other weights of the same shapes:
+    only `force_base` lets that pass), keys or shapes is an error naming both bases; never a partial load.
+    Weights come only from safetensors. Given a PeftModel, the adapter is added to it as `adapter_name`
+    (several adapters on one base, as `lorafit serve` keeps them)."""
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -210,6 +221,11 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
     differ = [f"{k} {saved_sig[k]} vs {given_sig[k]}" for k in BASE_SIGNATURE_KEYS if k in saved_sig and saved_sig[k] != given_sig[k]]
     if differ:
         raise mismatch(", ".join(differ))
+    if saved_sig:  # written by lorafit (a plain PEFT adapter records no base to compare)
+        check_same_base(saved_sig.get(FINGERPRINT_KEY), loaded_fingerprint(base_model), force_base,
+                        lambda why: mismatch(f"{why} (other weights of the same shapes). If you mean to use it on "
+                                             "this base anyway, pass --force-base"),
+                        f"the adapter in '{adapter_dir}'")
     if adding and adapter_name in base_model.peft_config:
         raise LorafitError(f"An adapter named '{adapter_name}' is already loaded; choose another name.")
     try:
@@ -239,6 +255,24 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
         raise mismatch("; ".join(problems))
     set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
     return model if is_trainable else model.eval()
+
+
+def check_same_base(recorded, current, force_base: bool, refusal, what: str) -> None:
+    """Refuse (raise `refusal(why)`) when a recorded base fingerprint differs from the loaded base's, unless
+    `force_base`. Without a recorded one (made by an older lorafit, or a plain PEFT adapter) there is nothing
+    to compare: a warning says so, and the load goes on."""
+    if recorded is None:
+        if current is not None and not force_base:
+            log(f"warning: {what} records no fingerprint of its base (made by an older lorafit?): lorafit cannot "
+                "check that the base has the same weights, only the same shapes.")
+        return
+    why = differs(recorded, current)
+    if why is None:
+        return
+    if force_base:
+        log(f"warning: --force-base: using {what} on another base than its own ({why}).")
+        return
+    raise refusal(why)
 
 
 def key_problems(expected: dict, saved: dict, saved_as: str = "adapter", model_as: str = "base",

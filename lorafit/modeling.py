@@ -13,6 +13,7 @@ import torch
 
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError, offline_note, one_line
+from lorafit.fingerprint import base_fingerprint
 
 NETWORK_ERROR_NAMES = (
     "OfflineModeIsEnabled",
@@ -153,6 +154,7 @@ def quantization_config(cfg: ModelConfig, precision: Precision, device: torch.de
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 ACTIVATION_KEYS = ("activation_function", "hidden_act")  # GPT-2/GPT-J/GPT-Neo/CodeGen; most others
 ORIGINAL_ACTIVATIONS = "lorafit_original_activations"  # on the loaded model: {key: the base's own name}
+BASE_FINGERPRINT = "lorafit_base_fingerprint"  # on the loaded model: its identity (lorafit/fingerprint.py)
 
 
 def fuse_activations(config) -> dict[str, str]:
@@ -202,6 +204,7 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
     except Exception as exc:
         raise _load_failure("Model", cfg.name, exc, hint) from None
     setattr(model, ORIGINAL_ACTIVATIONS, originals)
+    setattr(model, BASE_FINGERPRINT, base_fingerprint(cfg.name, config))  # what adapters and checkpoints record
     model.config.use_cache = False  # training never needs the KV cache
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)

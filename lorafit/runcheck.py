@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lorafit.checkpoint import newest_checkpoint, read_state
 from lorafit.config import RunConfig, build_config, load_yaml
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.generate import check_generation
 from lorafit.rundir import CONFIG_FILE
-
 
 # Settings that change what is logged, evaluated, sampled or kept, never the weights: a resume may change them
 # (recorded in the run's marker, config.yaml updated). A trailing dot means the whole section.
@@ -44,6 +44,14 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+CONFIG_KEY = "config"  # in a checkpoint's state.json: the resolved config it was trained with
+
+
+def resolved_config(cfg: RunConfig) -> dict:
+    """The config as config.yaml holds it (the same YAML round trip), for a checkpoint to record."""
+    return yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+
+
 def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
     """(settings that differ and may: {key: [old, new]}, descriptions of those that differ and may not)."""
     try:
@@ -52,8 +60,13 @@ def config_changes(saved_path: Path, cfg: RunConfig) -> tuple[dict, list[str]]:
         raise LorafitError(f"Cannot read {saved_path} to resume ({exc}); start again with --overwrite.") from None
     if not isinstance(saved, dict):
         raise LorafitError(f"{saved_path} is not a run configuration (a YAML mapping); start again with --overwrite.")
+    return compare_configs(saved, cfg)
+
+
+def compare_configs(saved: dict, cfg: RunConfig) -> tuple[dict, list[str]]:
+    """config_changes for a saved config already read (config.yaml's, or the one a checkpoint recorded)."""
     saved = flatten(with_defaults(saved))
-    now = flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # the same round trip the saved file made
+    now = flatten(resolved_config(cfg))
     allowed, refused = {}, []
     for k in sorted(saved.keys() | now.keys()):
         if saved.get(k) == now.get(k):
@@ -70,6 +83,15 @@ def check_same_config(run, cfg: RunConfig) -> dict:
     """A resume must use the config the run (a RunDir) started with, or it would silently train something else.
     Settings that do not change the training (RESUME_MAY_CHANGE) may differ: returns them, {key: [old, new]}."""
     allowed, changed = config_changes(run.file(CONFIG_FILE), cfg)
+    # config.yaml can be edited by hand (and `--resume RUN_DIR` reads it): the newest checkpoint's own record of
+    # the config it was trained with is what the weights depend on.
+    newest = newest_checkpoint(run.checkpoints)
+    try:
+        recorded = read_state(newest).get(CONFIG_KEY) if newest else None
+    except (OSError, ValueError, RecursionError):
+        recorded = None  # an unreadable checkpoint is reported, with what to do, when it is loaded
+    if isinstance(recorded, dict):
+        changed += [c for c in compare_configs(recorded, cfg)[1] if c not in changed]
     if changed:
         raise LorafitError(
             f"--resume: the config differs from the one the run in '{run.path}' started with:\n"

@@ -35,12 +35,14 @@ CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
+MANIFEST_FILE = ".lorafit-files.json"  # every file lorafit wrote into the run: all --overwrite may delete
 TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
-    LOCK_FILE, MARKER_FILE, *TRACKER_DIRS,
+    LOCK_FILE, MARKER_FILE, MANIFEST_FILE, *TRACKER_DIRS,
 })
+SHOWN_FOREIGN = 10  # --overwrite's refusal names at most this many entries
 
 
 def remove_temporaries(directory: Path) -> None:
@@ -55,17 +57,37 @@ def remove_temporaries(directory: Path) -> None:
 # Writers in Rust (safetensors, tokenizers) raise their own exception types for a failed write; the
 # OS error is only in the message ("No space left on device (os error 28)", "Os { code: 28, ...").
 _RUST_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+# torch.save writes through a C++ stream that reports a failed write as a RuntimeError with no errno at all:
+# "basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file ...: file write failed",
+# "[enforce fail at inline_container.cc] . unexpected pos 64 vs 0". A full disk is by far the usual cause.
+_TORCH_WRITE_FAILURE = re.compile(r"basic_ios::clear|PytorchStreamWriter failed writing|file write failed|"
+                                  r"unexpected pos \d+ vs \d+")
+TORCH_WRITE_FAILED = "the file could not be written (torch names no cause; most often the disk is full)"
 
 
 def _write_failure(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write, also when a Rust writer reported it as a plain exception."""
+    """The OSError behind a failed write, also when a Rust writer or torch reported it as a plain exception."""
     if isinstance(exc, OSError):
         return exc
     m = _RUST_OS_ERROR.search(str(exc))
-    if m is None:
+    if m is not None:
+        code = int(m.group(1) or m.group(2))
+        return OSError(code, os.strerror(code))
+    if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
+        return OSError(None, TORCH_WRITE_FAILED)
+    return None
+
+
+def write_error(exc: BaseException, what: str, advice: str) -> LorafitError | None:
+    """The one message for a failed write of `what` (disk full, permissions...), or None when `exc` is no
+    failed write (a bug, which keeps its traceback). Every writer's failure comes through here."""
+    failure = None if isinstance(exc, LorafitError) else _write_failure(exc)
+    if failure is None:
         return None
-    code = int(m.group(1) or m.group(2))
-    return OSError(code, os.strerror(code))
+    full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "the disk is full" if full else failure.strerror or str(failure)
+    where = f" ({failure.filename})" if failure.filename else ""
+    return LorafitError(f"Could not write {what}: {reason}{where}. {advice}")
 
 
 @contextlib.contextmanager
@@ -75,14 +97,9 @@ def saving(what: str, advice: str | Callable[[], str]):
     try:
         yield
     except Exception as exc:
-        failure = None if isinstance(exc, LorafitError) else _write_failure(exc)
-        if failure is None:
-            raise
-        full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
-        reason = "the disk is full" if full else failure.strerror or str(failure)
-        where = f" ({failure.filename})" if failure.filename else ""
-        advice = advice() if callable(advice) else advice
-        raise LorafitError(f"Could not write {what}: {reason}{where}. {advice}") from None
+        if isinstance(exc, LorafitError) or _write_failure(exc) is None:
+            raise  # not a failed write: a bug keeps its traceback, lorafit's own errors pass as they are
+        raise write_error(exc, what, advice() if callable(advice) else advice) from None
 
 
 def _json_default(value):
@@ -121,6 +138,46 @@ def forbidden_output_dir(value: str) -> str | None:
     if resolved == cwd or resolved in cwd.parents:
         return "it is the current directory" if resolved == cwd else "it holds the current directory"
     return None
+
+
+def check_output_path(path, what: str, replaces: bool = True) -> Path:
+    """Refuse an output of lorafit's (`what`: "the merged model", "the GGUF file", ...) that would land inside
+    a file or directory lorafit manages in a run (adapter/, checkpoints/, eval/, ...), since a later --resume
+    or --overwrite replaces or deletes those: the output would be lost without a word. `replaces`: the output
+    is created or replaced as a whole (merge, export), so a symbolic link there is refused rather than
+    replaced. Also refuses what can never be an output directory (forbidden_output_dir). Returns the path."""
+    out = Path(path).expanduser()
+    why = forbidden_output_dir(str(out))
+    if why:
+        raise LorafitError(f"'{out}' cannot take {what}: {why}. Choose a new directory.")
+    if replaces and out.is_symlink():
+        raise LorafitError(
+            f"'{out}' is a symbolic link; lorafit does not replace a link with {what} (nor write through it). "
+            "Give the directory it points to, or a new path."
+        )
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise LorafitError(f"'{out}' cannot take {what}: it cannot be resolved ({exc}).") from None
+    for run in resolved.parents:
+        if RunDir(run).is_run():
+            inside = resolved.relative_to(run).parts[0]
+            if inside in RUN_ENTRIES:
+                raise LorafitError(
+                    f"'{out}' is inside '{run / inside}', which lorafit manages for the run in '{run}' and replaces or "
+                    f"deletes on --resume or --overwrite: {what} would be lost there. Choose a path outside the "
+                    f"run's {inside}, e.g. '{run.parent / (run.name + '-' + Path(out).name)}'."
+                )
+    return out
+
+
+def note_written(run: Path, *paths: Path) -> None:
+    """Add files written into a run from outside training (eval/) to its manifest; a directory that is no run
+    of lorafit's (a bare adapter directory) keeps none."""
+    run_dir = RunDir(run)
+    if run_dir.has_marker():
+        root = Path(run).resolve()
+        run_dir.wrote(*(Path(p).resolve().relative_to(root).as_posix() for p in paths))
 
 
 def _check_writable(path: Path) -> None:
@@ -187,18 +244,54 @@ class RunDir:
         return self.file(SUMMARY_FILE).is_file()
 
     def content(self) -> list[Path]:
-        """What the directory holds besides lorafit's own lock and marker."""
+        """What the directory holds besides lorafit's own lock, marker and manifest."""
         if not self.path.is_dir():
             return []
-        return [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE)]
+        return [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE, MANIFEST_FILE)]
+
+    # -- the manifest: what lorafit wrote, so that --overwrite deletes nothing else
+    def written(self) -> set[str] | None:
+        """Paths (relative, '/'-separated) of the files lorafit wrote into the run; None when the run has no
+        readable manifest (made by an older lorafit, or damaged)."""
+        try:
+            files = json.loads(self.file(MANIFEST_FILE).read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return None
+        return {f for f in files if isinstance(f, str)} if isinstance(files, list) else None
+
+    def wrote(self, *entries: str) -> None:
+        """Add files lorafit just wrote to the manifest (a directory: every file now in it). Written atomically."""
+        files = self.written() or set()
+        before = len(files)
+        for entry in entries:
+            path = self.path / entry
+            if path.is_dir() and not path.is_symlink():
+                files.update(p.relative_to(self.path).as_posix() for p in path.rglob("*") if p.is_file())
+            else:
+                files.add(Path(entry).as_posix())
+        if len(files) != before or not self.file(MANIFEST_FILE).is_file():
+            atomic_write_text(self.file(MANIFEST_FILE), json.dumps({"files": sorted(files)}, indent=0) + "\n")
 
     def foreign_entries(self) -> list[str]:
-        """Entries that are no part of a run: the reason --overwrite would refuse to delete the directory."""
-        foreign = [p.name for p in self.content() if p.name not in RUN_ENTRIES and not is_temporary(p.name)]
-        if self.checkpoints.is_dir():
-            foreign += [f"{CHECKPOINTS_DIR}/{p.name}" for p in self.checkpoints.iterdir()
-                        if not (re.fullmatch(r"step-\d+", p.name) or is_temporary(p.name))]
-        return sorted(foreign)
+        """Files and directories lorafit did not write (per the manifest; temporaries and the trackers' own
+        directories excepted): the reason --overwrite would refuse to delete the directory."""
+        written = self.written() or set()
+        holders = {"/".join(Path(f).parts[:i]) for f in written for i in range(1, len(Path(f).parts))}
+        foreign: list[str] = []
+
+        def walk(directory: Path) -> None:
+            for p in sorted(directory.iterdir()):
+                rel = p.relative_to(self.path).as_posix()
+                if is_temporary(p.name) or rel in (LOCK_FILE, MARKER_FILE, MANIFEST_FILE) or rel in TRACKER_DIRS:
+                    continue  # the trackers write their own directories (tensorboard/, wandb/) as they please
+                if p.is_dir() and not p.is_symlink():
+                    walk(p) if rel in holders or rel in RUN_ENTRIES else foreign.append(rel + "/")
+                elif rel not in written:
+                    foreign.append(rel)
+
+        if self.path.is_dir():
+            walk(self.path)
+        return foreign
 
     def check_new_run(self, resume: bool, overwrite: bool, locked: bool = False) -> None:
         """Refuse to clobber an existing run (or any other directory) unless told to, and to delete anything that
@@ -225,16 +318,19 @@ class RunDir:
         if not locked:
             self._check_not_in_use()
         if overwrite and not resume:
-            foreign = self.foreign_entries()
+            foreign = self.foreign_entries() if self.has_marker() and self.written() is not None else []
+            shown = ", ".join(foreign[:SHOWN_FOREIGN]) + (f" (and {len(foreign) - SHOWN_FOREIGN} more)"
+                                                          if len(foreign) > SHOWN_FOREIGN else "")
             why = (f"it has no {MARKER_FILE} (the mark lorafit leaves in a directory it made for a run)"
                    if not self.has_marker() else
-                   f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which no run writes"
-                   if foreign else "")
+                   f"it has no {MANIFEST_FILE} (the list of the files lorafit wrote; a run of an older lorafit)"
+                   if self.written() is None else
+                   f"it also holds {shown}, which no run writes (not in its {MANIFEST_FILE})" if foreign else "")
             if why:
                 raise LorafitError(
                     f"--overwrite refused: output_dir '{path}' is not recognisably a lorafit run directory: {why}. "
-                    "lorafit deletes only directories it made that hold nothing but a run's files. Delete it "
-                    "yourself if it can go, or choose another output_dir."
+                    "lorafit deletes only directories it made that hold nothing but the files it wrote there. Move "
+                    "your files out, delete the directory yourself if it can go, or choose another output_dir."
                 )
         _check_writable(path)
 
@@ -285,10 +381,13 @@ class RunDir:
                         for p in self.content():
                             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                         self.file(MARKER_FILE).unlink(missing_ok=True)
+                        self.file(MANIFEST_FILE).unlink(missing_ok=True)
                     remove_temporaries(self.path)
                     remove_temporaries(self.checkpoints)
                     if not self.has_marker():
                         self.write_json(MARKER_FILE, {"lorafit_run": 1, "created": _now(), "resumes": []})
+                    if self.written() is None:  # a new run, or one of an older lorafit: its files from now on
+                        self.wrote()
                 yield self
             finally:
                 with contextlib.suppress(OSError):
@@ -330,17 +429,22 @@ class RunDir:
         """Keep the first `n` records: those a checkpoint had seen; later ones are redone after a resume."""
         kept = self.read_metrics()[:n]
         atomic_write_text(self.file(METRICS_FILE), "".join(to_json(r) + "\n" for r in kept))
+        self.wrote(METRICS_FILE)
         self.metrics_records = len(kept)
 
     def write_model_card(self, text: str) -> None:
         """The model card, in the run and in adapter/ (where it replaces PEFT's placeholder: the adapter
         directory alone, e.g. uploaded to the Hub, says what it is)."""
         atomic_write_text(self.file(MODEL_CARD), text)
+        self.wrote(MODEL_CARD)
         if self.adapter.is_dir():
             atomic_write_text(self.adapter / MODEL_CARD, text)
+            self.wrote(f"{ADAPTER_DIR}/{MODEL_CARD}")
 
     def write_json(self, name: str, obj: dict) -> None:
         atomic_write_text(self.file(name), json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
+        if name != MARKER_FILE:
+            self.wrote(name)
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.file(name).read_text(encoding="utf-8"))

@@ -32,19 +32,24 @@ from lorafit.errors import LorafitError, Stopped
 from lorafit.evaluate import Scoring, evaluate_run, scoring_for
 from lorafit.fast import prepare_for_speed
 from lorafit.fastpath import fast_paths_for
+from lorafit.fingerprint import FINGERPRINT_KEY
 from lorafit.forward import FastPaths, Forward
 from lorafit.generate import SamplingConfig, sample
-from lorafit.lora import apply_lora, format_counts, resolve_targets, unwrapped, write_base_signature
+from lorafit.lora import (
+    apply_lora, check_same_base, format_counts, loaded_fingerprint, resolve_targets, unwrapped, write_base_signature,
+)
 from lorafit.measure import device_name, peak_memory_bytes, sync
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
-    CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
+    ADAPTER_DIR, CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
 )
 from lorafit.report import model_card, plot_by_source, plot_losses
-from lorafit.runcheck import check_before_training, check_same_config, data_fingerprint, extends_run, same_data
+from lorafit.runcheck import (
+    CONFIG_KEY, check_before_training, check_same_config, data_fingerprint, extends_run, resolved_config, same_data,
+)
 
 
 # ---------------------------------------------------------------- the loop
@@ -71,6 +76,7 @@ class Trainer:
     progress: Progress = field(default_factory=Progress)
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
     fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
+    force_base: bool = False  # --force-base: resume a checkpoint made on a base with other weights
 
     @property
     def fast(self) -> FastPaths:
@@ -171,8 +177,8 @@ class Trainer:
             self.progress.nonfinite_skipped += 1
             log(f"step {self.progress.step + 1}: non-finite loss/gradient (loss {loss}, grad norm {grad_norm}); step skipped")
             return
-        newest = ckpt.list_checkpoints(self.run.checkpoints)[-1:]
-        kept = f"The last good checkpoint, {newest[0][1]}, is the newest." if newest else "No checkpoint was saved yet."
+        newest = ckpt.newest_checkpoint(self.run.checkpoints)
+        kept = f"The last good checkpoint, {newest}, is the newest." if newest else "No checkpoint was saved yet."
         raise LorafitError(
             f"Non-finite loss or gradient at step {self.progress.step + 1} (loss {loss}, grad norm {grad_norm}). "
             "Likely causes: a learning rate too high (train.lr), fp16 overflow (try model.precision=bf16 or fp32), "
@@ -234,10 +240,14 @@ class Trainer:
             "metrics_records": self.run.metrics_records,
             "train_examples": self.plan.n_train, "total_steps": self.plan.total_steps,
             "data_fingerprint": self.data_fingerprint(),
+            FINGERPRINT_KEY: loaded_fingerprint(self.model),  # the base's weights (lorafit/fingerprint.py)
+            CONFIG_KEY: resolved_config(self.cfg),  # what --resume compares, whatever config.yaml says by then
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
         }
-        return ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler, state,
-                                    self.cfg.train.keep_checkpoints, gathered)
+        path = ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler,
+                                    state, self.cfg.train.keep_checkpoints, gathered)
+        self.run.wrote(path.relative_to(self.run.path).as_posix())
+        return path
 
     def data_fingerprint(self) -> dict:
         if self.fingerprint is None:
@@ -254,6 +264,12 @@ class Trainer:
 
     def _restore_state(self, path: Path, state: dict) -> None:
         same_data(path, state, self.plan.n_train, self.plan.total_steps, self.data_fingerprint())
+        check_same_base(state.get(FINGERPRINT_KEY), loaded_fingerprint(self.model), self.force_base,
+                        lambda why: LorafitError(
+                            f"Checkpoint {path} was trained on another base than '{self.cfg.model.name}' is now: {why} "
+                            "(other weights of the same shapes). Restore the run's base, start again with --overwrite, "
+                            "or pass --force-base to continue on this one anyway."),
+                        f"checkpoint {path}")
         self.progress = Progress.from_state(state, self.device, dist.world().size)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -409,7 +425,7 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_for_speed(model, cfg.train.compile)
     if cfg.train.fsdp:
-        dist.shard(model)  # onto this rank's device, a shard of every block each
+        dist.shard(unwrapped(model))  # onto this rank's device, a shard of every block each
     fast = fast_paths_for(model, cfg, device, precision.autocast, log=log)
     return model, targets, fast
 
@@ -442,15 +458,16 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
     """Restore the newest checkpoint (with --resume) or begin afresh; return the eval before training.
     `changed`: settings that differ from the run's and may (recorded in the run, config.yaml updated)."""
     run = trainer.run
-    newest = ckpt.list_checkpoints(run.checkpoints)[-1:] if resume else []
+    newest = ckpt.newest_checkpoint(run.checkpoints) if resume else None
     if newest:
-        trainer.restore(newest[0][1])
-        log(f"resumed from {newest[0][1]} (step {trainer.progress.step} of {trainer.plan.total_steps})")
+        trainer.restore(newest)
+        log(f"resumed from {newest} (step {trainer.progress.step} of {trainer.plan.total_steps})")
         if changed:
             log("settings changed on resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
             if dist.world().is_main:
                 run.record_resume(trainer.progress.step, changed)
                 save_config(trainer.cfg, run.file(CONFIG_FILE))
+                run.wrote(CONFIG_FILE)
                 if extends_run(changed):  # a longer run is unfinished until it ends: its outputs are written anew
                     run.file(SUMMARY_FILE).unlink(missing_ok=True)
         return next((r for r in run.read_metrics() if r["step"] == 0 and "val_loss" in r), None)
@@ -458,12 +475,13 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
         log(f"--resume: no checkpoint in {run.checkpoints}; starting from the beginning.")
     if dist.world().is_main:
         save_config(trainer.cfg, run.file(CONFIG_FILE))
+        run.wrote(CONFIG_FILE)
         run.keep_metrics(0)  # a start over keeps no stale records
     return trainer.run_eval("before training") if trainer.cfg.eval.before_training else None
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          checked: RunDir | None = None) -> dict:
+          force_base: bool = False, checked: RunDir | None = None) -> dict:
     """Check everything, then take the run's lock, then decide again under it (a new run, a resume, or an
     overwrite: only now is an old run deleted), then train. `checked`: the run directory when the caller
     already ran its `check_new_run` (the CLI does, before torch loads); None: it is checked here."""
@@ -475,6 +493,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         return run.read_summary()
     try:
         trainer = setup(cfg, run)
+        trainer.force_base = force_base
         check_before_training(trainer)  # values used only later (the eval sample) fail now, not after training
         # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.
         claim = run.claim(resume, overwrite) if dist.world().is_main else contextlib.nullcontext()
@@ -491,8 +510,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     trainer.fit(show_bar=progress)
                 return finish(trainer, before)
     except torch.OutOfMemoryError:
-        newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
-        kept = f" The newest complete checkpoint, {newest[0][1]}, resumes with --resume." if newest else ""
+        newest = ckpt.newest_checkpoint(run.checkpoints)
+        kept = f" The newest complete checkpoint, {newest}, resumes with --resume." if newest else ""
         raise LorafitError(str(out_of_memory(default_device(), "training")) + kept) from None
 
 
@@ -509,8 +528,8 @@ def resume_state(run: RunDir, cfg: RunConfig, resume: bool) -> tuple[dict, bool]
 
 
 def resume_advice(run: RunDir) -> str:
-    newest = ckpt.list_checkpoints(run.checkpoints)[-1:]
-    kept = f"The newest complete checkpoint is {newest[0][1]}" if newest else "No checkpoint was saved yet"
+    newest = ckpt.newest_checkpoint(run.checkpoints)
+    kept = f"The newest complete checkpoint is {newest}" if newest else "No checkpoint was saved yet"
     return f"{kept}; free space, then run the same command with --resume."
 
 
@@ -525,6 +544,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
     with saving(f"the adapter in {run.adapter}", advice):
         save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
                      lora_weights)
+        run.wrote(ADAPTER_DIR)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     summary = {
         "recipe": cfg.recipe,
@@ -563,8 +583,10 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
 def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | None, after: dict) -> None:
     with atomic_path(run.file(LOSS_PLOT)) as tmp:
         plot_losses(run.read_metrics(), tmp)
+    run.wrote(LOSS_PLOT)
     if len(after["val_by_source"]) > 1:
         with atomic_path(run.file(SOURCE_PLOT)) as tmp:
             plot_by_source((before or {}).get("val_by_source", {}), after["val_by_source"], tmp)
+        run.wrote(SOURCE_PLOT)
     run.write_model_card(model_card(cfg, summary))
     run.write_json(SUMMARY_FILE, summary)

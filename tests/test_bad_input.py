@@ -7,6 +7,8 @@ found before that run is touched.
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -92,6 +94,8 @@ def existing_run(tmp_path) -> Path:
     (run / "config.yaml").write_text("recipe: quotes\n")
     (run / "metrics.jsonl").write_text('{"step": 2, "loss": 3.0}\n')
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    files = ["config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors"]  # lorafit's manifest: all its own
+    (run / ".lorafit-files.json").write_text(json.dumps({"files": files}))
     return run
 
 

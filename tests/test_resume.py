@@ -9,6 +9,7 @@ save, inside the final adapter save. One more kill comes from outside at whateve
 from __future__ import annotations
 
 import errno
+import shutil
 import json
 import os
 import signal
@@ -288,3 +289,115 @@ def test_checkpoints_restore_weights_optimizer_and_rngs_and_only_the_newest_are_
     assert torch.equal(torch.rand(3), expected_draw)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+
+
+# ---------------------------------------------------------------- issue 21: --resume pins the config and the base
+
+
+def test_a_hand_edited_config_yaml_is_refused_on_resume(reference, tmp_path, capsys):
+    """`--resume RUN_DIR` reads the run's config.yaml: the checkpoint's own record of the config is what counts."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["lr"] != 0.5
+    config["train"]["lr"] = 0.5
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (out / "summary.json").unlink()
+    before = checkpoint_steps(out)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--resume: the config differs" in err and "train.lr:" in err and "0.5 now" in err
+    assert checkpoint_steps(out) == before
+
+
+@pytest.mark.parametrize("key, value", [
+    ("step", -1), ("step", 2.5), ("step", 10**30), ("step", "3"), ("step", True), ("metrics_records", -1),
+    ("total_steps", "10"), ("train_tokens", None),
+])
+def test_tampered_state_values_are_an_unreadable_checkpoint(reference, tmp_path, key, value):
+    step_dir = tmp_path / "step-9"
+    shutil.copytree(ckpt.list_checkpoints(reference / "checkpoints")[-1][1], step_dir)
+    state = json.loads((step_dir / ckpt.STATE).read_text())
+    ckpt.read_state(step_dir)  # as written: fine
+    state[key] = value
+    (step_dir / ckpt.STATE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=key):
+        ckpt.read_state(step_dir)
+
+
+def test_a_huge_step_in_state_json_is_unreadable_not_done(reference, tiny_model_dir, texts_file, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "summary.json").unlink()
+    newest = ckpt.newest_checkpoint(out / "checkpoints")
+    state = json.loads((newest / ckpt.STATE).read_text())
+    state["step"] = 10**30
+    (newest / ckpt.STATE).write_text(json.dumps(state))
+    assert main([*train_args(tiny_model_dir, texts_file, out, cache), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"Checkpoint {newest} is unreadable" in err and "step=" in err
+    assert not (out / "summary.json").exists()
+
+
+def test_resume_on_a_base_of_other_weights_is_refused_unless_forced(tmp_path, tiny_model_dir, tiny_tokenizer_dir, texts_file,
+                                                                     cache, capsys):
+    from lorafit.init_model import init_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    out = tmp_path / "run"
+    short = ["train.max_steps=3", "train.save_every=3", "eval.before_training=false", "eval.sample_prompt=null"]
+    assert main([*train_args(base, texts_file, out, cache), *short]) == 0
+    shutil.rmtree(base)
+    init_model("tiny", str(tiny_tokenizer_dir), base, seed=1)  # same path, same shapes, other weights
+    longer = [*train_args(base, texts_file, out, cache), *short, "train.max_steps=4", "--resume"]
+    assert main(longer) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "was trained on another base" in err and "--force-base" in err
+    assert checkpoint_steps(out) == [3]
+    assert main([*longer, "--force-base"]) == 0
+    assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 4
+
+
+# ---------------------------------------------------------------- issue 21: a full disk under torch.save
+
+
+def test_a_full_disk_under_torch_save_is_the_same_clean_message(tmp_path, tiny_model_dir, texts_file, cache, monkeypatch,
+                                                                 capsys):
+    """torch.save reports a full disk as `RuntimeError: basic_ios::clear` (no errno): the same message as any
+    other writer's, and the previous checkpoint stays the newest, complete."""
+    real_save, calls = ckpt.torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 4:  # the step-6 checkpoint's optimizer state (3 torch.save calls a checkpoint)
+            Path(f).write_bytes(b"\0" * 10)
+            raise RuntimeError("basic_ios::clear: iostream error")
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, texts_file, out, cache)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 1
+    assert f"Could not write checkpoint {out / 'checkpoints' / 'step-6'}" in err and "the disk is full" in err
+    assert "step-3" in err and "--resume" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert main([*train_args(tiny_model_dir, texts_file, out, cache), "--resume"]) == 0
+
+
+def test_write_error_reads_every_writer_s_failure():
+    from safetensors import SafetensorError
+
+    from lorafit.rundir import write_error
+
+    for exc in (OSError(errno.ENOSPC, "No space left on device", "f"), SafetensorError("I/O error: No space left on "
+                "device (os error 28)"), Exception("Os { code: 28, kind: StorageFull }"),
+                RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                             "data/0: file write failed"), RuntimeError("basic_ios::clear: iostream error")):
+        error = write_error(exc, "x", "advice")
+        assert error is not None and "disk is full" in str(error), exc
+    assert write_error(RuntimeError("shape mismatch"), "x", "advice") is None  # a bug keeps its traceback

@@ -246,6 +246,15 @@ def test_resume_still_refuses_a_change_of_the_training(run, tmp_path, tiny_model
     assert snapshot(out) == before
 
 
+def data_moved_in_checkpoint(run: Path, old: Path, new: Path) -> None:
+    """The checkpoints' own record of the config with the data's path changed too, as if the file had been
+    edited in place: a changed path alone is refused by the config check (test_resume.py::
+    test_a_hand_edited_config_yaml_is_refused_on_resume); what is tested here is the data fingerprint."""
+    for _, step_dir in ckpt.list_checkpoints(run / "checkpoints"):
+        state = (step_dir / ckpt.STATE).read_text()
+        (step_dir / ckpt.STATE).write_text(state.replace(json.dumps(str(old))[1:-1], json.dumps(str(new))[1:-1]))
+
+
 def test_resume_on_other_data_with_as_many_rows_is_refused(run, tmp_path, tiny_model_dir, texts_file, capsys):
     out = unfinished_copy(run, tmp_path / "run")
     other = tmp_path / "other.jsonl"  # the run's data file, as if edited since: as many rows, other text
@@ -253,6 +262,7 @@ def test_resume_on_other_data_with_as_many_rows_is_refused(run, tmp_path, tiny_m
     other.write_text("".join(json.dumps({**r, "quote": r["quote"].upper()}) + "\n" for r in rows))
     config = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(config.replace(str(texts_file), str(other)))
+    data_moved_in_checkpoint(out, texts_file, other)
     before = snapshot(out)
     code = main(train_args(tiny_model_dir, other, out, "--resume"))
     refused(code, capsys.readouterr().err, "was trained on other data", "training examples differ", "--overwrite")
@@ -285,6 +295,7 @@ def test_resume_on_other_validation_data_is_refused(run, tmp_path, tiny_model_di
     other.write_text("".join(json.dumps({**r, "quote": r["quote"].upper()} if i in set(val.tolist()) else r) + "\n"
                              for i, r in enumerate(rows)))
     (out / "config.yaml").write_text((out / "config.yaml").read_text().replace(str(texts_file), str(other)))
+    data_moved_in_checkpoint(out, texts_file, other)
     before = snapshot(out)
     code = main(train_args(tiny_model_dir, other, out, "--resume"))
     refused(code, capsys.readouterr().err, "was trained on other data", "validation examples differ", "--overwrite")
@@ -506,6 +517,64 @@ def test_a_second_ctrl_c_during_shutdown_ends_quietly(tmp_path, tiny_model_dir, 
     assert ckpt.list_checkpoints(out / "checkpoints")
 
 
+# ---------------------------------------------------------------- issue 21: --overwrite deletes only what lorafit wrote
+
+
+def test_overwrite_refuses_files_of_the_user_inside_the_run_s_directories(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    mixed = tmp_path / "run"
+    shutil.copytree(run, mixed)
+    (mixed / "eval").mkdir()
+    (mixed / "eval" / "notes.txt").write_text("mine\n")
+    (mixed / "adapter" / "my_backup").mkdir()
+    (mixed / "adapter" / "my_backup" / "adapter_model.safetensors").write_bytes(b"an older adapter")
+    (mixed / "checkpoints" / "step-2" / "NOTES.txt").write_text("step 2 was the good one\n")
+    before = snapshot(mixed)
+    code = main(train_args(tiny_model_dir, texts_file, mixed, "--overwrite"))
+    refused(code, capsys.readouterr().err, "--overwrite refused", "adapter/my_backup/", "checkpoints/step-2/NOTES.txt",
+            "eval/notes.txt", "which no run writes")
+    assert snapshot(mixed) == before
+
+
+def test_overwrite_names_at_most_ten_foreign_paths(run, tmp_path, tiny_model_dir, texts_file, capsys):
+    mixed = tmp_path / "run"
+    shutil.copytree(run, mixed)
+    for i in range(12):
+        (mixed / "adapter" / f"mine-{i:02d}.txt").write_text("mine\n")
+    code = main(train_args(tiny_model_dir, texts_file, mixed, "--overwrite"))
+    err = capsys.readouterr().err
+    refused(code, err, "adapter/mine-00.txt", "adapter/mine-09.txt", "(and 2 more)")
+    assert "mine-10" not in err
+
+
+def test_the_manifest_lists_what_lorafit_wrote_and_only_that(run):
+    from lorafit.rundir import MANIFEST_FILE, RunDir
+
+    files = set(json.loads((run / MANIFEST_FILE).read_text())["files"])
+    on_disk = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()} - {MARKER_FILE, MANIFEST_FILE}
+    assert on_disk <= files  # every file of the run was recorded when it was written
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
+            "checkpoints/step-3/state.json"} <= files
+    assert RunDir(run).foreign_entries() == []
+
+
+def test_checkpoint_rotation_leaves_the_user_s_files(tmp_path):
+    model, optimizer, scheduler = tiny_state()
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, keep=5)
+    (tmp_path / "step-1" / "NOTES.txt").write_text("mine\n")
+    ckpt.save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {}, keep=1)
+    assert (tmp_path / "step-1" / "NOTES.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in (tmp_path / "step-1").iterdir()) == ["NOTES.txt"]  # lorafit's files are gone
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+
+
+def tiny_state():
+    import torch
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler
 def test_a_huge_single_word_is_cut_inside_itself_before_tokenising(tiny_tokenizer, monkeypatch):
     """A 2 MB "word" of one letter has no pre-token boundary to cut at: before, it reached BPE whole (a 200 MB
     one took over 7 GB). Now no text of more than a bounded size reaches the tokenizer, text that fits is

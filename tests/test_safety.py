@@ -211,3 +211,135 @@ def test_a_run_in_use_by_another_process_is_refused(run, tmp_path, tiny_model_di
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code = main(train_args(tiny_model_dir, texts_file, copy, "--resume"))
     assert_clean_failure(code, capsys.readouterr().err, "Another lorafit process is using")
+
+
+# ---------------------------------------------------------------- issue 21: foreign code and the base's identity
+
+
+def remote_code_base(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A copy of the tiny base that asks for its own code; running that code creates tmp_path/ran."""
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="custom-arch", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    return model
+
+
+@pytest.mark.parametrize("command", ["generate", "merge", "eval", "serve"])
+def test_an_adapter_cannot_switch_on_remote_code(command, run, tmp_path, tiny_model_dir, capsys):
+    """A downloaded adapter whose lorafit_base.json says trust_remote_code: true runs no code: the flag is the
+    user's alone, and the refusal names it."""
+    base = remote_code_base(tmp_path, tiny_model_dir)
+    adapter = tmp_path / "downloaded"
+    shutil.copytree(run / "adapter", adapter)
+    record = json.loads((adapter / BASE_SIGNATURE).read_text())
+    record["load"].update(resolved=str(base), name=str(base), trust_remote_code=True)
+    (adapter / BASE_SIGNATURE).write_text(json.dumps(record))
+    if command == "serve":
+        from lorafit.serve.models import ModelHost
+
+        with pytest.raises(LorafitError, match="--trust-remote-code"):
+            ModelHost([("a", str(adapter))])
+    else:
+        args = {"generate": ["generate", str(adapter), "Hi", "--max-new-tokens", "2"],
+                "merge": ["merge", str(adapter), str(tmp_path / "merged")],
+                "eval": ["eval", str(adapter), "--recipe", "quotes"]}[command]
+        assert_clean_failure(main(args), capsys.readouterr().err, "trust_remote_code", "pass --trust-remote-code")
+    assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A base of the very shapes of tiny_model_dir, with other weights (another seed)."""
+    from lorafit.init_model import init_model
+
+    return init_model("tiny", str(tiny_tokenizer_dir), tmp_path_factory.mktemp("other") / "tiny", seed=1)
+
+
+def test_an_adapter_on_a_base_of_other_weights_is_refused_unless_forced(run, other_weights, capsys):
+    record = json.loads((run / "adapter" / BASE_SIGNATURE).read_text())
+    assert len(record["base_fingerprint"]["sha256"]) == 64
+    args = ["generate", str(run), "Hello", "--base", str(other_weights), "--max-new-tokens", "2", "--temperature", "0"]
+    assert_clean_failure(main(args), capsys.readouterr().err, "does not fit the given base", "weights (sha256",
+                         "--force-base")
+    assert main([*args, "--force-base"]) == 0
+    assert "--force-base: using the adapter" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_adapter_of_other_weights_also_at_run_time(run, other_weights):
+    from lorafit.serve.models import ModelHost
+
+    with pytest.raises(LorafitError, match="another base|does not fit"):
+        ModelHost([("a", str(run))], base=str(other_weights))
+    host = ModelHost([], base=str(other_weights))  # POST /v1/adapters loads through host.add: a 400 (app.load)
+    with pytest.raises(LorafitError, match="--force-base"):
+        host.add("a", run / "adapter")
+    assert not host.adapters
+    ModelHost([], base=str(other_weights), force_base=True).add("a", run / "adapter")
+
+
+def test_an_adapter_of_an_older_lorafit_loads_with_a_warning(run, tmp_path, other_weights, capsys):
+    adapter = tmp_path / "old"
+    shutil.copytree(run / "adapter", adapter)
+    record = json.loads((adapter / BASE_SIGNATURE).read_text())
+    del record["base_fingerprint"]
+    (adapter / BASE_SIGNATURE).write_text(json.dumps(record))
+    assert main(["generate", str(adapter), "Hello", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert "records no fingerprint of its base" in capsys.readouterr().err
+
+
+def test_the_base_fingerprint_is_cached_by_path_size_and_mtime(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from lorafit import fingerprint
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    first = fingerprint.local_fingerprint(base)
+    cache_file = tmp_path / "cache" / fingerprint.CACHE_FILE
+    cache = json.loads(cache_file.read_text())
+    (entry,) = cache.values()
+    entry["sha256"] = "0" * 64  # a cached hash is used as it is: the file is not read again
+    cache_file.write_text(json.dumps(cache))
+    assert fingerprint.local_fingerprint(base) != first
+    weights = base / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # touched: hashed again
+    assert fingerprint.local_fingerprint(base) == first
+    monkeypatch.delenv("LORAFIT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fingerprint.user_cache_dir() == tmp_path / "xdg" / "lorafit"
+
+
+# ---------------------------------------------------------------- issue 21: outputs never inside a run's own directories
+
+
+def test_merge_into_a_run_s_own_directories_is_refused(run, tmp_path, capsys):
+    for inside in ("adapter/merged", "checkpoints/merged", "eval/m"):
+        code = main(["merge", str(run), str(run / inside)])
+        assert_clean_failure(code, capsys.readouterr().err, "which lorafit manages for the run", "would be lost")
+        assert not (run / inside).exists()
+
+
+def test_merge_over_a_symlink_is_refused_and_the_link_kept(run, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert_clean_failure(main(["merge", str(run), str(link)]), capsys.readouterr().err, "is a symbolic link")
+    assert link.is_symlink() and not any(target.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name] == []
+
+
+def test_check_output_path_guards_eval_and_export_outputs(run, tmp_path):
+    from lorafit.rundir import check_output_path
+
+    with pytest.raises(LorafitError, match="adapter"):
+        check_output_path(run / "adapter", "the evaluation results (eval/)", replaces=False)  # RUN=run/adapter
+    with pytest.raises(LorafitError, match="checkpoints"):
+        check_output_path(run / "checkpoints" / "step-3" / "model.gguf", "the GGUF file")
+    assert check_output_path(run, "the evaluation results (eval/)", replaces=False) == run
+    assert check_output_path(tmp_path / "new" / "merged", "the merged model") == tmp_path / "new" / "merged"

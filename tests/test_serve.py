@@ -837,3 +837,16 @@ def test_an_adapter_unloaded_under_requests_fails_only_them(client, host, adapte
     assert stream.status_code == 200 and sse_events(stream.text)[-1]["choices"][0]["finish_reason"] == "error"
     assert base.status_code == 200
     assert base.json()["choices"][0]["text"] == alone(adapters["alpha"], PROMPTS[1], 40, base=True)
+
+
+def test_runtime_loading_refuses_an_adapter_of_other_weights_with_a_4xx(client, host, root, tmp_path, tiny_tokenizer_dir):
+    """Issue 21: an adapter trained on a base of the same shapes but other weights is refused by lorafit's
+    shared loader (the base fingerprint), and the server says so as a 400, loading nothing."""
+    from lorafit.init_model import init_model, random_adapter
+
+    twin = init_model("tiny", str(tiny_tokenizer_dir), tmp_path / "twin", seed=1)  # tiny_model_dir's shapes
+    random_adapter(twin, root / "twin-adapter", seed=3)
+    message = assert_error(client.post("/v1/adapters", json={"name": "t", "path": "twin-adapter"}), 400,
+                           param="path", code="adapter_not_loadable")
+    assert "weights (sha256" in message and "--force-base" in message
+    assert set(host.adapters) == {"alpha", "beta"}

@@ -198,7 +198,7 @@ def test_accelerate_is_no_dependency_of_lorafit_itself():
 # The floors of docs/design.md's map, bottom first: a module imports only from its own floor or below.
 FLOORS = [
     "errors atomic balance measure metrics progress comparison data.paths serve.protocol attention lorafit data recipes "
-    "serve bench serve.kvcache",
+    "serve bench serve.kvcache fingerprint",
     "data.examples data.tokenize data.filters data.formats data.packing data.templates rundir trackers serve.guards",
     "config",
     "data.hub data.sources lora modeling report checkpoint distributed console fast loss generate runcheck merge",

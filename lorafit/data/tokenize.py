@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.atomic import atomic_path
+from lorafit.fingerprint import user_cache_dir
 
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
@@ -441,7 +441,7 @@ def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, 
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
+    return user_cache_dir()
 
 
 def tokenize_cached(

@@ -290,7 +290,8 @@ def serve(args) -> int:
     if len(set(names)) != len(names):
         raise LorafitError(f"Two adapters share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                            "name them: NAME=RUN_DIR.")
-    host = ModelHost(adapters, base=args.base, precision=args.precision, attn_implementation=args.attn_implementation)
+    host = ModelHost(adapters, base=args.base, precision=args.precision, attn_implementation=args.attn_implementation,
+                     trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     app = create_app(host, api_key=args.api_key, adapters_root=root, allow_admin=args.allow_admin,
                      bound_host=args.host, log_prompts=args.log_prompts)
     served = ", ".join([f"{host.base_id} (base)", *host.adapters])

@@ -33,13 +33,16 @@ def parse_adapter_arg(arg: str) -> tuple[str, str]:
 
 class ModelHost:
     def __init__(self, adapters: list[tuple[str, str]], base: str | None = None, precision: str | None = None,
-                 device=None, attn_implementation: str | None = None):
+                 device=None, attn_implementation: str | None = None, trust_remote_code: bool = False,
+                 force_base: bool = False):
         if not adapters and not base:
             raise LorafitError("Nothing to serve: give at least one RUN_DIR (or NAME=RUN_DIR), or --base MODEL.")
         dirs = [(name, resolve_adapter_dir(path)) for name, path in adapters]
         # the base as the first adapter's run loaded it (or as given); the others must fit it
-        model_cfg = (base_load_config(dirs[0][1], base, attn_implementation) if dirs
-                     else ModelConfig(name=base, attn_implementation=attn_implementation or "auto"))
+        model_cfg = (base_load_config(dirs[0][1], base, attn_implementation, trust_remote_code) if dirs
+                     else ModelConfig(name=base, attn_implementation=attn_implementation or "auto",
+                                      trust_remote_code=trust_remote_code))
+        self.force_base = force_base  # --force-base: adapters (also those loaded at run time) may be of other weights
         self.base_name = model_cfg.name
         self.base_id = Path(self.base_name.rstrip("/")).name or self.base_name  # a local path's last part
         self.model, self.tokenizer = load_inference_base(model_cfg, dirs[0][1] if dirs else None, precision, device)
@@ -72,7 +75,8 @@ class ModelHost:
         """Load an adapter onto the base under `name` (lorafit's base-signature, key and shape checks)."""
         with self.lock:
             self.check_name(name)
-            self.model = load_adapter(self.model, Path(adapter_dir), self.base_name, adapter_name=name).eval()
+            self.model = load_adapter(self.model, Path(adapter_dir), self.base_name, adapter_name=name,
+                                      force_base=self.force_base).eval()
             self.adapters[name] = Path(adapter_dir)
 
     def remove(self, name: str) -> None:
