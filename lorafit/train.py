@@ -373,16 +373,20 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.devic
     return optimizer, scheduler
 
 
-def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None = None) -> None:
+def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None = None,
+                 keep: tuple[str, ...] = ()) -> list[str]:
     """The adapter in PEFT's format (its config names the base as the user gave it), the tokenizer,
     and lorafit's metadata: the base's signature and how to load it again (`load`). `weights`: the
-    trainable weights gathered whole from a sharded model."""
+    trainable weights gathered whole from a sharded model. `keep`: entries of an existing `path` that lorafit
+    did not write, carried into the new one. Returns the files written (relative to `path`)."""
     for adapter in model.peft_config.values():  # PEFT writes it into adapter_config.json
         adapter.base_model_name_or_path = load["name"]
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, keep=keep) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         write_base_signature(tmp, model.get_base_model(), load)
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    return written
 
 
 def check_seq_len(cfg: RunConfig, model) -> None:
@@ -547,9 +551,11 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         return after
     advice = resume_advice(run)  # the last step is checkpointed: a resume redoes only the eval and the saves
     with saving(f"the adapter in {run.adapter}", advice):
-        save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
-                     lora_weights)
-        run.wrote(ADAPTER_DIR)
+        # A file of the user's in adapter/ (lorafit never wrote it) is carried into the new adapter, never deleted.
+        users = tuple(e[len(ADAPTER_DIR) + 1:].rstrip("/") for e in run.foreign_entries() if e.startswith(ADAPTER_DIR + "/"))
+        written = save_adapter(trainer.model, trainer.tokenizer, run.adapter,
+                               load_settings(cfg.model, trainer.model.get_base_model()), lora_weights, keep=users)
+        run.wrote(*(f"{ADAPTER_DIR}/{name}" for name in written))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     summary = {
         "recipe": cfg.recipe,
