@@ -56,14 +56,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary directory; on success it replaces `final` by renames."""
+def atomic_dir(final: Path, keep: tuple[str, ...] = ()):
+    """Yield a temporary directory; on success it replaces `final` by renames. `keep`: entries of the old
+    `final` (relative paths; files or directories that are not the writer's) copied into the new one first, so
+    replacing a directory never deletes them; a name the writer also wrote stays the writer's."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        for entry in keep:  # copied, not moved: until the swap below the old directory keeps them whole
+            src, dst = final / entry, tmp / entry
+            if dst.exists() or not (src.exists() or src.is_symlink()):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:

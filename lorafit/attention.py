@@ -8,8 +8,9 @@ which are most of the FLOPs, then see no padding at all. The loop costs microsec
 and layer: nothing next to a CPU step, but on a GPU those kernel launches add up, which is why
 `auto` picks segments on CPU only.
 
-The attention is registered with transformers under SEGMENTS and switched on only around a
-packed forward (`lorafit.fast.forward_state`), so the model's own setting (sdpa) serves everything else:
+The attention is registered with transformers under SEGMENTS by `register()`, which building a
+`lorafit.forward.Forward` calls (not at import), and switched on only around a packed forward
+(`lorafit.fast.forward_state`), so the model's own setting (sdpa) serves everything else:
 generation, padded batches, a saved or merged model. Whether it stands in for a model's own
 attention exactly is checked on the model itself (lorafit.fastpath); what it cannot do (soft-capping,
 a window shorter than an example) it refuses, which that check reports.
@@ -63,5 +64,14 @@ def _no_mask(*args, **kwargs):
     return None  # the segments are the mask
 
 
-AttentionInterface.register(SEGMENTS, segment_sdpa)
-AttentionMaskInterface.register(SEGMENTS, _no_mask)
+_registered = False
+
+
+def register() -> None:
+    """Make SEGMENTS known to transformers, once a process: lorafit.forward.Forward calls it when it is built
+    (importing this module changes nothing). Once: a later call leaves whatever is registered as it is."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(SEGMENTS, segment_sdpa)
+        AttentionMaskInterface.register(SEGMENTS, _no_mask)
+        _registered = True

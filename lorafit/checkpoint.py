@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, described
 from lorafit.lora import key_problems
 from lorafit.atomic import atomic_dir
 from lorafit.rundir import saving
@@ -46,12 +46,12 @@ def unreadable(path: Path, exc: BaseException) -> LorafitError:
     """A checkpoint (or one of its files) that cannot be used: say so, and how to go on without it."""
     path = Path(path)
     step_dir = path if STEP_DIR.match(path.name) else path.parent
-    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    why = described(exc, 200)
     if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
-        detail = refused_pickle(exc)
+        why = f"{type(exc).__name__}: {refused_pickle(exc)}"
     return LorafitError(
         f"Checkpoint {step_dir} is unreadable ({path.name if path != step_dir else ''}"
-        f"{': ' if path != step_dir else ''}{type(exc).__name__}{': ' + detail if detail else ''}). Delete it to resume "
+        f"{': ' if path != step_dir else ''}{why}). Delete it to resume "
         "from the previous checkpoint, or start again with --overwrite."
     )
 

@@ -1,4 +1,8 @@
-"""The `lorafit` command line: train, eval, generate, merge, export, init-model, recipes, config, data, serve, bench."""
+"""The `lorafit` command line: train, eval, generate, merge, export, init-model, recipes, config, data, serve, bench.
+
+Imported at the top: what checks arguments and configs and needs no torch (a typo fails in a fraction of a
+second). Each torch-side module is imported inside the command that uses it, after those checks, and says so.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from lorafit.errors import EXIT_USER_ERROR, LorafitError, not_utf8, shorten
+from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
+from lorafit.config import annotated_yaml, apply_overrides, build_config, list_recipes, load_config, run_config
+from lorafit.console import log, progress_bar
+from lorafit.data.templates import generation_prompt, resolve_template
+from lorafit.errors import EXIT_USER_ERROR, OFFLINE_REASON, ConfigError, LorafitError, Stopped, not_utf8, shorten
+from lorafit.init_model import SIZES, describe_sizes, init_model
+from lorafit.localpaths import looks_like_a_path
+from lorafit.preflight import check_local_paths
+from lorafit.recipes import DESCRIPTIONS
+from lorafit.rundir import CONFIG_FILE, RunDir, to_json, write_error
+from lorafit.trackers import check_available
 
 USAGE_EXAMPLES = """examples:
   lorafit train quotes
@@ -35,8 +49,6 @@ def _offline_if_hub_unreachable() -> None:
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
-        from lorafit.errors import OFFLINE_REASON
-
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ[OFFLINE_REASON] = f"{host} does not resolve: this machine looks offline, so lorafit ran in offline mode"
@@ -80,29 +92,24 @@ def _without_bitsandbytes() -> None:
 
 
 def cmd_train(args) -> int:
-    from lorafit.config import load_config
-    from lorafit.rundir import RunDir
-
     recipe, overrides, resume = train_target(args)
     cfg = load_config(recipe, overrides)  # a bad config stops here, before any process starts or torch loads
     if not cfg.model.quantize:
         _without_bitsandbytes()
-    from lorafit.preflight import check_local_paths
-
     check_local_paths(cfg)  # and a missing data file or local model directory, before seconds of model loading
-    RunDir(cfg.output_dir).check_new_run(resume, args.overwrite and not resume)  # so does a run in the way
-    from lorafit.trackers import check_available
+    run = RunDir(cfg.output_dir)
+    run.check_new_run(resume, args.overwrite and not resume)  # so does a run in the way (train() then skips it)
 
     check_available(cfg.train.report_to)  # and a tracker whose extra is missing
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
-    from lorafit import distributed as dist
-    from lorafit.errors import Stopped
-    from lorafit.train import train
+    from lorafit import distributed as dist  # lazy: torch
+    from lorafit.train import train  # lazy: torch
 
     world = dist.init()
     try:
-        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, force_base=args.force_base)
+        train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, force_base=args.force_base,
+              checked=run)
     except (Stopped, KeyboardInterrupt) as exc:
         if world.is_main:
             command = shlex.join(["lorafit", "train", recipe, *overrides, "--resume"])
@@ -124,8 +131,6 @@ def train_target(args) -> tuple[str, list[str], bool]:
     `--resume` alone continues the recipe's run; `--resume RUN_DIR` (no recipe) continues the run in RUN_DIR from
     its own config.yaml, the overrides on top. argparse hands `--resume`'s optional value whatever follows it, so
     a value that is an override or a recipe goes back where it belongs."""
-    from lorafit.rundir import CONFIG_FILE
-
     recipe, overrides, value = args.recipe, list(args.overrides), args.resume
     if recipe is not None and "=" in recipe and not Path(recipe).exists():  # `train --resume RUN k=v`
         recipe, overrides = None, [recipe, *overrides]
@@ -202,17 +207,30 @@ def processors() -> tuple[int, str]:
     return cores, "CPU core(s) usable (no GPU)"
 
 
-def cmd_eval(args) -> int:
-    from lorafit.forgetting import eval_command, wants_comparison
+# `lorafit eval` flags that belong to --data or --tasks (their comparison: lorafit/forgetting.py)
+DATA_ONLY = ("text_field", "max_examples")
+TASKS_ONLY = ("limit", "num_fewshot", "batch_size", "include_path")
 
+
+def wants_comparison(args) -> bool:
+    """True when `lorafit eval` was given --data or --tasks; their sub-options alone are an error."""
+    for names, main, example in ((DATA_ONLY, "data", "--data FILE --text-field text"),
+                                 (TASKS_ONLY, "tasks", "--tasks hellaswag --limit 100")):
+        stray = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+        if stray and getattr(args, main, None) is None:
+            verb = "applies" if len(stray) == 1 else "apply"
+            raise LorafitError(f"{', '.join(stray)} only {verb} with --{main}, e.g. lorafit eval RUN {example}.")
+    return getattr(args, "data", None) is not None or getattr(args, "tasks", None) is not None
+
+
+def cmd_eval(args) -> int:
     if wants_comparison(args):  # --data / --tasks: base vs base + adapter (lorafit/forgetting.py)
+        from lorafit.forgetting import eval_command  # lazy: loads torch, after the flags are checked
+
         return eval_command(args)
-    from lorafit.console import log
-    from lorafit.data.prepare import prepare_data
-    from lorafit.evaluate import evaluate_run, saved_scoring
-    from lorafit.forgetting import run_config
-    from lorafit.generate import load_for_inference, resolve_adapter_dir
-    from lorafit.rundir import CONFIG_FILE, to_json
+    from lorafit.data.prepare import prepare_data  # lazy: torch
+    from lorafit.evaluate import evaluate_run, saved_scoring  # lazy: torch
+    from lorafit.generate import load_for_inference, resolve_adapter_dir  # lazy: torch
 
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
@@ -238,8 +256,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lorafit.console import progress_bar
-    from lorafit.generate import SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base
+    from lorafit.generate import (  # lazy: torch
+        SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base,
+    )
 
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_return_sequences, args.seed)
     check_sampling(cfg)  # before minutes of loading
@@ -249,8 +268,6 @@ def cmd_generate(args) -> int:
             raise LorafitError(f"{name}: {why}. Give the prompt in UTF-8 (check the terminal's encoding).")
     template = None
     if args.template:  # the prompt rendered as training rendered a prompt (lorafit/data/templates.py)
-        from lorafit.data.templates import generation_prompt, resolve_template
-
         template = resolve_template(args.template)  # a bad name or file, also before the model loads
     print(f"loading the base and the adapter from {args.run} ...", file=sys.stderr, flush=True)
     model, tokenizer, base_name = load_for_inference(args.run, base=args.base, precision=args.precision,
@@ -327,7 +344,7 @@ def show_json(prompt: str, tuned: list[str], base: list[str] | None) -> None:
 
 
 def cmd_merge(args) -> int:
-    from lorafit.merge import merge
+    from lorafit.merge import merge  # lazy: torch
 
     out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation,
                 trust_remote_code=args.trust_remote_code, force_base=args.force_base)
@@ -336,7 +353,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lorafit.export import export
+    from lorafit.export import export  # lazy: torch and the gguf extra
 
     written = export(args.run, Path(args.out), quant=args.quant, adapter_only=args.adapter_only, ollama=args.ollama,
                      base=args.base)
@@ -346,17 +363,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_init_model(args) -> int:
-    from lorafit.init_model import init_model
-
     out = init_model(args.config, args.tokenizer, Path(args.out), seed=args.seed)
     print(f"random {args.config} model written to {out}", file=sys.stderr)
     return 0
 
 
 def cmd_recipes(args) -> int:
-    from lorafit.config import list_recipes, load_config
-    from lorafit.recipes import DESCRIPTIONS
-
     for name in list_recipes():
         cfg = load_config(name)
         length = f"epochs={cfg.train.epochs:g}" + (f" max_steps={cfg.train.max_steps}" if cfg.train.max_steps else "")
@@ -367,21 +379,14 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from lorafit.config import annotated_yaml, build_config, load_config
-
     if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():  # `config k=v`: defaults
         args.overrides, args.recipe = [args.recipe, *args.overrides], None
     if args.recipe is not None and Path(args.recipe).is_dir():  # a run directory, as `train --resume RUN_DIR` takes
-        from lorafit.rundir import CONFIG_FILE
-
         if not (Path(args.recipe) / CONFIG_FILE).is_file():
             raise LorafitError(f"{args.recipe} is a directory without a {CONFIG_FILE}: give a run directory, a recipe "
                                "name or a YAML file.")
         args.recipe = str(Path(args.recipe) / CONFIG_FILE)
     if args.recipe is None:
-        from lorafit.config import apply_overrides
-        from lorafit.errors import ConfigError
-
         problems: list[str] = []
         raw = apply_overrides({"data": {"sources": {"text": {"path": "data.jsonl"}}}}, args.overrides, problems)
         if problems:
@@ -395,18 +400,13 @@ def cmd_config(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lorafit.config import load_config
-
     if args.show < 1:
         raise LorafitError(f"--show {args.show}: give a positive number of examples.")
     cfg = load_config(args.recipe, args.overrides)
-    from lorafit.preflight import check_local_paths
-
     check_local_paths(cfg)
-    from lorafit.data.show import show_examples
-    from lorafit.data.sources import offline_hint
-    from lorafit.localpaths import looks_like_a_path
-    from lorafit.modeling import load_tokenizer
+    from lorafit.data.show import show_examples  # lazy: transformers (the tokenizer)
+    from lorafit.data.sources import offline_hint  # lazy: datasets
+    from lorafit.modeling import load_tokenizer  # lazy: torch
 
     m = cfg.model
     hint = offline_hint(cfg.data, None if looks_like_a_path(m.name) else m.name)
@@ -416,13 +416,13 @@ def cmd_data(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from lorafit.serve.app import serve
+    from lorafit.serve.app import serve  # lazy: torch and the serve extra
 
     return serve(args)
 
 
 def cmd_bench(args) -> int:
-    from lorafit.bench.run import main as bench_main
+    from lorafit.bench.run import main as bench_main  # lazy: torch and the bench extra
 
     return bench_main(args)
 
@@ -531,7 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--base", help="base model (default: the adapter's own)")
     x.set_defaults(func=cmd_export)
 
-    from lorafit.init_model import SIZES, describe_sizes
 
     i = sub.add_parser("init-model", help="write a randomly initialised GPT-2 model (offline runs, benchmarks)")
     i.add_argument("--config", required=True, choices=list(SIZES), help=f"the model's size: {describe_sizes()}")
@@ -572,7 +571,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_attn_argument(s)
     s.set_defaults(func=cmd_serve)
 
-    from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
 
     b = sub.add_parser("bench", help="benchmark lorafit against the original pipeline")
     add_arguments(b)
@@ -611,8 +609,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.strerror or exc}{where}. Check the path, its permissions and the free space.", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:  # a write failure a writer reported in its own type (torch, safetensors) outside `saving`
-        from lorafit.rundir import write_error
-
         error = write_error(exc, "a file", "Check the path, its permissions and the free space.")
         if error is None:
             raise  # a bug: keep its traceback

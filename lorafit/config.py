@@ -15,6 +15,7 @@ import keyword
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ from typing import Any
 import yaml
 
 from lorafit.atomic import atomic_write_text
+from lorafit.data.label_pairs import problems as label_pair_problems
+from lorafit.data.paths import LOCAL_SUFFIXES
+from lorafit.data.templates import source_problems
 from lorafit.errors import ConfigError, LorafitError, not_utf8
+from lorafit.rundir import CONFIG_FILE, MARKER_FILE, forbidden_output_dir
 
 RECIPE_PACKAGE = "lorafit.recipes"
 YAML_MAX_NODES = 10_000  # a recipe is a few hundred nodes; YAML aliases may not expand one beyond this
@@ -419,9 +424,6 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
              f"data.sources.{name}.weight: must be positive and at most {MAX_SOURCE_WEIGHT:,} (each unit of weight "
              f"is another copy of the source in memory), got {src.weight:g}")
         need(len(src.text_fields) > 0 and all(src.text_fields), f"data.sources.{name}.text_field: required")
-        from lorafit.data.label_pairs import problems as label_pair_problems
-        from lorafit.data.templates import source_problems
-
         problems += source_problems(name, src, d.root) + label_pair_problems(name, src)
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(d.seq_len >= 2, f"data.seq_len: must be at least 2, got {d.seq_len}")
@@ -495,8 +497,6 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
     need(e.sample_max_new_tokens > 0, f"eval.sample_max_new_tokens: must be positive, got {e.sample_max_new_tokens}")
 
     if output_dir:  # for a run to train (`lorafit eval` reads a saved config whose output_dir may be anything now)
-        from lorafit.rundir import forbidden_output_dir
-
         why = forbidden_output_dir(cfg.output_dir)
         need(why is None, f"output_dir: {_short(cfg.output_dir)} can never hold a run: {why}. Give a directory of its "
                           "own, e.g. output_dir=runs/NAME")
@@ -542,15 +542,11 @@ def read_recipe(name_or_path: str) -> tuple[dict[str, Any], str | None]:
 
 def is_run_config(path: Path) -> bool:
     """A run's own config.yaml: its paths are as the run used them (relative to where it was started)."""
-    from lorafit.rundir import CONFIG_FILE, MARKER_FILE
-
     return path.name == CONFIG_FILE and (path.parent / MARKER_FILE).is_file()
 
 
 def _local_looking(value: str, folder: Path) -> bool:
-    """Would lorafit read `value` as a local path (not a Hub id)? The same test data/sources.is_local makes."""
-    from lorafit.data.sources import LOCAL_SUFFIXES
-
+    """Would lorafit read `value` as a local path (not a Hub id)? The same test data.sources.is_local makes."""
     return (folder / value).exists() or value.lower().endswith(LOCAL_SUFFIXES) or value.startswith(".")
 
 
@@ -754,3 +750,23 @@ _ReadableDumper.add_representer(str, _represent_str)
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.dump(cfg.to_dict(), Dumper=_ReadableDumper, sort_keys=False, allow_unicode=True))
+
+
+def run_config(run: Path, recipe: str | None, overrides: list[str]):
+    """The run's recorded config (or a recipe's, or the defaults for a bare adapter), with overrides."""
+    path = run / CONFIG_FILE
+    if path.is_file():
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    elif recipe:
+        raw, name = read_recipe(recipe)
+        raw.setdefault("recipe", name)
+    else:
+        raw = {}  # a plain adapter directory: lorafit's defaults (seq_len 64, truncate), overridable
+        print(f"note: '{run}' has no {CONFIG_FILE}; using lorafit's defaults (data.seq_len=64, "
+              "data.long_examples=truncate). Override them, or pass --recipe.", file=sys.stderr)
+    problems: list[str] = []
+    raw = apply_overrides(raw, overrides, problems)
+    cfg = build_config(raw)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
+from lorafit.ranks import world
+
 
 def log(msg: str) -> None:
-    from lorafit import distributed as dist
-
-    if dist.world().is_main:
+    if world().is_main:
         from tqdm import tqdm
 
         tqdm.write(msg, file=sys.stderr)  # above a progress bar, not into it
@@ -29,9 +29,7 @@ def bar_can_draw(stream=None) -> bool:
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, **options):
     """A tqdm bar on stderr from rank 0, or None when it is not wanted (--no-progress) or cannot draw."""
-    from lorafit import distributed as dist
-
-    if not (enabled and dist.world().is_main and bar_can_draw()):
+    if not (enabled and world().is_main and bar_can_draw()):
         return None
     from tqdm import tqdm
 

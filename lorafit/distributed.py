@@ -11,100 +11,66 @@ number of target tokens, so N ranks make the update one process makes with the s
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 
+from lorafit.balance import longest_first
+from lorafit.ranks import World, from_environment, set_world, world
+
 TIMEOUT = timedelta(minutes=30)  # a rank that stops answering ends the job instead of hanging it
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def parallel(self) -> bool:
-        return self.size > 1
-
-
-_world = World()
-
-
-def world() -> World:
-    return _world
-
-
-def from_environment() -> World:
-    """The world torchrun / accelerate launch describe in the environment (one process without them)."""
-    env = os.environ
-    if "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) <= 1:
-        return World()
-    return World(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
 
 
 def init() -> World:
     """Join the process group when launched as several processes: nccl on GPUs, gloo on CPU."""
-    global _world
     found = from_environment()
     if found.parallel and not torch.distributed.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(found.local_rank)
         torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-    _world = found
-    return _world
+    set_world(found)
+    return found
 
 
 def shutdown() -> None:
-    global _world, _sharded
+    global _sharded
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _world, _sharded = World(), False
+    set_world(World())
+    _sharded = False
 
 
 def device() -> torch.device:
     """This rank's device: cuda:LOCAL_RANK on a GPU host, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", _world.local_rank)
+        return torch.device("cuda", world().local_rank)
     return torch.device("cpu")
 
 
 def shares(lengths: np.ndarray, size: int) -> list[np.ndarray]:
     """Positions 0..n-1 split into `size` disjoint shares of about equal total length: longest first,
     each to the lightest share (ties to the lowest rank), each share kept in its original order."""
-    loads, picked = np.zeros(size, dtype=np.int64), [[] for _ in range(size)]
-    for i in np.argsort(-lengths, kind="stable"):
-        r = int(np.argmin(loads))
-        picked[r].append(int(i))
-        loads[r] += int(lengths[i])
-    return [np.array(sorted(p), dtype=np.int64) for p in picked]
+    return [np.array(sorted(p), dtype=np.int64) for p in longest_first(lengths, size)]
 
 
 def my_share(indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """This rank's share of `indices` (lengths: of those examples)."""
-    if not _world.parallel:
+    if not world().parallel:
         return indices
-    return indices[shares(lengths, _world.size)[_world.rank]]
+    return indices[shares(lengths, world().size)[world().rank]]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the ranks, in place (the identity on one process)."""
-    if _world.parallel:
+    if world().parallel:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
 
 
 def barrier() -> None:
-    if _world.parallel:
+    if world().parallel:
         torch.distributed.barrier()
 
 
@@ -115,16 +81,16 @@ def _comm_device() -> torch.device:
 def broadcast_arrays(arrays: dict[str, np.ndarray] | None, meta: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Rank 0's arrays (and a small JSON-able `meta`) on every rank, sent as tensors: what rank 0 read and
     tokenised, the others receive instead of reading it again. No pickle goes over the wire."""
-    if not _world.parallel:
+    if not world().parallel:
         return arrays, meta
     dev = _comm_device()
     header = None
-    if _world.is_main:
+    if world().is_main:
         header = json.dumps({"meta": meta, "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()}})
     header = json.loads(_broadcast_bytes(header.encode() if header else None, dev).decode())
     out = {}
     for name, (dtype, shape) in header["arrays"].items():
-        t = torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dev) if _world.is_main else torch.empty(
+        t = torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dev) if world().is_main else torch.empty(
             shape, dtype=getattr(torch, np.dtype(dtype).name if dtype != "bool" else "bool"), device=dev)
         torch.distributed.broadcast(t, src=0)
         out[name] = t.cpu().numpy()
@@ -151,16 +117,14 @@ def sharded() -> bool:
     return _sharded
 
 
-def shard(model) -> None:
+def shard(base) -> None:
     """torch's FSDP2 `fully_shard` on each decoder block (the classes transformers keeps whole on one
     device, `_no_split_modules`) and on the whole model: frozen base and LoRA weights both sharded,
-    gathered a block at a time in the forward; gradients reduce-scattered."""
+    gathered a block at a time in the forward; gradients reduce-scattered. `base`: the transformers model (inside
+    PEFT's wrapper, lora.unwrapped)."""
     global _sharded
     from torch.distributed.fsdp import fully_shard
 
-    from lorafit.lora import unwrapped
-
-    base = unwrapped(model)
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     for module in [m for m in base.modules() if type(m).__name__ in block_names]:
         fully_shard(module)
@@ -211,7 +175,7 @@ def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> N
 
 def common_count(n: int) -> int:
     """The largest `n` over the ranks (n itself on one process)."""
-    if not _world.parallel:
+    if not world().parallel:
         return n
     t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

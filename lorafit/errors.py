@@ -12,10 +12,24 @@ import os
 EXIT_USER_ERROR = 2
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none): enough to say why."""
+# Every error message that quotes an exception quotes it through one of these three, so each says why the same way.
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when it has none), at most `limit` characters:
+    enough to say why."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit] if limit else line
+
+
+def described(exc: BaseException, limit: int | None = None) -> str:
+    """`Type: first line of the message` (the type alone when there is no message)."""
+    return f"{type(exc).__name__}: {first_line(exc, limit)}" if str(exc).strip() else type(exc).__name__
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """The whole message on one line (a first line alone can stop mid-sentence, at a colon), cut at `limit`."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def not_utf8(text: str) -> str | None:

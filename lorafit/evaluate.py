@@ -2,58 +2,49 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lorafit import distributed as dist
-from lorafit.console import progress_bar
+from lorafit.config import build_config, load_yaml
+from lorafit.console import log, progress_bar
 from lorafit.data.packing import Layout, default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
-from lorafit.fastpath import FastPaths
-from lorafit.loss import token_nll
+from lorafit.forward import PLAIN, FastPaths, Forward
+from lorafit.lora import unwrapped
+from lorafit.measure import device_name
 from lorafit.metrics import NllTotals
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from lorafit.modeling import resolve_precision
+from lorafit.rundir import CONFIG_FILE, SUMMARY_FILE
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """How a model's examples are scored: on which device, in which precision, with which fast paths
-    (checked on that model), and how many tokens a forward pass."""
+    """How a model's examples are scored: by which forward (its device, precision and fast paths, checked on
+    that model), and how many tokens a forward pass."""
 
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    fast: FastPaths
+    forward: Forward
     batch_tokens: int
     pad_id: int
 
+    @property
+    def device(self) -> torch.device:
+        return self.forward.device
 
-# Exact on any model that trains at all, with no check: one example a row, right-padded and masked, and
-# the NLL from the model's own logits (fastpath refuses to train a model on which this is not exact).
-PLAIN = FastPaths(Layout("padded"), fused_head=False)
+    @property
+    def fast(self) -> FastPaths:
+        return self.forward.fast
 
 
-def scoring_for(cfg, model, tokenizer, fast: FastPaths | None = None, device: torch.device | None = None) -> Scoring:
-    """The Scoring of a RunConfig (model.precision, eval.batch_tokens) on `model`. `fast`: the fast paths
-    already decided for it; None checks them on the model now (lorafit.fastpath)."""
-    from lorafit.modeling import resolve_precision
-
-    device = device or next(model.parameters()).device
-    autocast = resolve_precision(cfg.model.precision, device).autocast
-    if fast is None:
-        from lorafit.fastpath import fast_paths_for
-
-        fast = fast_paths_for(model, cfg, device, autocast)
-    batch_tokens = cfg.eval.batch_tokens or 4 * default_micro_tokens(device)
-    return Scoring(device, autocast, fast, batch_tokens, tokenizer.pad_token_id)
+def scoring_for(cfg, forward: Forward, tokenizer) -> Scoring:
+    """The Scoring of a RunConfig (eval.batch_tokens) with `forward`, the model's one forward."""
+    batch_tokens = cfg.eval.batch_tokens or 4 * default_micro_tokens(forward.device)
+    return Scoring(forward, batch_tokens, tokenizer.pad_token_id)
 
 
 @torch.inference_mode()
@@ -61,7 +52,7 @@ def example_nll(model, split: TokenizedSplit, scoring: Scoring, progress: str | 
     """Summed NLL of every example (float64, on CPU), in the layout and head loss `scoring.fast` allows. Data
     parallel: each rank scores its token-balanced share and the sums are reduced (exact: disjoint shares).
     `progress`: the label of a progress bar over the batches (where one can draw)."""
-    device, fast = scoring.device, scoring.fast
+    device, fast, forward = scoring.device, scoring.fast, scoring.forward
     totals = torch.zeros(len(split), dtype=torch.float64, device=device)
     mine = dist.my_share(np.arange(len(split)), split.lengths() - 1)
     batches = micro_batches(split, mine, fast.layout, scoring.batch_tokens, scoring.pad_id, shape_multiple(device))
@@ -74,8 +65,7 @@ def example_nll(model, split: TokenizedSplit, scoring: Scoring, progress: str | 
             bar.update(1)
         counted = batch is not None
         batch = (batch if counted else idle[0]).to(device)
-        with autocast_context(device, scoring.autocast_dtype):
-            nll, example = token_nll(model, batch, fused=fast.fused_head)
+        nll, example = forward.token_nll(batch)
         if counted:
             totals.index_add_(0, example, nll.double())
     if bar is not None:
@@ -119,24 +109,16 @@ def saved_scoring(run, cfg, model, tokenizer, *, base: str | None = None) -> Sco
     """The Scoring of a trained run's adapter, with no probe: the fast paths training checked on this
     model (summary.json's `fast_paths`) where the model is loaded and scored as it was trained, else
     PLAIN, exact by construction. Either way no fast path goes unchecked on the model that uses it."""
-    from lorafit.console import log
-
     fast, why_not = recorded_fast_paths(run, cfg, model, base)
     if fast is None:
         log(f"scoring one example a row with the model's own logits: {why_not}")
-    return scoring_for(cfg, model, tokenizer, fast=fast or PLAIN)
+    device = next(model.parameters()).device
+    autocast = resolve_precision(cfg.model.precision, device).autocast
+    return scoring_for(cfg, Forward(model, fast or PLAIN, autocast, device=device), tokenizer)
 
 
 def recorded_fast_paths(run, cfg, model, base: str | None) -> tuple[FastPaths | None, str]:
     """(the fast paths of the finished run in `run`, or None and why they do not apply to `model` now)."""
-    import json
-    from pathlib import Path
-
-    from lorafit.config import build_config, load_yaml
-    from lorafit.lora import unwrapped
-    from lorafit.measure import device_name
-    from lorafit.rundir import CONFIG_FILE, SUMMARY_FILE
-
     run = Path(run)
     try:
         summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@
 (GPT-2's one-kernel GELU is not here: the base is loaded with it, see modeling.FUSED_ACTIVATIONS.)
 
 Every speed-up that changes state outside lorafit's own objects is switched here and nowhere else,
-only around lorafit's own forward passes (`forward_state`), and restored after: a model's attention
+only around lorafit's own forward passes (`forward_state`, entered by lorafit.forward.Forward alone), and restored after: a model's attention
 implementation (segment attention for a segments batch, the layout's, not optional), PEFT's cast of
 LoRA inputs (skipped under autocast), cuDNN attention (off on CUDA), and the kept CPU buffer of the
 head loss. One switch, LORAFIT_SPEEDUPS=0, turns off all of them but the layout's: each leaves the
@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from lorafit.attention import SEGMENTS
 from lorafit.lora import unwrapped
 
 SPEEDUPS = os.environ.get("LORAFIT_SPEEDUPS", "1") != "0"
@@ -38,8 +39,6 @@ def forward_state(model, base, device: torch.device, segments: bool):
     `model`: the PEFT model; `base`: its transformers model; `segments`: the batch is a row of segments."""
     with contextlib.ExitStack() as stack:
         if segments:
-            from lorafit.attention import SEGMENTS
-
             stack.enter_context(_set(base.config, "_attn_implementation", SEGMENTS))
         if SPEEDUPS and torch.is_autocast_enabled(device.type):
             # PEFT casts every LoRA input to fp32, a full copy of the activations that autocast at once casts

@@ -15,21 +15,24 @@ BERT loaded as a causal LM attends both ways, so its next-token loss would see t
 token changed must leave every earlier logit as it was. Again the model itself is asked, not a list
 of config types.
 
-Train, eval and bench ask `choose_fast_paths`; none of them re-decides.
+Train, eval and bench ask `choose_fast_paths`; none of them re-decides. The training code path checked
+here is `lorafit.forward.Forward`, the one forward training and evaluation run.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lorafit.data.packing import Layout, pack, shape_multiple
 from lorafit.data.tokenize import TokenizedSplit
-from lorafit.errors import LorafitError, first_line
+from lorafit.errors import LorafitError, described
+from lorafit.forward import FastPaths, Forward
 from lorafit.lora import unwrapped
+from lorafit.loss import head_is_linear
+from lorafit.modeling import max_positions
 
 # Per-token NLL gaps taken as rounding in fp32 (measured: 0 to 6e-6 on random GPT-2s at seq 512).
 FP32_TOLERANCE = 5e-5
@@ -39,18 +42,6 @@ CAUSAL_SHARE = 1e-4
 # In half precision a gap may also be rounding when it is this small a part of the gap of attention
 # that crosses examples (bf16 rounding of large logits is large; measured: packed 0, crossing 0.06-2.4).
 CROSSED_SHARE = 0.1
-
-
-@dataclass
-class FastPaths:
-    layout: Layout
-    fused_head: bool
-    why_not: dict[str, str] = field(default_factory=dict)  # fast path -> why it is not used
-
-    def record(self) -> dict:
-        """What summary.json says: the layout used, the head loss, and why any path was refused."""
-        return {"packing": self.layout.kind, "row_len": self.layout.row_len, "fused_head": self.fused_head,
-                "why_not": dict(self.why_not)}
 
 
 def rows_length(pack_len: int | None, seq_len: int, max_positions: int | None) -> int:
@@ -162,12 +153,10 @@ class _Probe:
     @contextlib.contextmanager
     def evaluating(self):
         """No dropout, no gradients, the training precision; the model's mode is restored after."""
-        from lorafit.evaluate import autocast_context
-
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
+            with torch.no_grad(), self.forward(fused_head=False).autocast():
                 self.logit_scale = 0.0
                 self.alone = torch.cat([self._plain_nll(e[None, :-1], e[1:]) for e in self.examples])
                 self.crossed_gap = self._crossed_gap()
@@ -200,15 +189,17 @@ class _Probe:
             return FP32_TOLERANCE
         return 4 * torch.finfo(dtype).eps * max(1.0, self.logit_scale)
 
-    def _gap(self, layout: Layout, fused_head: bool) -> float:
-        from lorafit.loss import token_nll
+    def forward(self, layout: Layout = Layout("padded"), fused_head: bool = False) -> Forward:
+        """The forward training would run with these fast paths."""
+        return Forward(self.model, FastPaths(layout, fused_head), self.autocast_dtype, device=self.device)
 
+    def _gap(self, layout: Layout, fused_head: bool) -> float:
         nll = torch.zeros(len(self.alone), dtype=torch.float64, device=self.device)
         offsets = np.concatenate([[0], np.cumsum([len(e) - 1 for e in self.examples])])
         indices = np.arange(3)
         batch = pack(self.split, indices, layout, pad_id=0, multiple=shape_multiple(self.device)).to(self.device)
-        values, example = token_nll(self.model, batch, fused=fused_head)
-        # token_nll returns targets in the batch's order; place each at its example's own position.
+        values, example = self.forward(layout, fused_head).token_nll(batch)
+        # Forward.token_nll returns targets in the batch's order; place each at its example's own position.
         for i in indices:
             sel = example == i
             nll[offsets[i] : offsets[i + 1]] = values[sel].double()
@@ -216,8 +207,6 @@ class _Probe:
 
     def head_reason(self, sharded: bool = False) -> str | None:
         """Why the fused head loss may not be used (None: it gives the model's own logits' NLL)."""
-        from lorafit.loss import head_is_linear
-
         if sharded:  # the fused loss calls the backbone alone, outside the sharded model's gathering forward
             return "train.fsdp: the model is sharded, and its forward gathers the head's weight"
         if not head_is_linear(self.base):
@@ -225,7 +214,7 @@ class _Probe:
         try:
             gap = self._gap(Layout("padded"), fused_head=True)
         except Exception as exc:  # noqa: BLE001 - any failure means: do not use it with this model
-            return f"the fused head loss failed ({type(exc).__name__}: {first_line(exc)})"
+            return f"the fused head loss failed ({described(exc)})"
         if gap > self._tolerance():
             return f"the model's logits are not its head's linear map of the last hidden state (NLL gap {gap:.3g})"
         return None
@@ -235,7 +224,7 @@ class _Probe:
         try:
             gap = self._gap(layout, fused_head)
         except Exception as exc:  # noqa: BLE001 - e.g. segment attention meeting a sliding window
-            return f"{layout.kind} failed on this model ({type(exc).__name__}: {first_line(exc)})"
+            return f"{layout.kind} failed on this model ({described(exc)})"
         if gap <= self._tolerance() or (self.crossed_gap and gap <= CROSSED_SHARE * self.crossed_gap):
             return None
         return f"{layout.kind}: packed examples do not get the log-probabilities they get alone (max NLL gap {gap:.3g})"
@@ -243,8 +232,6 @@ class _Probe:
 
 def fast_paths_for(model, cfg, device: torch.device, autocast_dtype: torch.dtype | None, log=None) -> FastPaths:
     """`choose_fast_paths` with the settings of a RunConfig (data.packing, seq_len, pack_len, train.compile)."""
-    from lorafit.modeling import max_positions
-
     d = cfg.data
     return choose_fast_paths(
         model, packing=d.packing, device=device, compile=cfg.train.compile, seq_len=d.seq_len,

@@ -12,75 +12,39 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lorafit.config import DataConfig, SourceConfig, build_config, load_yaml
-from lorafit.console import log
-from lorafit.data.templates import describe_source, render_examples
-from lorafit.errors import DataError, LorafitError
-from lorafit.rundir import check_output_path, note_written
+import yaml
 
-EVAL_DIR = "eval"
+from lorafit.atomic import atomic_write_text
+from lorafit.comparison import fmt
+from lorafit.config import DataConfig, SourceConfig, build_config, load_yaml, run_config
+from lorafit.console import log
+from lorafit.data.sources import read_source
+from lorafit.data.templates import describe_source, render_examples
+from lorafit.data.tokenize import default_cache_dir, tokenize_cached
+from lorafit.errors import DataError, LorafitError
+from lorafit.evaluate import evaluate_run, saved_scoring
+from lorafit.generate import load_for_inference, resolve_adapter_dir
+from lorafit.lm_eval_bridge import compare_on_tasks, plan_tasks
+from lorafit.report import model_card, read_evaluations
+from lorafit.rundir import CONFIG_FILE, EVAL_DIR, MODEL_CARD, SUMMARY_FILE, RunDir, check_output_path, eval_dir, note_written, saving, to_json
+
 FORGETTING_FILE = "forgetting.json"
 METRICS = (("loss", "loss (nats/token)"), ("ppl", "perplexity"), ("bits_per_token", "bits/token"),
            ("bits_per_byte", "bits/byte"))
-DATA_ONLY = ("text_field", "max_examples")
-TASKS_ONLY = ("limit", "num_fewshot", "batch_size", "include_path")
-
-
-def wants_comparison(args) -> bool:
-    """True when `lorafit eval` was given --data or --tasks; their sub-options alone are an error."""
-    for names, main, example in ((DATA_ONLY, "data", "--data FILE --text-field text"),
-                                 (TASKS_ONLY, "tasks", "--tasks hellaswag --limit 100")):
-        stray = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
-        if stray and getattr(args, main, None) is None:
-            verb = "applies" if len(stray) == 1 else "apply"
-            raise LorafitError(f"{', '.join(stray)} only {verb} with --{main}, e.g. lorafit eval RUN {example}.")
-    return getattr(args, "data", None) is not None or getattr(args, "tasks", None) is not None
-
-
-def run_config(run: Path, recipe: str | None, overrides: list[str]):
-    """The run's recorded config (or a recipe's, or the defaults for a bare adapter), with overrides."""
-    import yaml
-
-    from lorafit.config import apply_overrides, build_config, read_recipe
-    from lorafit.errors import ConfigError
-    from lorafit.rundir import CONFIG_FILE
-
-    path = run / CONFIG_FILE
-    if path.is_file():
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    elif recipe:
-        raw, name = read_recipe(recipe)
-        raw.setdefault("recipe", name)
-    else:
-        raw = {}  # a plain adapter directory: lorafit's defaults (seq_len 64, truncate), overridable
-        print(f"note: '{run}' has no {CONFIG_FILE}; using lorafit's defaults (data.seq_len=64, "
-              "data.long_examples=truncate). Override them, or pass --recipe.", file=sys.stderr)
-    problems: list[str] = []
-    raw = apply_overrides(raw, overrides, problems)
-    cfg = build_config(raw)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
 
 
 def eval_command(args) -> int:
     """`lorafit eval RUN --data ... / --tasks ...`: compare, print, write eval/*.json, refresh the card."""
-    from lorafit.generate import resolve_adapter_dir
-    from lorafit.rundir import to_json
-
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
     check_output_path(run, f"the evaluation results ({EVAL_DIR}/)", replaces=False)  # RUN/eval/ is written
     cfg = run_config(run, args.recipe, args.overrides)
     plan = None
     if args.tasks is not None:  # flags, the extra and the task names are checked before anything runs
-        from lorafit.lm_eval_bridge import plan_tasks
-
         plan = plan_tasks(args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                           include_path=args.include_path)
     result: dict = {}
@@ -89,8 +53,6 @@ def eval_command(args) -> int:
             result.update(compare_on_data(run, adapter_dir, cfg, args.data, args.text_field, args.max_examples, args.base,
                                           trust_remote_code=args.trust_remote_code, force_base=args.force_base))
         if plan is not None:
-            from lorafit.lm_eval_bridge import compare_on_tasks
-
             tasks = compare_on_tasks(run, adapter_dir, plan, base=args.base, trust_remote_code=args.trust_remote_code,
                                      force_base=args.force_base)
             result.update({k: v for k, v in tasks.items() if k not in result})  # one run, base and adapter: said once
@@ -174,8 +136,6 @@ def sources_file(path: Path, max_examples: int | None) -> list[EvalSource]:
 
 def read_texts(source: str, src, seed: int, cache_dir: Path, root: str | None = None, flags: bool = True) -> list[str]:
     """The texts of one --data source; the reader's hints name the flags instead of config keys."""
-    from lorafit.data.sources import read_source
-
     try:
         return read_source(source, src, root, seed, cache_dir)
     except LorafitError as exc:
@@ -192,9 +152,6 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, values: list[str], text_f
                     max_examples: int | None, base: str | None, *, trust_remote_code: bool = False,
                     force_base: bool = False) -> dict:
     """Loss, perplexity and bits of base and base + adapter on every source; written to eval/forgetting.json."""
-    from lorafit.data.tokenize import default_cache_dir, tokenize_cached
-    from lorafit.evaluate import evaluate_run, saved_scoring
-    from lorafit.generate import load_for_inference
 
     d = cfg.data
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
@@ -253,7 +210,6 @@ def show_data_table(source: str, row: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lorafit.lm_eval_bridge import fmt
 
     table = Table(title=f"{source}: {row['examples']:,} examples, {row['tokens']:,} tokens (lower is better)")
     for column in ("metric", "base", "adapter", "difference"):
@@ -267,16 +223,7 @@ def show_data_table(source: str, row: dict) -> None:
 # ---------------------------------------------------------------- files and the card
 
 
-def eval_dir(run: Path) -> Path:
-    path = Path(run) / EVAL_DIR
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def write_eval_json(run: Path, name: str, obj: dict) -> Path:
-    from lorafit.atomic import atomic_write_text
-    from lorafit.rundir import saving, to_json
-
     path = eval_dir(run) / name
     with saving(f"{path}", "Free space or fix the permissions, then run the evaluation again."):
         atomic_write_text(path, json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
@@ -286,16 +233,9 @@ def write_eval_json(run: Path, name: str, obj: dict) -> Path:
 
 def refresh_model_card(run: Path) -> None:
     """Rewrite RUN/README.md with the latest evaluations; only for a finished lorafit run."""
-    from lorafit.report import read_evaluations, model_card
-    from lorafit.rundir import CONFIG_FILE, MODEL_CARD, SUMMARY_FILE, RunDir, saving
-
     run = Path(run)
     if not ((run / CONFIG_FILE).is_file() and (run / SUMMARY_FILE).is_file()):
         return  # a bare adapter directory has no card of lorafit's to update
-    import yaml
-
-    from lorafit.config import build_config
-
     cfg = build_config(yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")) or {})
     summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
     with saving(f"the model card {run / MODEL_CARD}", "Free space or fix the permissions, then run the evaluation again."):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
-from lorafit.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from lorafit.modeling import default_device, load_base_model, load_tokenizer, resolve_precision
+from lorafit.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config, read_base_record, unwrapped
+from lorafit.modeling import default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
 from lorafit.rundir import ADAPTER_DIR
 
 
@@ -64,9 +65,6 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 def check_generation(model, tokenizer, prompt: str, max_new_tokens: int, tokens_name: str = "--max-new-tokens",
                      prompt_name: str = "the prompt") -> None:
     """The prompt and the new tokens fit in the model's context (positions beyond it do not exist)."""
-    from lorafit.lora import unwrapped
-    from lorafit.modeling import max_positions
-
     limit = max_positions(unwrapped(model))
     if limit is None:
         return
@@ -103,9 +101,6 @@ def base_load_config(adapter_dir: Path, base: str | None = None, attn_implementa
     """How to load an adapter's base: as the run recorded it (name, revision, attention implementation),
     with `base` / `attn_implementation` given by the user taking precedence. `trust_remote_code` is the
     user's alone (--trust-remote-code): a file lorafit reads never switches on code execution."""
-    from lorafit.config import ModelConfig
-    from lorafit.lora import read_base_record
-
     load = read_base_record(adapter_dir).get("load") or {}
     if not isinstance(load, dict):
         load = {}

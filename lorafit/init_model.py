@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorafit.errors import LorafitError
+from lorafit.config import LoraConfig, ModelConfig
+from lorafit.errors import LorafitError, one_line
 from lorafit.fingerprint import base_fingerprint
 from lorafit.rundir import saving
 
+# This module's own imports of lorafit's torch-side modules are made inside its functions: the CLI's parser reads
+# SIZES (`init-model --help`) at start-up, before torch loads.
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
@@ -39,7 +42,7 @@ def tokenizer_from_dir(tok_dir: Path):
         from transformers import GPT2Tokenizer
 
         return GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
-    from lorafit.modeling import load_tokenizer
+    from lorafit.modeling import load_tokenizer  # lazy: torch (see SIZES)
 
     return load_tokenizer(str(tok_dir))
 
@@ -60,10 +63,8 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
     except LorafitError:
         raise
     except Exception as exc:  # transformers raises ValueError/OSError/TypeError for the same problem
-        from lorafit.modeling import _whole_reason
-
         raise LorafitError(
-            f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({_whole_reason(exc, 200)}). Give a saved "
+            f"--tokenizer '{tokenizer_dir}' holds no tokenizer that loads ({one_line(exc, 200)}). Give a saved "
             "tokenizer directory (tokenizer.json, tokenizer_config.json) or GPT-2's vocab.json + merges.txt."
         ) from None
     if tokenizer.eos_token_id is None:
@@ -92,10 +93,9 @@ def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.config import LoraConfig, ModelConfig
-    from lorafit.lora import apply_lora
-    from lorafit.modeling import BASE_FINGERPRINT, load_settings, load_tokenizer
-    from lorafit.train import save_adapter
+    from lorafit.lora import apply_lora  # lazy: torch (see SIZES)
+    from lorafit.modeling import BASE_FINGERPRINT, load_settings, load_tokenizer  # lazy: torch (see SIZES)
+    from lorafit.train import save_adapter  # lazy: torch (see SIZES)
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
     setattr(base, BASE_FINGERPRINT, base_fingerprint(str(base_dir), base.config))  # as load_base_model records it

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lorafit.errors import LorafitError, first_line
+from lorafit.comparison import compare, fmt, stderr_cell
+from lorafit.errors import LorafitError, described, first_line
 from lorafit.fingerprint import FINGERPRINT_KEY, base_fingerprint
+from lorafit.generate import base_load_config
 from lorafit.lora import check_same_base, read_base_record
-from lorafit.rundir import note_written, saving
+from lorafit.modeling import default_device, is_network_error, resolve_precision
+from lorafit.rundir import eval_dir, note_written, saving
 
 EXTRA_HINT = 'pip install -e ".[lm-eval]"'
 SIDES = ("base", "adapter")
@@ -33,9 +36,6 @@ OFFLINE_TASKS = (
     "  test_split: test\n  output_type: multiple_choice   # or loglikelihood_rolling, ...\n"
     "(see the README, 'Did it forget?')."
 )
-NOT_METRICS = ("alias", "name", "sample_len", "samples")
-
-
 def results_file(side: str) -> str:
     return f"lm_eval_{side}.json"
 
@@ -138,7 +138,6 @@ def hf_model_args(m, base_name: str) -> dict:
     run's record: revision, dtype, attention); fp32 on CPU, where half precision is emulated and slow."""
     import torch
 
-    from lorafit.modeling import default_device, resolve_precision
 
     device = default_device()
     weights = resolve_precision(m.precision, device).weights if device.type == "cuda" else torch.float32
@@ -184,10 +183,6 @@ def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | N
                      trust_remote_code: bool = False, force_base: bool = False) -> dict:
     """The plan's tasks on the base and on base + adapter; lm-eval's files under eval/; the comparison.
     lm-eval loads the models itself: the base's fingerprint is checked here first, as lora.load_adapter would."""
-    from lorafit.forgetting import eval_dir
-    from lorafit.generate import base_load_config
-    from lorafit.modeling import default_device
-
     base_model = base_load_config(adapter_dir, base, trust_remote_code=trust_remote_code)  # as the run recorded it
     base_name = base_model.name
     check_same_base(read_base_record(adapter_dir).get(FINGERPRINT_KEY), base_fingerprint(base_name, None), force_base,
@@ -223,7 +218,6 @@ def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device:
     """One lm-eval run, saved by lm-eval's own EvaluationTracker and renamed into place; its results file."""
     from lm_eval.loggers import EvaluationTracker
 
-    from lorafit.modeling import is_network_error
 
     # Not atomic_dir: eval/ also holds the other side's and `eval --data`'s results, so lm-eval's files are renamed
     # into it one by one (the results file last: its presence means the side is complete).
@@ -270,7 +264,7 @@ def explain_failure(exc: Exception, tasks: list[str], model_args: dict, include_
     """A failure of lm-eval as a LorafitError where it is the user's to fix (offline, a task's data); else unchanged."""
     where = {Path(f.f_code.co_filename).parent.name for f, _ in _frames(exc)}
     in_tasks = bool(where & {"tasks", "datasets", "api"}) and "models" not in where
-    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    reason = described(exc)
     if network and not in_tasks:
         return LorafitError(
             f"lm-evaluation-harness could not load the model '{model_args['pretrained']}': not a local directory, and the "
@@ -301,54 +295,6 @@ def _frames(exc: BaseException):
 
 
 # ---------------------------------------------------------------- the comparison
-
-
-def metric_values(results: dict, task: str) -> dict[str, tuple[float | None, float | None]]:
-    """{metric: (value, stderr)} of one task in lm-eval's results; a filter other than `none` stays in the name."""
-    out = {}
-    for key, value in results.get("results", {}).get(task, {}).items():
-        if key in NOT_METRICS or "," not in key or "_stderr," in key:
-            continue
-        metric, filt = key.split(",", 1)
-        stderr = results["results"][task].get(f"{metric}_stderr,{filt}")
-        out[metric if filt == "none" else key] = (_number(value), _number(stderr))
-    return out
-
-
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def compare(base: dict, adapter: dict) -> list[dict]:
-    """One row per task and metric: base, adapter, difference (adapter - base) and both standard errors."""
-    rows = []
-    for task in adapter.get("results", {}):
-        higher = adapter.get("higher_is_better", {}).get(task, {})
-        b_values = metric_values(base, task)
-        for metric, (a, a_err) in metric_values(adapter, task).items():
-            b, b_err = b_values.get(metric, (None, None))
-            rows.append({
-                "task": task, "metric": metric, "base": b, "adapter": a,
-                "difference": a - b if a is not None and b is not None else None,
-                "base_stderr": b_err, "adapter_stderr": a_err,
-                "higher_is_better": higher.get(metric.split(",")[0]),
-            })
-    return rows
-
-
-def fmt(value: float | None, spec: str = ".4f") -> str:
-    """4 decimals; large figures (word perplexities of a weak model) with 1, and thousands separated."""
-    if value is None:
-        return "n/a"
-    return format(value, spec.replace(".4f", ",.1f")) if abs(value) >= 1000 else format(value, spec)
-
-
-def stderr_cell(row: dict) -> str:
-    """The standard errors lm-eval gives, base / adapter (n/a where it gives none, as for perplexities)."""
-    b, a = row["base_stderr"], row["adapter_stderr"]
-    if b is None and a is None:
-        return "n/a"
-    return f"{fmt(b)} / {fmt(a)}"
 
 
 def show_task_table(rows: list[dict]) -> None:

@@ -249,9 +249,8 @@ def read_adapter_json(path: Path) -> dict:
             raise ValueError(f"it holds a {type(value).__name__}, not an object")
         return value
     except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise LorafitError(
-            f"{path} is unreadable ({detail}); the adapter cannot be used. If it belongs to a lorafit run, delete the "
+            f"{path} is unreadable ({first_line(exc, 200)}); the adapter cannot be used. If it belongs to a lorafit run, delete the "
             "run's adapter/ and summary.json and run the same train command with --resume: the adapter is written "
             "again from the last checkpoint. Otherwise restore the adapter from a copy."
         ) from None

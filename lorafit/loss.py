@@ -1,4 +1,5 @@
-"""Per-token negative log-likelihood without materialising the full logits.
+"""Per-token negative log-likelihood without materialising the full logits (the arithmetic; which head
+loss a model's forward uses is lorafit.forward's choice).
 
 The LM head of a small model is most of the memory of a long batch (50,257 fp32 logits a token:
 3.3 GB at 16k tokens). `linear_cross_entropy` computes logits a chunk of tokens at a time, and,
@@ -14,9 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lorafit.data.packing import IGNORE, PackedBatch
-from lorafit.fast import forward_state
-from lorafit.lora import unwrapped
+from lorafit.fast import head_buffer
 
 DEFAULT_CHUNK = 2048
 CPU_CHUNK = 512  # rows of logits a chunk on CPU, where the chunk's buffer is kept (512 x 50257 fp32: 103 MB)
@@ -35,7 +34,6 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, acc_dtype: torch.dtype) -> to
     """One chunk's logits in acc_dtype; on CPU into the head loss's kept buffer (lorafit.fast.head_buffer)."""
     if h.device.type != "cpu" or h.dtype != acc_dtype:
         return (h @ weight.t()).to(acc_dtype)
-    from lorafit.fast import head_buffer
 
     rows, cols = h.shape[0], weight.shape[0]
     return torch.mm(h, weight.t(), out=head_buffer(rows * cols, acc_dtype).view(rows, cols))
@@ -114,37 +112,3 @@ def head_is_linear(model) -> bool:
     model's logits are that map alone (no soft-capping, scaling...) is checked by lorafit.fastpath."""
     head = model.get_output_embeddings()
     return isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
-
-
-def token_nll(model, batch: PackedBatch, chunk: int | None = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL of every scored target in a batch, and the example index of each.
-
-    `model` is the transformers causal LM (PEFT-wrapped or not). Only scored positions reach the
-    head: padding is neither scored nor computed there. `fused`: the fused head loss, as
-    lorafit.fastpath allows for this model (and where the head is linear).
-    """
-    base = unwrapped(model)
-    mask = batch.targets != IGNORE
-    targets = batch.targets[mask]
-    with forward_state(model, base, batch.input_ids.device, segments=batch.segments is not None):
-        return _token_nll(base, batch, mask, targets, chunk, fused and head_is_linear(base))
-
-
-def model_inputs(batch: PackedBatch) -> dict:
-    """The forward's keyword arguments for a batch of any layout."""
-    if batch.attention_mask is not None:  # padded: the model's own positions and mask, as in a plain forward
-        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    if batch.segments is not None:
-        inputs["segment_bounds"] = batch.segments
-    return inputs
-
-
-def _token_nll(base, batch: PackedBatch, mask, targets, chunk: int, fused: bool):
-    inputs = model_inputs(batch)
-    if fused:
-        hidden = getattr(base, base.base_model_prefix)(**inputs).last_hidden_state
-        nll = linear_cross_entropy(hidden[mask], base.get_output_embeddings().weight, targets, chunk)
-    else:
-        nll = plain_cross_entropy(base(**inputs).logits[mask], targets)
-    return nll, batch.example_ids[mask]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from lorafit.atomic import atomic_dir
 from lorafit.errors import LorafitError
 from lorafit.generate import load_for_inference
 from lorafit.modeling import restore_activation_names
-from lorafit.atomic import atomic_dir
 from lorafit.rundir import check_output_path, saving
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
-from lorafit.errors import LorafitError, offline_note
+from lorafit.errors import LorafitError, offline_note, one_line
 from lorafit.fingerprint import base_fingerprint
 
 NETWORK_ERROR_NAMES = (
@@ -64,12 +64,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _whole_reason(exc: Exception, limit: int = 400) -> str:
-    """The exception's message on one line (a first line alone can stop mid-sentence, at a colon)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitError:
     local = Path(name).expanduser()
     if local.is_dir() and what == "Tokenizer" and not any((local / f).is_file() for f in TOKENIZER_FILES):
@@ -94,7 +88,7 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
             "(pickled .bin files can run code when loaded). If you trust the model, convert it once: "
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)."
         )
-    reason = _whole_reason(exc)
+    reason = one_line(exc)
     if what == "Model" and ("attn_implementation" in str(exc) or "attention implementation" in str(exc).lower()):
         return LorafitError(
             f"Could not load model '{name}' with this attention implementation: {reason}\nSet model.attn_implementation "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafit.config import RunConfig
-from lorafit.data.sources import is_local, resolve_path
+from lorafit.data.paths import is_local, resolve_path
 from lorafit.errors import ConfigError
 from lorafit.localpaths import describe_problem, looks_like_a_path, path_problem
 

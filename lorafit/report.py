@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorafit.comparison import compare, fmt, stderr_cell
 from lorafit.config import RunConfig
 from lorafit.data.templates import describe_source
 
@@ -148,8 +149,6 @@ def evaluation_section(evaluations: dict) -> str:
     parts = []
     forgetting = evaluations.get("forgetting")
     if forgetting and forgetting.get("data"):
-        from lorafit.lm_eval_bridge import fmt
-
         rows = []
         for source, r in forgetting["data"].items():
             for key, label in (("loss", "loss"), ("ppl", "perplexity"), ("bits_per_byte", "bits/byte")):
@@ -163,8 +162,6 @@ def evaluation_section(evaluations: dict) -> str:
         )
     base, adapter = evaluations.get("lm_eval_base"), evaluations.get("lm_eval_adapter")
     if base and adapter:
-        from lorafit.lm_eval_bridge import compare, fmt, stderr_cell
-
         config = adapter.get("config") or {}
         shots = ", ".join(f"{t} {n}-shot" for t, n in (adapter.get("n-shot") or {}).items())
         limit = f", limit {config['limit']:g} a task" if config.get("limit") else ""

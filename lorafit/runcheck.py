@@ -14,8 +14,9 @@ import numpy as np
 import yaml
 
 from lorafit.checkpoint import newest_checkpoint, read_state
-from lorafit.config import RunConfig, load_yaml
-from lorafit.errors import LorafitError
+from lorafit.config import RunConfig, build_config, load_yaml
+from lorafit.errors import ConfigError, LorafitError
+from lorafit.generate import check_generation
 from lorafit.rundir import CONFIG_FILE
 
 # Settings that change what is logged, evaluated, sampled or kept, never the weights: a resume may change them
@@ -113,9 +114,6 @@ def extends_run(changed: dict) -> bool:
 def with_defaults(raw: dict) -> dict:
     """A saved config with the keys a newer lorafit added filled in with their defaults (which are what the
     run used), so a resume compares settings, not versions. A config that no longer builds is compared as saved."""
-    from lorafit.config import build_config
-    from lorafit.errors import ConfigError
-
     try:
         return yaml.safe_load(yaml.safe_dump(build_config(raw).to_dict()))
     except ConfigError:
@@ -178,8 +176,6 @@ def same_data(checkpoint: Path, state: dict, n_train: int, total_steps: int, now
 def check_before_training(trainer) -> None:
     """The eval sample is generated after every eval: a prompt plus new tokens beyond the model's context
     would fail only then, after the training."""
-    from lorafit.generate import check_generation
-
     e = trainer.cfg.eval
     if e.sample_prompt:
         check_generation(trainer.model, trainer.tokenizer, e.sample_prompt, e.sample_max_new_tokens,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lorafit.atomic import atomic_write_text, is_temporary
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "config.yaml"
@@ -202,6 +202,13 @@ def _same_file(handle, path: Path) -> bool:
         return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
     except OSError:
         return False
+
+
+def eval_dir(run: Path) -> Path:
+    """RUN/eval/, made if missing: where `lorafit eval --data/--tasks` save their results."""
+    path = Path(run) / EVAL_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _now() -> str:
@@ -451,6 +458,6 @@ class RunDir:
             return summary
         except (OSError, ValueError, RecursionError) as exc:
             raise LorafitError(
-                f"{self.file(SUMMARY_FILE)} is unreadable ({str(exc)[:200]}). Delete it and run the same command with "
+                f"{self.file(SUMMARY_FILE)} is unreadable ({first_line(exc, 200)}). Delete it and run the same command with "
                 "--resume: the final evaluation, adapter and reports are written again from the last checkpoint."
             ) from None

@@ -19,25 +19,28 @@ import torch
 
 from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
+from lorafit import trackers
 from lorafit.atomic import atomic_dir, atomic_path
 from lorafit.config import RunConfig, save_config
 from lorafit.console import log, progress_bar
 from lorafit.data.packing import default_micro_tokens, micro_batches, shape_multiple
 from lorafit.data.prepare import Data, masked_sources, prepare_data, share_data
+from lorafit.data.sources import offline_hint
 from lorafit.data.templates import describe_source
 from lorafit.data.tokenize import policy_summary
 from lorafit.errors import LorafitError, Stopped
-from lorafit.evaluate import Scoring, autocast_context, evaluate_run, scoring_for
-from lorafit.fastpath import FastPaths
+from lorafit.evaluate import Scoring, evaluate_run, scoring_for
+from lorafit.fast import prepare_for_speed
+from lorafit.fastpath import fast_paths_for
 from lorafit.fingerprint import FINGERPRINT_KEY
+from lorafit.forward import FastPaths, Forward
+from lorafit.generate import SamplingConfig, resolve_adapter_dir, sample
 from lorafit.localpaths import looks_like_a_path
 from lorafit.lora import (
     apply_lora, check_same_base, format_counts, load_adapter, loaded_fingerprint, resolve_targets, unwrapped,
     write_base_signature,
 )
-from lorafit.loss import token_nll
 from lorafit.measure import device_name, peak_memory_bytes, sync
-from lorafit.generate import resolve_adapter_dir
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
@@ -47,6 +50,7 @@ from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
     ADAPTER_DIR, CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
 )
+from lorafit.report import model_card, plot_by_source, plot_losses
 from lorafit.runcheck import (
     CONFIG_KEY, check_before_training, check_same_config, data_fingerprint, extends_run, resolved_config, same_data,
 )
@@ -67,17 +71,21 @@ class Trainer:
     device: torch.device
     precision: Precision
     tokenizer: object
-    fast: FastPaths
+    forward: Forward  # the one forward of this model: its checked fast paths, autocast, the head loss
     lora_targets: list[str]
     micro_tokens: int
-    scoring: Scoring  # how validation is scored (the fast paths above, eval.batch_tokens)
+    scoring: Scoring  # how validation is scored (the same forward, eval.batch_tokens)
     scaler: torch.amp.GradScaler | None = None
-    ddp: torch.nn.Module | None = None  # data parallel: the step loss under DistributedDataParallel
+    ddp: torch.nn.Module | None = None  # data parallel: the forward's NLL under DistributedDataParallel
     progress: Progress = field(default_factory=Progress)
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
     fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
     objective: PreferenceObjective | None = None  # a preference objective (train.objective); None: SFT
     force_base: bool = False  # --force-base: resume a checkpoint made on a base with other weights
+
+    @property
+    def fast(self) -> FastPaths:
+        return self.forward.fast
 
     # -- one optimizer step
     def step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,47 +113,33 @@ class Trainer:
                              shape_multiple(self.device), pairs=self.objective is not None)
 
     def train_step(self) -> torch.Tensor:
-        units = self.plan.examples(self.progress.step)
+        """One optimizer step: forward and backward over this rank's micro-batches, each loss divided by the whole
+        step's scored targets (so the split into micro-batches never changes the step), then clip and update. A
+        preference step: each micro-batch's loss is its pairs' part of the step's objective (lorafit/preference.py)."""
+        units = self.plan.examples(self.progress.step)  # examples, or pairs
         examples, targets = self.step_examples(self.progress.step)
         n_targets = int(targets.sum())  # the whole step's, over every rank: the loss is normalised by it
-        if self.objective is not None:  # a preference loss is normalised by the step's pairs (lorafit/preference.py)
+        if self.objective is not None:  # a preference loss is normalised by the step's pairs
             self.objective.begin_step(units, self.device)
         batches = self.step_batches(self.progress.step)
-        # A rank with no example of its own still joins the gradient all-reduce, with a loss of weight 0; with a
-        # sharded model every forward is a collective, so each rank runs as many micro-batches as the busiest.
-        n_work = dist.common_count(len(batches)) if dist.sharded() else max(1, len(batches))
-        work = batches + (self._micro_batches(units[:1]) * (n_work - len(batches)) if n_work > len(batches) else [])
-        world = dist.world()
-        scale = world.size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
-        forward = self.ddp or (lambda b: token_nll(self.model, b, fused=self.fast.fused_head)[0])
+        work = batches + self.idle_batches(units, len(batches))
+        scale = dist.world().size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
         step_nll = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(work):
-            syncing = self.ddp is None or i == len(work) - 1  # DDP all-reduces in the last backward only
-            with contextlib.nullcontext() if syncing else self.ddp.no_sync():
+            with self.gradient_sync(last=i == len(work) - 1):
                 batch = batch.to(self.device)
-                with autocast_context(self.device, self.precision.autocast):
-                    nll = forward(batch)
+                nll = self.ddp(batch) if self.ddp else self.forward.token_nll(batch)[0]  # per-token NLL, this step's
                 if self.objective is None:
-                    nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0
-                    loss = nll_sum * scale  # normalised by the whole step's targets, not the micro-batch's
+                    nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0  # an idle batch: weight 0
+                    loss = nll_sum * scale
                 else:  # already normalised by the whole step's pairs
                     nll_sum = self.objective.micro_loss(nll, batch, counted=i < len(batches))
-                    loss = nll_sum * world.size
+                    loss = nll_sum * dist.world().size
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_nll += nll_sum.detach().double()
         dist.all_reduce_sum(step_nll)  # every rank judges (and logs) the same step loss
-        if world.parallel:  # the scored targets in each rank's share (the shares balance positions)
-            shares = dist.shares(self.unit_costs(units), world.size)
-            per_unit = targets.reshape(len(units), -1).sum(1)  # a pair's two sequences are consecutive
-            step_ranks = [int(per_unit[s].sum()) for s in shares]
-            self.progress.window.rank_tokens = [a + b for a, b in zip(self.progress.window.rank_tokens or [0] * world.size, step_ranks)]
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
-            grad_norm = grad_norm.full_tensor()
+        self.count_rank_tokens(units, targets)
+        grad_norm = self.clip_gradients()
         if self.apply_update(step_nll, grad_norm, 1 if self.objective else n_targets):
             if self.objective is not None:
                 self.objective.end_step(step_nll)
@@ -159,6 +153,37 @@ class Trainer:
         self.scheduler.step()  # a skipped step still counts: lr and data stay aligned with the step number
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.window.steps += 1
+        return grad_norm
+
+    def idle_batches(self, examples: np.ndarray, n_mine: int) -> list:
+        """Batches this rank runs with a loss of weight 0: a rank with no example of its own still joins the
+        gradient all-reduce; with a sharded model every forward is a collective, so each rank runs as many
+        micro-batches as the busiest."""
+        n_work = dist.common_count(n_mine) if dist.sharded() else max(1, n_mine)
+        return self._micro_batches(examples[:1]) * (n_work - n_mine) if n_work > n_mine else []
+
+    def gradient_sync(self, last: bool):
+        """DDP all-reduces the gradients in the step's last backward only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+    def count_rank_tokens(self, units: np.ndarray, targets: np.ndarray) -> None:
+        """Data parallel: the scored targets in each rank's share of the step (the shares balance positions;
+        a preference step's units are pairs, whose two sequences' targets are consecutive in `targets`)."""
+        world = dist.world()
+        if world.parallel:
+            shares = dist.shares(self.unit_costs(units), world.size)
+            per_unit = targets.reshape(len(units), -1).sum(1)
+            step_ranks = [int(per_unit[s].sum()) for s in shares]
+            self.progress.window.rank_tokens = [a + b for a, b in zip(self.progress.window.rank_tokens or [0] * world.size, step_ranks)]
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The gradient norm (unscaled first under fp16), clipped to train.max_grad_norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         return grad_norm
 
     def apply_update(self, step_nll: torch.Tensor, grad_norm: torch.Tensor, n_targets: int) -> bool:
@@ -231,8 +256,6 @@ class Trainer:
         # Rank 0 samples; with a sharded model every rank does (each forward is a collective), alike.
         prompt = self.cfg.eval.sample_prompt if dist.world().is_main or dist.sharded() else None
         if prompt:
-            from lorafit.generate import SamplingConfig, sample
-
             self.model.eval()
             text = sample(self.model, self.tokenizer, prompt, SamplingConfig(self.cfg.eval.sample_max_new_tokens, seed=self.cfg.train.seed))[0]
             self.model.train()
@@ -388,16 +411,20 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.devic
     return optimizer, scheduler
 
 
-def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None = None) -> None:
+def save_adapter(model, tokenizer, path: Path, load: dict, weights: dict | None = None,
+                 keep: tuple[str, ...] = ()) -> list[str]:
     """The adapter in PEFT's format (its config names the base as the user gave it), the tokenizer,
     and lorafit's metadata: the base's signature and how to load it again (`load`). `weights`: the
-    trainable weights gathered whole from a sharded model."""
+    trainable weights gathered whole from a sharded model. `keep`: entries of an existing `path` that lorafit
+    did not write, carried into the new one. Returns the files written (relative to `path`)."""
     for adapter in model.peft_config.values():  # PEFT writes it into adapter_config.json
         adapter.base_model_name_or_path = load["name"]
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, keep=keep) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         write_base_signature(tmp, model.get_base_model(), load)
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    return written
 
 
 def check_seq_len(cfg: RunConfig, model) -> None:
@@ -412,8 +439,6 @@ def check_seq_len(cfg: RunConfig, model) -> None:
 def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
     """Tokenizer, model, LoRA, fast paths, data and optimizer: every input is checked here, the model's
     before any data is read, and nothing is written."""
-    from lorafit.data.sources import offline_hint
-
     device = dist.device() if dist.world().parallel else default_device()
     precision = resolve_precision(cfg.model.precision, device)
     local_model = looks_like_a_path(cfg.model.name)
@@ -430,9 +455,6 @@ def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
 def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precision):
     """LoRA on the resolved targets and the speed-ups, then the fast paths checked on the result:
     (PEFT model, LoRA target names, FastPaths). Also what `lorafit bench` times."""
-    from lorafit.fast import prepare_for_speed
-    from lorafit.fastpath import fast_paths_for
-
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
     if cfg.model.adapter:  # continue training a saved adapter (e.g. DPO after SFT): its own LoRA settings
         adapter_dir = resolve_adapter_dir(cfg.model.adapter)
@@ -455,7 +477,7 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_for_speed(model, cfg.train.compile)
     if cfg.train.fsdp:
-        dist.shard(model)  # onto this rank's device, a shard of every block each
+        dist.shard(unwrapped(model))  # onto this rank's device, a shard of every block each
     fast = fast_paths_for(model, cfg, device, precision.autocast, log=log)
     return model, targets, fast
 
@@ -464,9 +486,10 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
              precision: Precision, run: RunDir | None) -> Trainer:
     """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times)."""
     pairs = cfg.train.objective != "sft"  # a preference step takes pairs, each two sequences of the split
+    forward = Forward(model, fast, precision.autocast, device=device)  # built once: training and validation share it
+    scoring = scoring_for(cfg, forward, tokenizer)
     objective = None
     if pairs:
-        scoring = scoring_for(cfg, model, tokenizer, fast=fast, device=device)
         seconds = attach_reference(cfg, model, [data.train, data.val], scoring)  # once, before training
         if seconds:
             log(f"reference log-probabilities of {len(data.train) + len(data.val):,} sequences in {seconds:.1f} s "
@@ -476,32 +499,13 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
     return Trainer(
-        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, fast, targets,
+        cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, forward, targets,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
-        scoring=scoring_for(cfg, model, tokenizer, fast=fast, device=device),
+        scoring=scoring,
         scaler=scaler,
-        ddp=data_parallel(model, fast) if dist.world().parallel and not dist.sharded() else None,
+        ddp=forward.data_parallel() if dist.world().parallel and not dist.sharded() else None,
         objective=objective,
     )
-
-
-class StepLoss(torch.nn.Module):
-    """The per-token NLL of a batch as a module: the forward DistributedDataParallel wraps, so its
-    gradient hooks see the backbone and the fused head that token_nll calls directly."""
-
-    def __init__(self, model, fused_head: bool):
-        super().__init__()
-        self.model, self.fused_head = model, fused_head
-
-    def forward(self, batch):
-        return token_nll(self.model, batch, fused=self.fused_head)[0]
-
-
-def data_parallel(model, fast: FastPaths):
-    from torch.nn.parallel import DistributedDataParallel
-
-    # device_ids None: the module sits on this rank's one device, and the batch is not a tensor DDP should move.
-    return DistributedDataParallel(StepLoss(model, fast.fused_head), device_ids=None)
 
 
 def seed_everything(seed: int) -> None:
@@ -539,18 +543,17 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          force_base: bool = False) -> dict:
+          force_base: bool = False, checked: RunDir | None = None) -> dict:
     """Check everything, then take the run's lock, then decide again under it (a new run, a resume, or an
-    overwrite: only now is an old run deleted), then train."""
-    run = RunDir(Path(cfg.output_dir))
+    overwrite: only now is an old run deleted), then train. `checked`: the run directory when the caller
+    already ran its `check_new_run` (the CLI does, before torch loads); None: it is checked here."""
     overwrite = overwrite and not resume  # --resume wins: it never deletes
-    run.check_new_run(resume, overwrite)  # cheap and read-only: a plain mistake fails before minutes of set-up
-    check_local_paths(cfg)  # so does a missing data file or local model directory
-    if resume and run.is_run():
-        changed = check_same_config(run, cfg)
-        if run.is_finished() and not extends_run(changed):
-            log(f"The run in {run.path} has already finished; nothing to do.")
-            return run.read_summary()
+    run = checked or RunDir(Path(cfg.output_dir))
+    if checked is None:
+        run.check_new_run(resume, overwrite)  # cheap and read-only: a plain mistake fails before minutes of set-up
+        check_local_paths(cfg)  # so does a missing data file or local model directory
+    if resume_state(run, cfg, resume)[1]:
+        return run.read_summary()
     try:
         trainer = setup(cfg, run, progress)
         trainer.force_base = force_base
@@ -559,12 +562,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         claim = run.claim(resume, overwrite) if dist.world().is_main else contextlib.nullcontext()
         with claim:  # decided again under the lock: another run may have come meanwhile
             dist.barrier()  # the directory is claimed (and emptied for --overwrite) before any rank reads it
-            changed = check_same_config(run, cfg) if resume and run.is_run() else {}
-            if resume and run.is_finished() and not extends_run(changed):
-                log(f"The run in {run.path} has already finished; nothing to do.")
+            changed, finished = resume_state(run, cfg, resume)
+            if finished:
                 return run.read_summary()
-            from lorafit import trackers
-
             reporting = trackers.opened(cfg.train.report_to, run, cfg.to_dict()) if dist.world().is_main \
                 else contextlib.nullcontext()
             with reporting:  # the trackers get what metrics.jsonl gets (rank 0 writes it)
@@ -576,6 +576,18 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         newest = ckpt.newest_checkpoint(run.checkpoints)
         kept = f" The newest complete checkpoint, {newest}, resumes with --resume." if newest else ""
         raise LorafitError(str(out_of_memory(default_device(), "training")) + kept) from None
+
+
+def resume_state(run: RunDir, cfg: RunConfig, resume: bool) -> tuple[dict, bool]:
+    """(the settings a --resume changes, whether the run already finished and they do not extend it: then
+    there is nothing to do, which is logged). A change a resume may not make is an error here."""
+    if not (resume and run.is_run()):
+        return {}, False
+    changed = check_same_config(run, cfg)
+    finished = run.is_finished() and not extends_run(changed)
+    if finished:
+        log(f"The run in {run.path} has already finished; nothing to do.")
+    return changed, finished
 
 
 def resume_advice(run: RunDir) -> str:
@@ -593,9 +605,11 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         return after
     advice = resume_advice(run)  # the last step is checkpointed: a resume redoes only the eval and the saves
     with saving(f"the adapter in {run.adapter}", advice):
-        save_adapter(trainer.model, trainer.tokenizer, run.adapter, load_settings(cfg.model, trainer.model.get_base_model()),
-                     lora_weights)
-        run.wrote(ADAPTER_DIR)
+        # A file of the user's in adapter/ (lorafit never wrote it) is carried into the new adapter, never deleted.
+        users = tuple(e[len(ADAPTER_DIR) + 1:].rstrip("/") for e in run.foreign_entries() if e.startswith(ADAPTER_DIR + "/"))
+        written = save_adapter(trainer.model, trainer.tokenizer, run.adapter,
+                               load_settings(cfg.model, trainer.model.get_base_model()), lora_weights, keep=users)
+        run.wrote(*(f"{ADAPTER_DIR}/{name}" for name in written))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     summary = {
         "recipe": cfg.recipe,
@@ -649,8 +663,6 @@ def before_summary(before: dict | None) -> dict | None:
 
 
 def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | None, after: dict) -> None:
-    from lorafit.report import model_card, plot_by_source, plot_losses
-
     with atomic_path(run.file(LOSS_PLOT)) as tmp:
         plot_losses(run.read_metrics(), tmp)
     run.wrote(LOSS_PLOT)

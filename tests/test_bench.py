@@ -71,7 +71,7 @@ def test_bench_peers_trl_side_by_side(tmp_path, tiny_model_dir, tiny_tokenizer_d
         trained["model"] = model
         return res, model, settings
 
-    monkeypatch.setattr(peers, "run_trl", keep_model)
+    monkeypatch.setattr(run, "run_trl", keep_model)  # bench.run imports it at its top
     out = tmp_path / "bench.json"
     code = main(bench_args(tiny_model_dir, tiny_tokenizer_dir, quotes, out, "--examples", "48", "--peers", "trl",
                            "--skip-generation", "--skip-eval"))
@@ -153,6 +153,19 @@ def test_bench_names_the_extra_when_trl_is_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
     with pytest.raises(LorafitError, match=r'pip install -e "\.\[bench\]"'):
         parse_peers("trl", torch.device("cpu"))
+
+
+def test_bench_names_the_extra_when_accelerate_is_missing(tmp_path, tiny_model_dir, tiny_tokenizer_dir, quotes,
+                                                         monkeypatch, capsys):
+    """accelerate is not a lorafit dependency: only the re-created original pipeline (transformers' Trainer) needs
+    it, so `lorafit bench` says which extra to install, before any work."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    assert main(bench_args(tiny_model_dir, tiny_tokenizer_dir, quotes, tmp_path / "b.json", "--examples", "32")) == 2
+    err = capsys.readouterr().err
+    assert "needs accelerate" in err and 'pip install -e ".[bench]"' in err and not (tmp_path / "b.json").exists()
 
 
 def test_generation_rates_one_per_call_each_of_exactly_max_new_tokens(tiny_model_dir, tiny_tokenizer_dir):

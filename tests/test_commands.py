@@ -113,11 +113,11 @@ LINE = re.compile(r"^(\S+)\s+epochs=(\S+)(?: max_steps=(\d+))?\s+model=(\S+) sou
 
 
 def test_recipes_lists_every_shipped_recipe_with_its_length(capsys, monkeypatch):
-    import lorafit.config
+    import lorafit.cli
 
-    real_load = lorafit.config.load_config
+    real_load = lorafit.cli.load_config
     # one recipe as if it capped its steps: the listing shows max_steps beside the epochs
-    monkeypatch.setattr(lorafit.config, "load_config",
+    monkeypatch.setattr(lorafit.cli, "load_config",
                         lambda name, overrides=None: real_load(name, ["train.max_steps=7"] if name == "quotes" else overrides))
     assert main(["recipes"]) == 0
     # each recipe's line, then its description indented below it, and one closing hint

@@ -185,8 +185,10 @@ def test_transformers_gguf_loader_reads_the_f16_back_to_the_same_weights(exporte
     expected = exported["merged"].state_dict()
     compared = 0
     for name, tensor in expected.items():
-        if name in loaded and tensor.dim() == 2:  # the matrices: stored in f16 (1-d norms and biases stay fp32)
-            assert torch.equal(loaded[name].float(), tensor.half().float()), (exported["family"], name)
+        if name in loaded and tensor.dim() == 2:  # the matrices: in f16, but those llama.cpp keeps in f32 (GPT-2's
+            # position embeddings), as are 1-d norms and biases: each reads back as its f16 rounding or exactly
+            back = loaded[name].float()
+            assert torch.equal(back, tensor.half().float()) or torch.equal(back, tensor.float()), (exported["family"], name)
             compared += 1
     assert compared >= 4, f"only {compared} matrices matched by name: {sorted(loaded)[:5]}"
 

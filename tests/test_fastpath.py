@@ -12,8 +12,7 @@ from lorafit.data.packing import Layout, micro_batches
 from lorafit.errors import LorafitError
 from lorafit.fastpath import choose_fast_paths, preference
 from lorafit.lora import apply_lora, resolve_targets
-from lorafit.loss import token_nll
-from test_invariants import EOS, VOCAB, make_split, random_examples, tiny_gpt2
+from test_invariants import EOS, token_nll, VOCAB, make_split, random_examples, tiny_gpt2
 
 CPU = torch.device("cpu")
 

@@ -10,12 +10,18 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lorafit.config import LoraConfig
 from lorafit.data.packing import IGNORE, Layout, micro_batches, pack
 from lorafit.data.tokenize import TokenizedSplit
+from lorafit.forward import FastPaths, Forward
 from lorafit.lora import apply_lora, format_counts
-from lorafit.loss import linear_cross_entropy, plain_cross_entropy, token_nll
+from lorafit.loss import linear_cross_entropy, plain_cross_entropy
 
 VOCAB = 300
 EOS = VOCAB - 1
 ROWS64, SEGMENTS, PADDED = Layout("rows", 64), Layout("segments"), Layout("padded")
+
+
+def token_nll(model, batch, fused: bool = True, chunk: int | None = None):
+    """lorafit's one forward (lorafit.forward.Forward) on `model`: (per-token NLL, example index), no autocast."""
+    return Forward(model, FastPaths(PADDED, fused), chunk=chunk).token_nll(batch)
 
 
 def tiny_gpt2(seed: int = 0, dtype=torch.float32) -> GPT2LMHeadModel:
@@ -467,12 +473,11 @@ def test_segment_attention_handles_grouped_query_heads_as_the_model_does():
 
 
 def test_speed_switches_are_restored_after_each_forward_and_off_gives_the_same_loss(monkeypatch):
-    """lorafit.fast.forward_state is the one place that flips state outside lorafit: under bf16 autocast
+    """lorafit.fast.forward_state (entered by lorafit.forward.Forward) is the one place that flips state outside lorafit: under bf16 autocast
     PEFT's input casts are off and a segments batch runs segment attention, only during the forward.
     LORAFIT_SPEEDUPS off (the one switch) keeps the casts and the buffer, and gives the same NLL."""
     import lorafit.fast as fast
     from lorafit.data.packing import Layout, pack
-    from lorafit.loss import token_nll
 
     model = lora_model(seed=5)
     split = make_split(random_examples(4, seed=5))

@@ -35,11 +35,11 @@ def test_evaluate_overall_and_per_source_sum_to_the_same_totals():
     split.sources = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], dtype=np.int32)
     split.n_bytes = np.arange(10, 20, dtype=np.int64)
     from lorafit.data.packing import Layout
-    from lorafit.fastpath import FastPaths
+    from lorafit.forward import FastPaths, Forward
 
     cpu = torch.device("cpu")
-    out = evaluate_run(model, split, ["a", "b", "c"], Scoring(cpu, None, FastPaths(Layout("rows", 64), True), 50, 299))
-    plain = evaluate_run(model, split, ["a", "b", "c"], Scoring(cpu, None, PLAIN, 50, 299))  # no fast path at all
+    out = evaluate_run(model, split, ["a", "b", "c"], Scoring(Forward(model, FastPaths(Layout("rows", 64), True), device=cpu), 50, 299))
+    plain = evaluate_run(model, split, ["a", "b", "c"], Scoring(Forward(model, PLAIN, device=cpu), 50, 299))  # no fast path at all
     # Reference: each example alone through the plain model, summed in float64.
     total = 0.0
     for e in examples:

@@ -151,7 +151,6 @@ def plain_logp(model, ids: np.ndarray, scored: np.ndarray) -> float:
 
 
 def test_each_sequence_logp_and_the_reference_equal_the_sequence_scored_alone(tmp_path, tiny_model_dir):
-    from lorafit.loss import token_nll
     from lorafit.preference import sequence_logps
 
     trainer = trainer_for(tmp_path, tiny_model_dir, many_pairs(12))
@@ -162,7 +161,7 @@ def test_each_sequence_logp_and_the_reference_equal_the_sequence_scored_alone(tm
     split, model = trainer.data.train, trainer.model
     trainer.model.train()
     batch = trainer.step_batches(0)[0]
-    nll, example = token_nll(model, batch, fused=trainer.fast.fused_head)
+    nll, example = trainer.forward.token_nll(batch)
     sums = torch.zeros(len(split), dtype=torch.float64).index_add_(0, example, -nll.double())
     seen = sorted(set(example.tolist()))
     assert len(seen) >= 4 and trainer.fast.layout.kind in ("segments", "rows")  # packed: several sequences a row

@@ -575,6 +575,28 @@ def tiny_state():
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return model, optimizer, scheduler
+
+
+def test_a_resumed_run_s_new_adapter_keeps_the_user_s_files_in_adapter(run, tmp_path, tiny_model_dir, texts_file):
+    """The final save replaces adapter/ whole (atomically): files of the user's inside it are carried over, never
+    deleted, and stay out of the manifest (so --overwrite still refuses to delete them)."""
+    from lorafit.rundir import MANIFEST_FILE
+
+    extended = tmp_path / "run"
+    shutil.copytree(run, extended)
+    (extended / "adapter" / "my_backup").mkdir()
+    (extended / "adapter" / "my_backup" / "old.safetensors").write_bytes(b"an older adapter")
+    (extended / "adapter" / "NOTES.txt").write_text("mine\n")
+    old_weights = (extended / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(train_args(tiny_model_dir, texts_file, extended, "train.max_steps=4", "--resume")) == 0
+    assert (extended / "adapter" / "adapter_model.safetensors").read_bytes() != old_weights  # a new adapter
+    assert (extended / "adapter" / "NOTES.txt").read_text() == "mine\n"
+    assert (extended / "adapter" / "my_backup" / "old.safetensors").read_bytes() == b"an older adapter"
+    files = set(json.loads((extended / MANIFEST_FILE).read_text())["files"])
+    assert "adapter/NOTES.txt" not in files and "adapter/my_backup/old.safetensors" not in files
+    assert "adapter/adapter_model.safetensors" in files
+
+
 def test_a_huge_single_word_is_cut_inside_itself_before_tokenising(tiny_tokenizer, monkeypatch):
     """A 2 MB "word" of one letter has no pre-token boundary to cut at: before, it reached BPE whole (a 200 MB
     one took over 7 GB). Now no text of more than a bounded size reaches the tokenizer, text that fits is

@@ -25,7 +25,6 @@ from lorafit.bench.peers import _quiet_datasets
 from lorafit.config import load_config
 from lorafit.data.prepare import prepare_data
 from lorafit.data.sources import load_corpus
-from lorafit.loss import token_nll
 from lorafit.measure import sync
 from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
 from lorafit.train import assemble, prepare_model
@@ -63,7 +62,7 @@ def run_lorafit(cfg, tokenizer, device: torch.device, warmup_steps: int) -> tupl
             start = time.perf_counter()  # what a reference computed in the step would add: its no-grad forwards
             with torch.no_grad(), trainer.model.disable_adapter():
                 for batch in trainer.step_batches(step):
-                    token_nll(trainer.model, batch.to(device), fused=fast.fused_head)
+                    trainer.forward.token_nll(batch.to(device))
             sync(device)
             each_step += time.perf_counter() - start
         trainer.progress.step += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import importlib.util
 import json
 import math
 import platform
@@ -29,7 +30,20 @@ from lorafit.bench.baseline import (
     run_baseline,
 )
 from lorafit.bench import preference
+from lorafit.bench.peers import INSTALL, parse_peers, run_trl, trl_min_examples
+from lorafit.config import load_config
+from lorafit.data.prepare import Data
+from lorafit.data.sources import load_corpus
+from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, tokenize_texts
+from lorafit.errors import LorafitError
+from lorafit.evaluate import evaluate_run, scoring_for
+from lorafit.fastpath import fast_paths_for
+from lorafit.forward import Forward
+from lorafit.generate import merged_copy
+from lorafit.init_model import init_model, is_raw_gpt2_bpe, tokenizer_from_dir
 from lorafit.measure import peak_memory_bytes, reset_peak_memory, sync
+from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
+from lorafit.train import assemble, prepare_model
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -48,8 +62,6 @@ GEN_REPETITIONS = {"cpu": 3, "cuda": 5}
 def ensure_model(model: str | None, tokenizer_dir: Path) -> str:
     if model:
         return model
-    from lorafit.data.tokenize import default_cache_dir
-    from lorafit.init_model import init_model
 
     path = default_cache_dir() / "models" / "gpt2-random"
     if not (path / "config.json").is_file():
@@ -59,9 +71,6 @@ def ensure_model(model: str | None, tokenizer_dir: Path) -> str:
 
 
 def quotes_split(data: str) -> tuple[list[str], list[str]]:
-    from lorafit.config import load_config
-    from lorafit.data.sources import load_corpus
-
     cfg = load_config("quotes", [f"data.sources.quotes.path={data}"])
     corpus = load_corpus(cfg.data)
     return corpus.train_texts, corpus.val_texts
@@ -105,12 +114,6 @@ def build_trainer(model_dir: str, tokenizer_dir: str, texts_or_split, overrides:
                   seed: int = 42, total_steps: int | None = None):
     """A lorafit Trainer, assembled as `lorafit train` does, on given texts (tokenised with the recipe's
     policy) or a ready TokenizedSplit, for `total_steps` (default: whole steps over the data once)."""
-    from lorafit.config import load_config
-    from lorafit.data.tokenize import TokenizedSplit, tokenize_texts
-    from lorafit.modeling import load_base_model, load_tokenizer, resolve_precision
-    from lorafit.data.prepare import Data
-    from lorafit.train import assemble, prepare_model
-
     cfg = load_config("quotes", [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
     precision = resolve_precision(cfg.model.precision, device)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -161,23 +164,19 @@ def run_lorafit(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_
 def quotes_evaluator(tokenizer, val_texts: list[str], device: torch.device, compiled: bool = False):
     """lorafit's token-weighted evaluation, set up as the quotes recipe runs it (length policy, layout,
     batching, precision): a function of any PEFT model, so both sides are measured the same way."""
-    from lorafit.config import load_config
-    from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate import evaluate_run, scoring_for
-
     cfg = load_config("quotes", [f"train.compile={str(compiled).lower()}"])
     val = tokenize_texts(val_texts, [0] * len(val_texts), tokenizer, cfg.data.seq_len, cfg.data.long_examples)
+    autocast = resolve_precision(cfg.model.precision, device).autocast
 
     def run(model) -> dict:  # the fast paths are checked on each model: the peer's is not lorafit's
-        return evaluate_run(model, val, ["quotes"], scoring_for(cfg, model, tokenizer, device=device))
+        forward = Forward(model, fast_paths_for(model, cfg, device, autocast), autocast, device=device)
+        return evaluate_run(model, val, ["quotes"], scoring_for(cfg, forward, tokenizer))
 
     return run
 
 
 def lorafit_generation_rates(model, tokenizer, prompts: list[str], batch_size: int) -> list[float]:
     """lorafit's inference path: LoRA merged into a copy of the base, then the same generate calls."""
-    from lorafit.generate import merged_copy
-
     fast = merged_copy(model)
     return generation_rates(fast, tokenizer, prompts, batch_size)
 
@@ -204,8 +203,6 @@ def min_examples(warmup_steps: int) -> int:
 
 
 def check_examples(n: int, warmup_steps: int, available: int) -> None:
-    from lorafit.errors import LorafitError
-
     if warmup_steps < 0:
         raise LorafitError(f"--warmup-steps {warmup_steps}: must be 0 or more.")
     need = min_examples(warmup_steps)
@@ -227,8 +224,6 @@ def free_path(path: Path) -> Path:
 def results_path(requested: str | None, default: Path) -> Path:
     """Where the JSON goes, settled before the run: a --json that exists is refused (before minutes of
     work, not after); the default gets a new name when one from the same day is there."""
-    from lorafit.errors import LorafitError
-
     if requested:
         path = Path(requested)
         if path.exists():
@@ -290,11 +285,16 @@ def print_table(results: dict) -> None:
         print(f"speedup vs {name}: {x:.2f}x examples/s", file=sys.stderr)
 
 
-def main(args) -> int:
-    from lorafit.bench.peers import parse_peers, run_trl, trl_min_examples
-    from lorafit.errors import LorafitError
-    from lorafit.modeling import load_tokenizer
+def check_baseline_available() -> None:
+    """The re-created original pipeline is transformers' Trainer, which needs accelerate at run time; lorafit itself
+    does not (`accelerate launch` is only the user's launcher): it is in the bench extras, checked before any work."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise LorafitError("lorafit bench re-creates the original pipeline with transformers' Trainer, which needs "
+                           f"accelerate, which is not installed: {INSTALL}")
 
+
+def main(args) -> int:
+    check_baseline_available()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peers = parse_peers(getattr(args, "peers", None), device)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else DEFAULT_TOKENIZER
@@ -400,9 +400,6 @@ def main(args) -> int:
 
 def _tokenizer_dir(path: Path) -> str:
     """A tokenizer directory transformers can load; the raw GPT-2 BPE files are converted once."""
-    from lorafit.data.tokenize import default_cache_dir
-    from lorafit.init_model import is_raw_gpt2_bpe, tokenizer_from_dir
-
     if not is_raw_gpt2_bpe(path):
         return str(path)
     out = default_cache_dir() / "tokenizers" / "gpt2"

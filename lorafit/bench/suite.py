@@ -13,6 +13,11 @@ from pathlib import Path
 
 import torch
 
+from lorafit.bench import run as bench
+from lorafit.bench.shapes import mixture_shape_throughput
+from lorafit.config import load_config
+from lorafit.train import train
+
 
 # The recipe as published (GPT-2's own dropout kept), then the opt-in fast paths.
 MIXTURE_VARIANTS = [[], ["model.dropout=0"], ["train.compile=true"], ["train.compile=true", "model.dropout=0"]]
@@ -20,9 +25,6 @@ QUOTES_VARIANTS = [[], ["train.compile=true"]]
 
 
 def full_quotes_run(model_dir: str, data: str, out: Path, extra: list[str]) -> dict:
-    from lorafit.config import load_config
-    from lorafit.train import train
-
     cfg = load_config("quotes", [f"model.name={model_dir}", f"data.sources.quotes.path={data}", f"output_dir={out}",
                                  "eval.sample_prompt=null", *extra])
     start = time.perf_counter()
@@ -43,9 +45,6 @@ def auto_peers(device: torch.device) -> str | None:
 
 
 def main(argv=None) -> int:
-    from lorafit.bench import run as bench
-    from lorafit.bench.shapes import mixture_shape_throughput
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shared", default=str(bench.SHARED), help="the shared/ folder with assets/ and data/")
     p.add_argument("--examples", type=int, default=2000)

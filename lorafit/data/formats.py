@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafit.data.examples import check_fields, columns_needed, from_record
-from lorafit.errors import DataError
+from lorafit.errors import DataError, first_line
 from lorafit.localpaths import special_kind
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def _json_failure(exc: Exception, where: str) -> DataError:
                          "levels deep; fix or remove it.")
     if "digits" in str(exc):
         return DataError(f"{where}: a number has thousands of digits, too long to read. Fix or remove it.")
-    return DataError(f"{where}: cannot be read as JSON ({str(exc)[:200]}). Fix or remove it.")
+    return DataError(f"{where}: cannot be read as JSON ({first_line(exc, 200)}). Fix or remove it.")
 
 
 def _line_of(text: str, pattern: str) -> int | None:

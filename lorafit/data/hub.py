@@ -26,7 +26,7 @@ from lorafit.config import SourceConfig
 from lorafit.console import progress_bar
 from lorafit.data.examples import check_fields, columns_needed, from_record, is_example, record_fields
 from lorafit.data.filters import filter_texts, kept, report_pair_problems
-from lorafit.errors import DataError, LorafitError, offline_note
+from lorafit.errors import DataError, LorafitError, described, offline_note
 
 SHUFFLE_BUFFER = 10_000
 SAMPLE_CACHE_VERSION = 1
@@ -38,10 +38,9 @@ def _join(values: Iterable, join: str) -> str:
 
 
 def _failure(name: str, src: SourceConfig, exc: Exception, doing: str) -> LorafitError:
-    first = str(exc).splitlines()[0] if str(exc) else ""
     return LorafitError(
         f"Could not {doing} source '{name}' from the Hugging Face Hub ({src.path}"
-        f"{f', config {src.config!r}' if src.config else ''}, split {src.split!r}): {type(exc).__name__}: {first}"
+        f"{f', config {src.config!r}' if src.config else ''}, split {src.split!r}): {described(exc)}"
         f"{offline_note()}\nIf you are offline, point it at a local file: data.sources.{name}.path=FILE "
         "(.jsonl, .json, .csv, .txt or .parquet)."
     )

@@ -14,11 +14,14 @@ filtered, capped and split like any other examples.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lorafit.config import SourceConfig
 from lorafit.data.examples import Example
+
+if TYPE_CHECKING:
+    from lorafit.config import SourceConfig
 
 KEYS = ("field", "chosen", "rejected", "prompt")
 DEFAULT_PROMPT = "Review:"

@@ -18,13 +18,13 @@ context, not targets); the others are IGNORE, in every layout alike.
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lorafit.balance import longest_first
 from lorafit.data.tokenize import TokenizedSplit
 
 IGNORE = -100
@@ -83,19 +83,8 @@ def balance_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
         return []
     if lengths.max() > row_len:
         raise ValueError(f"an example of {lengths.max()} positions does not fit a row of {row_len}")
-    order = np.argsort(-lengths, kind="stable")
     n_rows = max(1, math.ceil(int(lengths.sum()) / row_len))
-    heap = [(0, r) for r in range(n_rows)]  # (load, row), emptiest first
-    rows: list[list[int]] = [[] for _ in range(n_rows)]
-    for i in order:
-        load, r = heapq.heappop(heap)
-        if load + lengths[i] > row_len:  # even the emptiest row is full: open a new one
-            heapq.heappush(heap, (load, r))
-            r, load = len(rows), 0
-            rows.append([])
-        rows[r].append(int(i))
-        heapq.heappush(heap, (load + int(lengths[i]), r))
-    return [row for row in rows if row]
+    return [row for row in longest_first(lengths, n_rows, capacity=row_len) if row]
 
 
 def pack(split: TokenizedSplit, indices: np.ndarray, layout: Layout, pad_id: int, multiple: int = 1) -> PackedBatch:

@@ -14,6 +14,8 @@ import numpy as np
 from lorafit import distributed as dist
 from lorafit.config import RunConfig
 from lorafit.console import log
+from lorafit.data.sources import load_corpus
+from lorafit.data.templates import render_examples, render_pairs
 from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, policy_summary, tokenize_cached
 from lorafit.errors import LorafitError
 
@@ -32,9 +34,6 @@ class Data:
 def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Data:
     """The tokenised `splits` (train, val or both). Every source is still read whole: which texts are
     validation is decided by the seeded split of all of them."""
-    from lorafit.data.sources import load_corpus
-    from lorafit.data.templates import render_examples, render_pairs
-
     d = cfg.data
     corpus = load_corpus(d)
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()

@@ -19,11 +19,9 @@ from lorafit.data import label_pairs
 from lorafit.data.filters import filter_texts, is_usable
 from lorafit.data.formats import read_local_texts
 from lorafit.data.hub import read_hub_texts
+from lorafit.data.paths import is_local, resolve_path
 from lorafit.data.tokenize import default_cache_dir
 from lorafit.errors import DataError, LorafitError
-
-LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet")
-
 
 @dataclass
 class Corpus:
@@ -35,23 +33,6 @@ class Corpus:
     train_sources: list[int] = field(default_factory=list)
     val_texts: list[str] = field(default_factory=list)
     val_sources: list[int] = field(default_factory=list)
-
-
-def is_local(src: SourceConfig, root: str | None) -> bool:
-    """A source is local when its format says so, the path exists, or it looks like a file path."""
-    if src.format not in ("auto", "hub"):
-        return True
-    if src.format == "hub":
-        return False
-    path = resolve_path(src.path, root)
-    return path.exists() or src.path.lower().endswith(LOCAL_SUFFIXES) or src.path.startswith((".", "/", "~"))
-
-
-def resolve_path(path: str, root: str | None) -> Path:
-    p = Path(path).expanduser()
-    if root is not None and not p.is_absolute():
-        p = Path(root).expanduser() / p
-    return p
 
 
 def read_source(name: str, src: SourceConfig, root: str | None, seed: int, cache_dir: Path | None = None) -> list[str]:

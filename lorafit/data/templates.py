@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lorafit.data.examples import KINDS, Example, completion_fields, prompt_fields, response_fields
+from lorafit.data.paths import resolve_path
 from lorafit.errors import DataError, LorafitError
 from lorafit.localpaths import path_problem
 
@@ -74,8 +75,6 @@ def resolve_template(spec: str | None, kind: str | None = None, root: str | None
         return Template(spec)
     if "{" in spec:
         return Template("custom", spec)
-    from lorafit.data.sources import resolve_path
-
     path = resolve_path(spec, root)
     why = path_problem(path)
     if why is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lorafit.errors import LorafitError
 from lorafit.serve.batcher import AdapterGone, Batcher, Row
 from lorafit.serve.guards import BearerAuth, HostCheck, RequestLog, guarded_h11, request_log
-from lorafit.serve.models import ModelHost, NameTaken, under_root
+from lorafit.serve.models import ModelHost, NameTaken, parse_adapter_arg, under_root
 from lorafit.serve.protocol import (
     ApiError, Limits, choice, completion, completion_id, error_response, now, parse_completion, parse_json, shown, usage,
 )
@@ -281,7 +281,6 @@ def serve(args) -> int:
         import fastapi  # noqa: F401
     except ImportError:
         raise LorafitError('lorafit serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
-    from lorafit.serve.models import parse_adapter_arg
 
     root = Path(args.adapters_root) if args.adapters_root else None
     if root is not None and not root.is_dir():

@@ -21,6 +21,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from lorafit.errors import LorafitError
+from lorafit.lora import unwrapped
 from lorafit.serve import kvcache
 from lorafit.serve.models import BASE_ADAPTER
 
@@ -131,8 +132,6 @@ class Batcher:
 
     def _forward(self, input_ids, mask, positions, cache, adapters):
         import inspect
-
-        from lorafit.lora import unwrapped  # lora imports peft: loaded once the worker runs, not on import
 
         kwargs = {"adapter_names": adapters} if self.host.has_adapters else {}
         # transformers renamed past_key_values to cache (5.x); pass whichever this model takes

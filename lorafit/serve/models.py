@@ -7,7 +7,11 @@ import re
 import threading
 from pathlib import Path
 
+from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
+from lorafit.generate import base_load_config, load_inference_base, resolve_adapter_dir
+from lorafit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from lorafit.modeling import max_positions
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -31,9 +35,6 @@ class ModelHost:
     def __init__(self, adapters: list[tuple[str, str]], base: str | None = None, precision: str | None = None,
                  device=None, attn_implementation: str | None = None, trust_remote_code: bool = False,
                  force_base: bool = False):
-        from lorafit.config import ModelConfig
-        from lorafit.generate import base_load_config, load_inference_base, resolve_adapter_dir
-
         if not adapters and not base:
             raise LorafitError("Nothing to serve: give at least one RUN_DIR (or NAME=RUN_DIR), or --base MODEL.")
         dirs = [(name, resolve_adapter_dir(path)) for name, path in adapters]
@@ -48,7 +49,6 @@ class ModelHost:
         self.device = next(self.model.parameters()).device
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
-        from lorafit.modeling import max_positions
 
         self.context = max_positions(self.model)
         self.adapters: dict[str, Path] = {}
@@ -73,8 +73,6 @@ class ModelHost:
 
     def add(self, name: str, adapter_dir: Path) -> None:
         """Load an adapter onto the base under `name` (lorafit's base-signature, key and shape checks)."""
-        from lorafit.lora import load_adapter
-
         with self.lock:
             self.check_name(name)
             self.model = load_adapter(self.model, Path(adapter_dir), self.base_name, adapter_name=name,
@@ -100,9 +98,6 @@ class ModelHost:
 def under_root(path: str, root: Path | None) -> Path:
     """The adapter directory for a runtime load request, only when it lies under --adapters-root
     (symlinks resolved first, so a link cannot lead outside)."""
-    from lorafit.generate import resolve_adapter_dir
-    from lorafit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     if root is None:
         raise PermissionError("Loading adapters at run time is off: start the server with --adapters-root DIR.")
     root = Path(root).resolve()
