@@ -244,8 +244,13 @@ def cmd_eval(args) -> int:
     scoring = saved_scoring(run, cfg, model, tokenizer, base=args.base)
     data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
     log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
-    result = {"run": str(run), "base_model": base_name,
-              **evaluate_run(model, data.val, data.source_names, scoring, progress="scoring")}
+    if cfg.train.objective == "sft":
+        metrics = evaluate_run(model, data.val, data.source_names, scoring, progress="scoring")
+    else:  # preference accuracy and margin on held-out pairs against the run's reference (val_preference)
+        from lorafit.preference import evaluate_saved  # lazy, as the CLI's other torch-side imports
+
+        metrics = evaluate_saved(model, cfg, data.val, data.source_names, scoring)
+    result = {"run": str(run), "base_model": base_name, **metrics}
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0
 

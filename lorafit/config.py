@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import keyword
 import math
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from lorafit.atomic import atomic_write_text
+from lorafit.data.label_pairs import problems as label_pair_problems
 from lorafit.data.paths import LOCAL_SUFFIXES
 from lorafit.data.templates import source_problems
 from lorafit.errors import ConfigError, LorafitError, not_utf8
@@ -56,6 +58,8 @@ class ModelConfig:
     dropout: float | None = doc(None, "the base's own dropout (GPT-2: 0.1); null keeps it, 0 turns it off")
     trust_remote_code: bool = doc(False, "run the model's own code from the Hub (only for models you trust)")
     quantize: str | None = doc(None, "nf4 | int8: the frozen base quantised by bitsandbytes (QLoRA; CUDA only)")
+    adapter: str | None = doc(None, "a run or PEFT adapter directory to continue training (e.g. an SFT run before DPO); "
+                                    "its LoRA settings replace lora.*; for a preference objective it is also the reference")
 
 
 @dataclass
@@ -76,10 +80,14 @@ class SourceConfig:
     min_chars: int = doc(1, "drop texts shorter than this (after stripping whitespace)")
     dedupe: bool = doc(False, "drop exact duplicate texts")
     # What an example is (lorafit/data/examples.py) and which of its tokens are scored (data/templates.py):
-    kind: str = doc("text", "text | prompt_completion | chat")
+    kind: str = doc("text", "text | prompt_completion | chat | preference (a prompt with a chosen and a rejected response)")
     prompt_field: str | list[str] | None = doc(None, "prompt_completion; null: \"prompt\" (template alpaca: [instruction, input])")
     completion_field: str | list[str] | None = doc(None, "null: \"completion\" (template alpaca: \"output\")")
     messages_field: str = doc("messages", "chat: a list of {role, content}")
+    chosen_field: str | None = doc(None, "preference: the preferred response (text or messages); null: \"chosen\"")
+    rejected_field: str | None = doc(None, "preference: the dispreferred response; null: \"rejected\"")
+    pair_by_label: dict[str, str] | None = doc(None, "preference from labelled texts: {field, chosen, rejected, prompt} "
+                                                     "(lorafit/data/label_pairs.py)")
     template: str | None = doc(None, "null: plain (\"{prompt}\\n\") or, for chat, the model's chat template; a name, file or format string")
     train_on: str = doc("completion", "completion: only completion (assistant) tokens and the EOS are scored; all: every token")
 
@@ -141,6 +149,17 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "recompute activations in the backward: less memory, ~30% more compute")
     fsdp: bool = doc(False, "data parallel with the frozen base sharded over the ranks (torch FSDP2 fully_shard)")
     report_to: list[str] = doc(factory=list, text="experiment trackers: tensorboard, wandb, mlflow, trackio (each an extra)")
+    objective: str = doc("sft", "sft | dpo | ipo | orpo | simpo (the last four train on preference sources; see lorafit/objectives.py)")
+
+
+@dataclass
+class PreferenceConfig:
+    """The preference objectives' settings, named (and defaulted) as TRL names them, so settings carry over."""
+
+    beta: float = doc(0.1, "dpo/ipo: strength of the pull to the reference (IPO's tau); simpo: reward scale (TRL's default)")
+    label_smoothing: float = doc(0.0, "dpo: the assumed share of flipped labels (conservative DPO), in [0, 0.5)")
+    gamma: float = doc(0.5, "simpo: the target reward margin (TRL's simpo_gamma)")
+    lambda_: float = doc(0.1, "orpo: weight of the odds-ratio term next to the chosen responses' NLL (TRL's ORPO beta)")
 
 
 @dataclass
@@ -159,11 +178,27 @@ class RunConfig:
     lora: LoraConfig = doc(factory=LoraConfig, text="the adapter")
     train: TrainConfig = doc(factory=TrainConfig, text="the optimisation")
     eval: EvalConfig = doc(factory=EvalConfig, text="evaluation during training")
+    preference: PreferenceConfig = doc(factory=PreferenceConfig, text="dpo | ipo | orpo | simpo settings (train.objective)")
     output_dir: str = doc("runs/run", "the run directory")
     recipe: str | None = doc(None, "name of the recipe this came from, for the model card")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _keys_out(dataclasses.asdict(self))
+
+
+def key_of(name: str) -> str:
+    """The config key of a dataclass field: a Python keyword (ORPO's `lambda`) is a field with a trailing `_`."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _field_of(key: str) -> str:
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _keys_out(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key_of(k) if isinstance(k, str) else k: _keys_out(v) for k, v in tree.items()}
+    return tree
 
 
 # The settings of a source that only some kinds read (the rest apply to every source).
@@ -171,6 +206,8 @@ KIND_FIELDS = {
     "text": ("text_field",),
     "prompt_completion": ("prompt_field", "completion_field", "template", "train_on"),
     "chat": ("messages_field", "template", "train_on"),
+    # a preference source reads text_field only to build pairs from labelled texts (pair_by_label)
+    "preference": ("prompt_field", "chosen_field", "rejected_field", "template", "pair_by_label", "text_field"),
 }
 
 
@@ -187,7 +224,8 @@ CHOICES = {
     "lora.bias": ("none", "all", "lora_only"),
     "train.schedule": ("linear", "cosine", "constant"),
     "source.format": ("auto", "hub", "jsonl", "json", "csv", "txt", "parquet"),
-    "source.kind": ("text", "prompt_completion", "chat"),
+    "source.kind": ("text", "prompt_completion", "chat", "preference"),
+    "train.objective": ("sft", "dpo", "ipo", "orpo", "simpo"),
     "source.train_on": ("completion", "all"),
 }
 
@@ -317,7 +355,7 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{where or 'config'}: expected a mapping, got {_short(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [key_of(f.name) for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
@@ -328,7 +366,7 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             problems.append(f"{path}: unknown key{hint}")
             continue
-        kwargs[key] = _coerce(value, hints[key], path, problems)
+        kwargs[_field_of(key)] = _coerce(value, hints[_field_of(key)], path, problems)
     kwargs = {k: v for k, v in kwargs.items() if v is not None or _allows_none(hints[k])}
     return cls(**kwargs)
 
@@ -386,7 +424,7 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
              f"data.sources.{name}.weight: must be positive and at most {MAX_SOURCE_WEIGHT:,} (each unit of weight "
              f"is another copy of the source in memory), got {src.weight:g}")
         need(len(src.text_fields) > 0 and all(src.text_fields), f"data.sources.{name}.text_field: required")
-        problems += source_problems(name, src, d.root)
+        problems += source_problems(name, src, d.root) + label_pair_problems(name, src)
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     need(d.seq_len >= 2, f"data.seq_len: must be at least 2, got {d.seq_len}")
     need(0 <= d.split_seed <= MAX_SEED, f"data.split_seed: must be in [0, {MAX_SEED}], got {d.split_seed}")
@@ -437,6 +475,18 @@ def _check_values(cfg: RunConfig, problems: list[str], output_dir: bool = False)
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"train.max_grad_norm: must be positive (or null to disable), got {t.max_grad_norm}",
     )
+
+    choice("train.objective", t.objective)
+    pr = cfg.preference
+    if t.objective != "sft":
+        plain = [n for n, src in d.sources.items() if src is not None and src.kind != "preference"]
+        need(not plain, f"train.objective={t.objective} trains on pairs: data.sources.{plain[0] if plain else ''}.kind must be "
+                        "preference (prompt, chosen, rejected)")
+        need(d.long_examples != "chunk", f"data.long_examples: chunk would split a response over windows; train.objective="
+                                         f"{t.objective} takes truncate or drop")
+    need(pr.beta > 0, f"preference.beta: must be positive, got {pr.beta}")
+    need(0.0 <= pr.label_smoothing < 0.5, f"preference.label_smoothing: must be in [0, 0.5), got {pr.label_smoothing}")
+    need(pr.lambda_ >= 0, f"preference.lambda: must be >= 0, got {pr.lambda_}")
 
     e = cfg.eval
     need(
@@ -664,20 +714,21 @@ def annotated_yaml(cfg: RunConfig) -> str:
         pad = "  " * depth
         for f in dataclasses.fields(obj):
             value, note = getattr(obj, f.name), f"  # {f.metadata['doc']}" if f.metadata.get("doc") else ""
+            name = key_of(f.name)
             if isinstance(obj, SourceConfig) and not applies(obj, f.name):  # a setting other kinds of source read
                 if value != f.default:  # set (a recipe's text_field, say) but not read: said so, as a comment
-                    lines.append(f"{pad}# {f.name}: {scalar(value)}  # not read by a {obj.kind} source")
+                    lines.append(f"{pad}# {name}: {scalar(value)}  # not read by a {obj.kind} source")
                 continue
             if dataclasses.is_dataclass(value):
-                lines.append(f"{pad}{f.name}:{note}")
+                lines.append(f"{pad}{name}:{note}")
                 walk(value, depth + 1)
             elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
-                lines.append(f"{pad}{f.name}:{note}")
+                lines.append(f"{pad}{name}:{note}")
                 for name, item in value.items():
                     lines.append(f"{pad}  {scalar(name)}:")
                     walk(item, depth + 2)
             else:
-                lines.append(f"{pad}{f.name}: {scalar(value)}{note}")
+                lines.append(f"{pad}{name}: {scalar(value)}{note}")
 
     walk(cfg, 0)
     return "\n".join(lines) + "\n"

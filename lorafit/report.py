@@ -16,8 +16,21 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in metrics if "loss" in r and r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in metrics if r.get("val_loss") is not None]
+    # a preference run: the objective's validation loss, like its training loss (the chosen NLL is in the card)
+    val = [(r["step"], (r.get("val_preference") or {}).get("loss", r["val_loss"])) for r in metrics
+           if r.get("val_loss") is not None]
+    accuracy = [(r["step"], r["rewards/accuracies"]) for r in metrics if r.get("rewards/accuracies") is not None]
+    held_out = [(r["step"], r["val_preference"]["accuracy"]) for r in metrics if r.get("val_preference")]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if accuracy or held_out:  # a preference run: its accuracies on a second axis
+        acc = ax.twinx()
+        if accuracy:
+            acc.plot(*zip(*accuracy), label="training preference accuracy", color="tab:green", linewidth=1.0, alpha=0.7)
+        if held_out:
+            acc.plot(*zip(*held_out), "s--", label="validation preference accuracy", color="tab:red", linewidth=1.2)
+        acc.set_ylim(0, 1.05)
+        acc.set_ylabel("preference accuracy")
+        acc.legend(loc="lower right")
     if train:
         ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
     if val:
@@ -98,8 +111,14 @@ def _text_label(src) -> str:
     fields = lambda v: " + ".join(f"`{f}`" for f in ([v] if isinstance(v, str) else v))  # noqa: E731
     if about["kind"] == "text":
         return about["text"] if "text" in about else fields(about["text_field"])
-    given = fields(about["messages_field"]) if about["kind"] == "chat" else \
-        f"{fields(about['prompt_field'])} -> {fields(about['completion_field'])}"
+    if about["kind"] == "preference":
+        given = (f"labelled {fields(about['pair_by_label']['text_field'])} by `{about['pair_by_label']['field']}`, "
+                 f"{about['pair_by_label']['chosen']} over {about['pair_by_label']['rejected']}" if "pair_by_label" in about
+                 else f"{fields(about['prompt_field'])} -> {fields(about['chosen_field'])} over "
+                      f"{fields(about['rejected_field'])}")
+    else:
+        given = fields(about["messages_field"]) if about["kind"] == "chat" else \
+            f"{fields(about['prompt_field'])} -> {fields(about['completion_field'])}"
     return f"{about['kind']}: {given}, template {about['template']}, scored: {about['scored']}"
 
 
@@ -156,6 +175,25 @@ def evaluation_section(evaluations: dict) -> str:
     if not parts:
         return ""
     return "\n## Did it forget? (base vs base + adapter)\n" + "\n\n".join(parts) + "\n"
+
+
+PREFERENCE_ROWS = (("loss", "objective loss", ".4f"), ("accuracy", "preference accuracy", ".3f"),
+                   ("margin", "mean reward margin", ".4f"), ("chosen_logp", "chosen log-probability (mean)", ".2f"),
+                   ("rejected_logp", "rejected log-probability (mean)", ".2f"),
+                   ("chosen_nll", "chosen NLL (nats/token)", ".4f"), ("chosen_bits_per_byte", "chosen bits per byte", ".4f"))
+
+
+def preference_section(cfg: RunConfig, summary: dict) -> str:
+    """A preference run's held-out pairs before and after training (summary.json's val_preference); the
+    validation table above is then of the chosen responses."""
+    after, before = summary.get("val_preference"), summary.get("val_before_training") or {}
+    if not after:
+        return ""
+    cell = lambda d, k, fmt: format(d[k], fmt) if isinstance(d.get(k), int | float) else "n/a"  # noqa: E731
+    rows = "\n".join(f"| {label} | {cell(before, k, fmt)} | {cell(after, k, fmt)} |" for k, label, fmt in PREFERENCE_ROWS)
+    reference = "the base (adapter off)" if cfg.model.adapter is None else f"the adapter `{cfg.model.adapter}`"
+    return (f"## Preference ({cfg.train.objective}, {after['pairs']:,} held-out pairs; reference: {reference})\n"
+            f"| metric | before training | after |\n|---|---|---|\n{rows}\n")
 
 
 def _split_line(cfg: RunConfig, summary: dict) -> str:
@@ -252,6 +290,7 @@ seed {cfg.train.seed}; {f('train_seconds', '.1f')} s on {summary.get('device', '
 | final training loss | {f('final_train_loss')} |
 
 {"| source | loss | PPL | bits/byte | tokens |" + chr(10) + "|---|---|---|---|---|" + chr(10) + source_rows if len(by_source) > 1 else ""}
+{preference_section(cfg, summary)}
 {evaluation_section(evaluations or {})}{exports_section((evaluations or {}).get("exports"))}
 ## Use
 ```python

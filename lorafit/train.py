@@ -34,16 +34,18 @@ from lorafit.fast import prepare_for_speed
 from lorafit.fastpath import fast_paths_for
 from lorafit.fingerprint import FINGERPRINT_KEY
 from lorafit.forward import FastPaths, Forward
-from lorafit.generate import SamplingConfig, sample
+from lorafit.generate import SamplingConfig, resolve_adapter_dir, sample
 from lorafit.localpaths import looks_like_a_path
 from lorafit.lora import (
-    apply_lora, check_same_base, format_counts, loaded_fingerprint, resolve_targets, unwrapped, write_base_signature,
+    apply_lora, check_same_base, format_counts, load_adapter, loaded_fingerprint, resolve_targets, unwrapped,
+    write_base_signature,
 )
 from lorafit.measure import device_name, peak_memory_bytes, sync
 from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
 from lorafit.preflight import check_local_paths
+from lorafit.preference import PreferenceObjective, attach_reference, evaluate_pairs, pair_costs, pair_sequences, settings
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
     ADAPTER_DIR, CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
@@ -78,6 +80,7 @@ class Trainer:
     progress: Progress = field(default_factory=Progress)
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
     fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
+    objective: PreferenceObjective | None = None  # a preference objective (train.objective); None: SFT
     force_base: bool = False  # --force-base: resume a checkpoint made on a base with other weights
 
     @property
@@ -87,41 +90,59 @@ class Trainer:
     # -- one optimizer step
     def step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(all examples of step `step`, the scored targets of each): a function of the step alone, the same on
-        every rank."""
+        every rank. (A preference step takes pairs: these are their sequences.)"""
         examples = self.plan.examples(step)
+        if self.objective is not None:
+            examples = pair_sequences(examples)
         return examples, self.data.train.targets_per_example()[examples]
+
+    def unit_costs(self, units: np.ndarray) -> np.ndarray:
+        """Positions each unit of a step (an example, or a pair) costs to compute: what ranks are balanced by."""
+        if self.objective is not None:
+            return pair_costs(self.data.train, units)
+        return self.data.train.lengths()[units] - 1
 
     def step_batches(self, step: int) -> list:
         """This rank's packed micro-batches of optimizer step `step`: its share of the step, balanced by the
-        positions each example costs to compute."""
-        examples = self.plan.examples(step)
-        return self._micro_batches(dist.my_share(examples, self.data.train.lengths()[examples] - 1))
+        positions each example (or pair) costs to compute."""
+        units = self.plan.examples(step)
+        return self._micro_batches(dist.my_share(units, self.unit_costs(units)))
 
     def _micro_batches(self, indices: np.ndarray) -> list:
         return micro_batches(self.data.train, indices, self.fast.layout, self.micro_tokens, self.tokenizer.pad_token_id,
-                             shape_multiple(self.device))
+                             shape_multiple(self.device), pairs=self.objective is not None)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step: forward and backward over this rank's micro-batches, each loss divided by the whole
-        step's scored targets (so the split into micro-batches never changes the step), then clip and update."""
+        step's scored targets (so the split into micro-batches never changes the step), then clip and update. A
+        preference step: each micro-batch's loss is its pairs' part of the step's objective (lorafit/preference.py)."""
+        units = self.plan.examples(self.progress.step)  # examples, or pairs
         examples, targets = self.step_examples(self.progress.step)
         n_targets = int(targets.sum())  # the whole step's, over every rank: the loss is normalised by it
+        if self.objective is not None:  # a preference loss is normalised by the step's pairs
+            self.objective.begin_step(units, self.device)
         batches = self.step_batches(self.progress.step)
-        work = batches + self.idle_batches(examples, len(batches))
+        work = batches + self.idle_batches(units, len(batches))
         scale = dist.world().size / n_targets  # DDP averages the ranks' gradients; the step's gradient is their sum
         step_nll = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(work):
             with self.gradient_sync(last=i == len(work) - 1):
                 batch = batch.to(self.device)
                 nll = self.ddp(batch) if self.ddp else self.forward.token_nll(batch)[0]  # per-token NLL, this step's
-                nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0  # an idle batch: weight 0
-                loss = nll_sum * scale
+                if self.objective is None:
+                    nll_sum = nll.sum() if i < len(batches) else nll.sum() * 0.0  # an idle batch: weight 0
+                    loss = nll_sum * scale
+                else:  # already normalised by the whole step's pairs
+                    nll_sum = self.objective.micro_loss(nll, batch, counted=i < len(batches))
+                    loss = nll_sum * dist.world().size
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_nll += nll_sum.detach().double()
         dist.all_reduce_sum(step_nll)  # every rank judges (and logs) the same step loss
-        self.count_rank_tokens(examples, targets)
+        self.count_rank_tokens(units, targets)
         grad_norm = self.clip_gradients()
-        if self.apply_update(step_nll, grad_norm, n_targets):
+        if self.apply_update(step_nll, grad_norm, 1 if self.objective else n_targets):
+            if self.objective is not None:
+                self.objective.end_step(step_nll)
             self.progress.window.nll = self.progress.window.nll + step_nll
             self.progress.window.tokens += n_targets
             self.progress.window.examples += len(examples)
@@ -145,12 +166,14 @@ class Trainer:
         """DDP all-reduces the gradients in the step's last backward only."""
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
-    def count_rank_tokens(self, examples: np.ndarray, targets: np.ndarray) -> None:
-        """Data parallel: the scored targets in each rank's share of the step (the shares balance positions)."""
+    def count_rank_tokens(self, units: np.ndarray, targets: np.ndarray) -> None:
+        """Data parallel: the scored targets in each rank's share of the step (the shares balance positions;
+        a preference step's units are pairs, whose two sequences' targets are consecutive in `targets`)."""
         world = dist.world()
         if world.parallel:
-            shares = dist.shares(self.data.train.lengths()[examples] - 1, world.size)
-            step_ranks = [int(targets[s].sum()) for s in shares]
+            shares = dist.shares(self.unit_costs(units), world.size)
+            per_unit = targets.reshape(len(units), -1).sum(1)
+            step_ranks = [int(per_unit[s].sum()) for s in shares]
             self.progress.window.rank_tokens = [a + b for a, b in zip(self.progress.window.rank_tokens or [0] * world.size, step_ranks)]
 
     def clip_gradients(self) -> torch.Tensor:
@@ -194,6 +217,10 @@ class Trainer:
     def log_window(self, grad_norm, bar) -> None:
         w = self.progress.window
         loss = float(w.nll) / w.tokens if w.tokens else None  # None: every step of the window was skipped
+        extra = self.objective.window_record() if self.objective is not None else {}  # the objective's loss, rewards
+        loss = extra.pop("loss", loss)
+        if "pairs" in extra:  # a preference run's throughput in its own unit
+            extra["pairs_per_second"] = extra.pop("pairs") / w.seconds if w.seconds else None
         self.progress.last_train_loss = loss if loss is not None else self.progress.last_train_loss
         record = {
             "step": self.progress.step,
@@ -206,6 +233,7 @@ class Trainer:
             "examples_per_second": w.examples / w.seconds if w.seconds else None,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "train_seconds": self.progress.train_seconds,
+            **extra,
         }
         if w.rank_tokens:
             record["rank_tokens"] = w.rank_tokens
@@ -219,7 +247,11 @@ class Trainer:
         self.progress.window = Window()
 
     def run_eval(self, label: str) -> dict:
-        result = evaluate_run(self.model, self.data.val, self.data.source_names, self.scoring)
+        if self.objective is None:
+            result = evaluate_run(self.model, self.data.val, self.data.source_names, self.scoring)
+        else:  # preference accuracy and margin on held-out pairs; val_loss etc. of the chosen responses
+            result = evaluate_pairs(self.model, self.data.val, self.data.source_names, self.scoring,
+                                    self.objective.objective, self.objective.settings)
         record = {"step": self.progress.step, **result}
         # Rank 0 samples; with a sharded model every rank does (each forward is a collective), alike.
         prompt = self.cfg.eval.sample_prompt if dist.world().is_main or dist.sharded() else None
@@ -232,7 +264,10 @@ class Trainer:
             self.run.append_metrics(record)
         log(
             f"[{label}] step {self.progress.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
-            f"{result['eval_samples_per_second']:.1f} samples/s" + (f"\n  sample: {record['sample']!r}" if prompt else "")
+            f"{result['eval_samples_per_second']:.1f} samples/s"
+            + (", preference accuracy {accuracy:.3f}, margin {margin:.4f}".format(**result["val_preference"])
+               if "val_preference" in result else "")
+            + (f"\n  sample: {record['sample']!r}" if prompt else "")
         )
         return result
 
@@ -250,6 +285,7 @@ class Trainer:
             FINGERPRINT_KEY: loaded_fingerprint(self.model),  # the base's weights (lorafit/fingerprint.py)
             CONFIG_KEY: resolved_config(self.cfg),  # what --resume compares, whatever config.yaml says by then
             "scaler": self.scaler.state_dict() if self.scaler else None,  # fp16 loss scale: part of the exact state
+            "preference": self.objective.state() if self.objective else None,  # its logging window
         }
         path = ckpt.save_checkpoint(self.run.checkpoints, self.progress.step, self.model, self.optimizer, self.scheduler,
                                     state, self.cfg.train.keep_checkpoints, gathered)
@@ -278,6 +314,8 @@ class Trainer:
                             "or pass --force-base to continue on this one anyway."),
                         f"checkpoint {path}")
         self.progress = Progress.from_state(state, self.device, dist.world().size)
+        if self.objective is not None:
+            self.objective.load_state(state.get("preference"))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if self.plan.total_steps != state["total_steps"]:
@@ -417,11 +455,17 @@ def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
 def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precision):
     """LoRA on the resolved targets and the speed-ups, then the fast paths checked on the result:
     (PEFT model, LoRA target names, FastPaths). Also what `lorafit bench` times."""
-    targets, note = resolve_targets(model, cfg.lora.targets)
-    if note:
-        log(note)
     seed_everything(cfg.train.seed)  # LoRA A matrices are initialised from this
-    model = apply_lora(model, cfg.lora, targets)
+    if cfg.model.adapter:  # continue training a saved adapter (e.g. DPO after SFT): its own LoRA settings
+        adapter_dir = resolve_adapter_dir(cfg.model.adapter)
+        model = load_adapter(model, adapter_dir, cfg.model.name, is_trainable=True)
+        targets = sorted(model.peft_config["default"].target_modules)
+        log(f"continuing the adapter in {adapter_dir}")
+    else:
+        targets, note = resolve_targets(model, cfg.lora.targets)
+        if note:
+            log(note)
+        model = apply_lora(model, cfg.lora, targets)
     log(f"LoRA on {', '.join(targets)}: {format_counts(*model.get_nb_trainable_parameters())}")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: correct with LoRA, whose layer inputs (the frozen base's activations) need no gradient.
@@ -441,16 +485,26 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
 def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targets: list[str], device: torch.device,
              precision: Precision, run: RunDir | None) -> Trainer:
     """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times)."""
-    plan = StepPlan(len(data.train), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
+    pairs = cfg.train.objective != "sft"  # a preference step takes pairs, each two sequences of the split
+    forward = Forward(model, fast, precision.autocast, device=device)  # built once: training and validation share it
+    scoring = scoring_for(cfg, forward, tokenizer)
+    objective = None
+    if pairs:
+        seconds = attach_reference(cfg, model, [data.train, data.val], scoring)  # once, before training
+        if seconds:
+            log(f"reference log-probabilities of {len(data.train) + len(data.val):,} sequences in {seconds:.1f} s "
+                f"({'the base, adapter off' if cfg.model.adapter is None else 'the adapter ' + cfg.model.adapter})")
+        objective = PreferenceObjective(cfg.train.objective, settings(cfg), data.train, reference_seconds=seconds)
+    plan = StepPlan(len(data.train) // (1 + pairs), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
-    forward = Forward(model, fast, precision.autocast, device=device)  # built once: training and validation share it
     return Trainer(
         cfg, model, optimizer, scheduler, data, plan, run, device, precision, tokenizer, forward, targets,
         micro_tokens=cfg.train.micro_batch_tokens or default_micro_tokens(device),
-        scoring=scoring_for(cfg, forward, tokenizer),
+        scoring=scoring,
         scaler=scaler,
         ddp=forward.data_parallel() if dist.world().parallel and not dist.sharded() else None,
+        objective=objective,
     )
 
 
@@ -568,7 +622,8 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         "attn_implementation": getattr(unwrapped(trainer.model).config, "_attn_implementation", None),
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": len(trainer.data.train),
+        "objective": cfg.train.objective,
+        "train_examples": len(trainer.data.train),  # preference: sequences (two a pair)
         "val_examples": len(trainer.data.val),  # evaluated (at most eval.max_examples of those held out)
         "val_held_out": trainer.data.val_held_out,
         "sources": {name: describe_source(src) for name, src in cfg.data.sources.items()},  # kind, fields, scored
@@ -587,7 +642,7 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
                                                masked_sources(cfg.data))
                           for name, split in (("train", trainer.data.train), ("val", trainer.data.val))},
         **after,
-        "val_before_training": {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")} if before else None,
+        "val_before_training": before_summary(before),
         "peak_memory_bytes": peak_memory_bytes(device),
         "world_size": dist.world().size,
     }
@@ -595,6 +650,16 @@ def finish(trainer: Trainer, before: dict | None) -> dict:
         write_reports(run, cfg, summary, before, after)
     log(f"done: {run.path} (val_loss {after['val_loss']:.4f}, ppl {after['val_ppl']:.2f})")
     return summary
+
+
+def before_summary(before: dict | None) -> dict | None:
+    """summary.json's `val_before_training`: the same object as the final figures (a preference run: its
+    `val_preference`), measured at step 0."""
+    if not before:
+        return None
+    if "val_preference" in before:
+        return before["val_preference"]
+    return {k: before[k] for k in ("val_loss", "val_ppl", "val_bits_per_token", "val_bits_per_byte")}
 
 
 def write_reports(run: RunDir, cfg: RunConfig, summary: dict, before: dict | None, after: dict) -> None:

@@ -198,15 +198,16 @@ def test_accelerate_is_no_dependency_of_lorafit_itself():
 # The floors of docs/design.md's map, bottom first: a module imports only from its own floor or below.
 FLOORS = [
     "errors atomic balance measure metrics progress comparison data.paths serve.protocol attention lorafit data recipes "
-    "serve bench serve.kvcache fingerprint localpaths gguf_convert ranks console",
-    "data.examples data.tokenize data.filters data.formats data.packing data.templates rundir trackers serve.guards",
+    "serve bench serve.kvcache fingerprint localpaths gguf_convert ranks console objectives",
+    "data.examples data.tokenize data.filters data.formats data.packing data.templates rundir trackers serve.guards "
+    "data.label_pairs",
     "config",
     "preflight",
     "data.hub data.sources lora modeling report checkpoint distributed modelfile fast loss generate runcheck merge",
     "data.prepare data.show forward serve.batcher serve.models",
-    "evaluate fastpath lm_eval_bridge",
+    "evaluate fastpath lm_eval_bridge preference",
     "train forgetting init_model serve.app export",
-    "cli __main__ bench.run bench.suite bench.shapes bench.peers bench.baseline",
+    "cli __main__ bench.run bench.suite bench.shapes bench.peers bench.baseline bench.preference",
 ]
 
 

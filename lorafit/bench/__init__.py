@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--compile", action="store_true", help="lorafit side with torch.compile")
+    p.add_argument("--objective", default="sft", choices=("sft", "dpo"),
+                   help="dpo: DPO on the sentiment-dpo-offline pairs (--examples pairs) against TRL's DPOTrainer with "
+                        "--peers trl, the reference precomputed by lorafit (its time counted) and per step by TRL")
     p.add_argument("--peers", default=None, metavar="trl[,liger]",
                    help="also train the same examples with TRL's SFTTrainer (padding-free packing); trl,liger adds "
                         "Liger's kernels (CUDA only). Needs pip install -e \".[bench]\"")

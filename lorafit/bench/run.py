@@ -29,6 +29,7 @@ from lorafit.bench.baseline import (
     generation_rates,
     run_baseline,
 )
+from lorafit.bench import preference
 from lorafit.bench.peers import INSTALL, parse_peers, run_trl, trl_min_examples
 from lorafit.config import load_config
 from lorafit.data.prepare import Data
@@ -297,12 +298,23 @@ def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peers = parse_peers(getattr(args, "peers", None), device)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else DEFAULT_TOKENIZER
-    data = args.data or str(DEFAULT_DATA)
+    data = args.data or str(DEFAULT_DATA)  # --objective dpo: its own default (lorafit/bench/preference.py)
     if not args.tokenizer and not DEFAULT_TOKENIZER.is_dir():
         raise LorafitError(f"No tokenizer at {DEFAULT_TOKENIZER}; pass --tokenizer DIR (and --model, --data).")
     date = dt.date.today().isoformat()
     out = results_path(args.json, REPO / "bench" / "results" / f"{date}-{device.type}.json")
     tok_dir = _tokenizer_dir(tokenizer_dir)
+    if getattr(args, "objective", "sft") == "dpo":  # pairs, not quotes: lorafit/bench/preference.py
+        results = {"date": date, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                   f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+                   "torch": torch.__version__, "warmup_steps": args.warmup_steps,
+                   "model": "random full-size gpt2" if not args.model else args.model,
+                   **preference.main(args, ensure_model(args.model, tokenizer_dir), tok_dir, device, peers,
+                                     str(SHARED / "data" / "mixture-samples" / "yelp_review_full" / "yelp_test.csv"))}
+        print(json.dumps(results, indent=2))
+        out = write_new(out, json.dumps(results, indent=2) + "\n")
+        print(f"results written to {out}", file=sys.stderr)
+        return 0
     train_texts, val_texts = quotes_split(data)
     check_examples(args.examples, args.warmup_steps, len(train_texts))
     texts = train_texts[: args.examples]

@@ -4,6 +4,13 @@ CSV row with a header, a parquet or hub row).
     text               a str: every token is scored (the plain language-modelling case)
     prompt_completion  {"prompt": {field: text, ...}, "completion": text}
     chat               {"messages": [{"role": "system" | "user" | "assistant", "content": text}, ...]}
+    preference         {"prompt": {field: text, ...}, "chosen": text, "rejected": text}, or conversational
+                       (TRL's format): {"messages": [the prompt's turns], "chosen": [turns], "rejected": [turns]}
+
+A pair is one example until it is rendered (templates.render_pair): it is filtered, capped and split
+whole, so its two responses always land on the same side of the train/validation split. A pair
+whose chosen or rejected response is empty, or whose responses are the same, would train on
+nothing (or on noise); it is left out and counted (`pair_problems`), never trained on silently.
 
 Examples stay plain JSON values so that they can be filtered, deduplicated, capped, split and kept
 in the hub-sample cache like texts. Which tokens are scored is decided later, when a template
@@ -26,7 +33,7 @@ from lorafit.errors import DataError
 if TYPE_CHECKING:
     from lorafit.config import SourceConfig
 
-KINDS = ("text", "prompt_completion", "chat")
+KINDS = ("text", "prompt_completion", "chat", "preference")
 ROLES = ("system", "user", "assistant")
 Example = str | dict
 _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -48,10 +55,17 @@ def completion_fields(src: SourceConfig) -> list[str]:
     return ["output"] if src.template == "alpaca" else ["completion"]
 
 
+def response_fields(src: SourceConfig) -> list[str]:
+    """preference: the (chosen, rejected) fields."""
+    return [src.chosen_field or "chosen", src.rejected_field or "rejected"]
+
+
 def record_fields(src: SourceConfig) -> list[str]:
     """Every field (path) an example of this source is read from."""
     if src.kind == "prompt_completion":
         return prompt_fields(src) + completion_fields(src)
+    if src.kind == "preference":
+        return prompt_fields(src) + response_fields(src)
     if src.kind == "chat":
         return [str(src.messages_field)]
     return src.text_fields
@@ -75,7 +89,8 @@ def check_fields(fields: Iterable[str], present: Collection, where: Callable[[],
     if missing is None:
         return
     fix = {"prompt_completion": f"Fix data.sources.{name}.prompt_field / completion_field to name fields among them",
-           "chat": f"Fix data.sources.{name}.messages_field to name one of them"}.get(
+           "chat": f"Fix data.sources.{name}.messages_field to name one of them",
+           "preference": f"Fix data.sources.{name}.prompt_field / chosen_field / rejected_field to name fields among them"}.get(
         src.kind, f"Set data.sources.{name}.text_field to one of them")
     raise DataError(f"{where()}: no {noun} '{missing}'; its {noun}s are: {', '.join(map(str, present)) or '(none)'}. {fix}{hint}.")
 
@@ -132,7 +147,41 @@ def from_record(record: Any, src: SourceConfig, where: Callable[[], str]) -> dic
         prompt = {f: _text(get_field(record, f, where), f, where) for f in prompt_fields(src)}
         completion = src.join.join(_text(get_field(record, f, where), f, where) for f in completion_fields(src))
         return {"prompt": prompt, "completion": completion}
+    if src.kind == "preference":
+        return _pair(record, src, where)
     return {"messages": messages(get_field(record, str(src.messages_field), where), str(src.messages_field), where)}
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("[{"))
+
+
+def _pair(record: Mapping, src: SourceConfig, where: Callable[[], str]) -> dict:
+    """A preference pair: plain text (the prompt fields as prompt_completion reads them), or conversational
+    when the responses are lists of messages (the prompt then too: its turns, or a text as one user turn)."""
+    chosen_f, rejected_f = response_fields(src)
+    chosen, rejected = get_field(record, chosen_f, where), get_field(record, rejected_f, where)
+    if not (_is_conversation(chosen) or _is_conversation(rejected)):
+        prompt = {f: _text(get_field(record, f, where), f, where) for f in prompt_fields(src)}
+        return {"prompt": prompt, "chosen": _text(chosen, chosen_f, where), "rejected": _text(rejected, rejected_f, where)}
+    field = prompt_fields(src)[0]
+    turns = get_field(record, field, where)
+    turns = messages(turns, field, where) if _is_conversation(turns) else [{"role": "user", "content": _text(turns, field, where)}]
+    return {"messages": turns, "chosen": messages(chosen, chosen_f, where), "rejected": messages(rejected, rejected_f, where)}
+
+
+def pair_problem(example: Example) -> str | None:
+    """Why a preference pair cannot be trained on (None: it can): an empty response, or two equal ones."""
+    if not (isinstance(example, dict) and "chosen" in example):
+        return None
+    chosen, rejected = (_response_text(example[k]) for k in ("chosen", "rejected"))
+    if not chosen.strip() or not rejected.strip():
+        return "empty_response"
+    return "chosen_equals_rejected" if example["chosen"] == example["rejected"] else None
+
+
+def _response_text(response: str | list) -> str:
+    return response if isinstance(response, str) else "".join(m["content"] for m in response)
 
 
 def messages(value: Any, field: str, where: Callable[[], str]) -> list[dict]:
@@ -161,6 +210,8 @@ def scored_text(example: Example, src: SourceConfig) -> str:
     if isinstance(example, str):
         return example
     everything = src.train_on == "all"
+    if "chosen" in example:  # a pair is judged by its preferred response (empty responses: pair_problem)
+        return _response_text(example["chosen"])
     if "completion" in example:
         prompt = src.join.join(example["prompt"].values()) if everything else ""
         return prompt + example["completion"]
@@ -175,6 +226,8 @@ def is_example(value: Any) -> bool:
     """A well-formed example as the hub-sample cache stores it."""
     if isinstance(value, str):
         return True
+    if isinstance(value, dict) and "chosen" in value:
+        return isinstance(value.get("rejected"), str | list) and isinstance(value.get("prompt", value.get("messages")), dict | list)
     if isinstance(value, dict) and "completion" in value:
         return isinstance(value.get("prompt"), dict) and isinstance(value["completion"], str)
     return isinstance(value, dict) and isinstance(value.get("messages"), list)

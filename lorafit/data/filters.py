@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from lorafit.data.examples import Example, dedupe_key, scored_text
+from lorafit.console import log
+from lorafit.data.examples import Example, dedupe_key, pair_problem, scored_text
 
 if TYPE_CHECKING:
     from lorafit.config import SourceConfig
@@ -19,11 +20,17 @@ def is_usable(text: str, src: SourceConfig) -> bool:
     return len(text.strip()) >= max(1, src.min_chars)
 
 
-def kept(examples: Iterable[Example], src: SourceConfig) -> Iterator[Example]:
+def kept(examples: Iterable[Example], src: SourceConfig, problems: dict[str, int] | None = None) -> Iterator[Example]:
     """The examples that pass the filters, in order, one at a time. A prompt-completion or chat example
-    is judged by what would be scored (e.g. its completion)."""
+    is judged by what would be scored (e.g. its completion); a preference pair with an empty response or
+    two equal ones is left out and counted in `problems` (see examples.pair_problem)."""
     seen: set[str] = set()
     for example in examples:
+        problem = pair_problem(example)
+        if problem is not None:
+            if problems is not None:
+                problems[problem] = problems.get(problem, 0) + 1
+            continue
         if not is_usable(scored_text(example, src), src):
             continue
         if src.dedupe:
@@ -34,6 +41,16 @@ def kept(examples: Iterable[Example], src: SourceConfig) -> Iterator[Example]:
         yield example
 
 
-def filter_texts(texts: Iterable[Example], src: SourceConfig) -> list:
-    """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept)."""
-    return list(kept(texts, src))
+def filter_texts(texts: Iterable[Example], src: SourceConfig, name: str = "") -> list:
+    """Drop empty, whitespace-only and too-short texts; optionally exact duplicates (first kept). Pairs left
+    out for an empty or repeated response are reported."""
+    problems: dict[str, int] = {}
+    out = list(kept(texts, src, problems))
+    report_pair_problems(name, problems)
+    return out
+
+
+def report_pair_problems(name: str, problems: dict[str, int]) -> None:
+    if problems:
+        what = {"empty_response": "an empty chosen or rejected response", "chosen_equals_rejected": "chosen == rejected"}
+        log(f"source '{name}': left out " + ", ".join(f"{n:,} pair(s) with {what[k]}" for k, n in problems.items()))

@@ -25,7 +25,7 @@ from lorafit.atomic import atomic_write_text
 from lorafit.config import SourceConfig
 from lorafit.console import progress_bar
 from lorafit.data.examples import check_fields, columns_needed, from_record, is_example, record_fields
-from lorafit.data.filters import filter_texts, kept
+from lorafit.data.filters import filter_texts, kept, report_pair_problems
 from lorafit.errors import DataError, LorafitError, described, offline_note
 
 SHUFFLE_BUFFER = 10_000
@@ -100,7 +100,7 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
             texts = [from_record(dict(zip(fields, values)), src, where(i)) for i, values in enumerate(zip(*columns))]
         else:
             texts = [_join(values, src.join) for values in zip(*columns)]
-        return filter_texts(texts, src)
+        return filter_texts(texts, src, name)
 
     if ds.column_names is not None:  # known up front when the hub publishes the features
         check_fields(fields, ds.column_names, dataset, name, src)
@@ -111,9 +111,10 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
             yield from_record(row, src, where(i)) if examples else _join((row[f] for f in fields), src.join)
 
     texts: list[str] = []
+    problems: dict[str, int] = {}
     bar = progress_bar(src.max_examples, f"streaming {name}", "row", src.max_examples >= PROGRESS_MIN_ROWS, unit_scale=True)
     try:
-        for text in kept(rows(), src):  # rows that pass the filters, until the cap
+        for text in kept(rows(), src, problems):  # rows that pass the filters, until the cap
             texts.append(text)
             if bar is not None:
                 bar.update(1)
@@ -126,4 +127,5 @@ def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
     finally:
         if bar is not None:
             bar.close()
+    report_pair_problems(name, problems)
     return texts

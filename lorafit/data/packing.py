@@ -143,33 +143,39 @@ def pack(split: TokenizedSplit, indices: np.ndarray, layout: Layout, pad_id: int
 
 
 def micro_batches(
-    split: TokenizedSplit, indices: np.ndarray, layout: Layout, max_tokens: int, pad_id: int, multiple: int = 1
+    split: TokenizedSplit, indices: np.ndarray, layout: Layout, max_tokens: int, pad_id: int, multiple: int = 1,
+    pairs: bool = False,
 ) -> list[PackedBatch]:
     """Split a set of examples into micro-batches of at most ~max_tokens slots each (see `pack`).
 
     Examples are grouped by length (longest first) so each micro-batch packs tightly; the
     grouping never changes the step's loss, which is normalised by the step's total targets.
     A padded micro-batch costs (examples x its longest) slots, padding included.
+    `pairs`: `indices` are preference pairs, whose sequences 2i and 2i + 1 always go into the same
+    micro-batch (a pair's loss needs both log-probabilities in one graph).
     """
     if len(indices) == 0:
         return []
-    positions = split.lengths()[indices] - 1
+    indices = np.asarray(indices)
+    members = np.stack([2 * indices, 2 * indices + 1], 1) if pairs else indices[:, None]
+    lengths = split.lengths()[members] - 1
+    positions, widest = lengths.sum(1), lengths.max(1)
     budget = max(max_tokens, layout.row_len or 0)
-    order = np.argsort(-positions, kind="stable")
+    order = np.argsort(-(widest if layout.kind == "padded" else positions), kind="stable")
     groups, current, used = [], [], 0
     for i in order:
         n = int(positions[i])
-        # Padded: longest first, so the group's first example sets the width of every row.
-        cost = (len(current) + 1) * width if layout.kind == "padded" and current else used + n
+        # Padded: longest first, so the group's first unit sets the width of every row.
+        cost = (len(current) + 1) * members.shape[1] * width if layout.kind == "padded" and current else used + n
         if current and cost > budget:
             groups.append(current)
             current, used = [], 0
         if not current:
-            width = n
-        current.append(indices[i])
+            width = int(widest[i])
+        current.append(i)
         used += n
     groups.append(current)
-    return [pack(split, np.asarray(g), layout, pad_id, multiple) for g in groups]
+    return [pack(split, members[g].reshape(-1), layout, pad_id, multiple) for g in groups]
 
 
 def default_micro_tokens(device) -> int:

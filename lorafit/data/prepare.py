@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lorafit import distributed as dist
 from lorafit.config import RunConfig
 from lorafit.console import log
 from lorafit.data.sources import load_corpus
-from lorafit.data.templates import render_examples
+from lorafit.data.templates import render_examples, render_pairs
 from lorafit.data.tokenize import TokenizedSplit, default_cache_dir, policy_summary, tokenize_cached
 from lorafit.errors import LorafitError
 
@@ -37,16 +39,23 @@ def prepare_data(cfg: RunConfig, tokenizer, splits: tuple[str, ...] = SPLITS, pr
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     texts = {"train": (corpus.train_texts, corpus.train_sources), "val": (corpus.val_texts, corpus.val_sources)}
     out, hits = {}, []
+    pairs = cfg.train.objective != "sft"  # a preference objective: each pair is two sequences, 2i and 2i + 1
     for name in splits:
         items, sources = texts[name]
         # prompt-completion and chat examples become text segments, scored or not (texts stay as they are)
-        rendered = render_examples(items, sources, d, tokenizer)
-        out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=progress)
+        if pairs:
+            rendered, sources = render_pairs(items, sources, d, tokenizer)
+        else:
+            rendered = render_examples(items, sources, d, tokenizer)
+        out[name], hit = tokenize_cached(rendered, sources, tokenizer, d.seq_len, d.long_examples, cache, progress=progress,
+                                         pairs=pairs)
         hits.append(hit)
     val = out.get("val")
     held_out = len(val) if val is not None else None
-    if val is not None and cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples:
-        out["val"] = val = val.head_per_source(cfg.eval.max_examples)  # every source keeps its share of validation
+    if val is not None and cfg.eval.max_examples is not None and len(val) > cfg.eval.max_examples * (1 + pairs):
+        # every source keeps its share of validation; pairs: the first max_examples pairs (already in random order)
+        out["val"] = val = (val.subset(np.arange(2 * cfg.eval.max_examples)) if pairs
+                            else val.head_per_source(cfg.eval.max_examples))
     if any(len(split) == 0 for split in out.values()):
         empty = " and ".join(name for name, split in out.items() if len(split) == 0)
         raise LorafitError(f"No {empty} examples are left after tokenisation; check the data and data.seq_len.")

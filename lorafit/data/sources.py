@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.config import DataConfig, SourceConfig
+from lorafit.data import label_pairs
 from lorafit.data.filters import filter_texts, is_usable
 from lorafit.data.formats import read_local_texts
 from lorafit.data.hub import read_hub_texts
@@ -37,9 +38,12 @@ class Corpus:
 def read_source(name: str, src: SourceConfig, root: str | None, seed: int, cache_dir: Path | None = None) -> list[str]:
     """All usable texts of one source: read, filtered, deduplicated and capped (seeded).
     A capped hub source is streamed once and then read from `cache_dir` (see hub.py)."""
+    if src.pair_by_label is not None:  # labelled texts, paired after reading (lorafit/data/label_pairs.py)
+        labelled = read_source(name, label_pairs.as_labelled(src, is_local(src, root)), root, seed, cache_dir)
+        return cap_texts(filter_texts(label_pairs.pairs(labelled, src, seed), src, name), src.max_examples, seed)
     if is_local(src, root):
         texts = read_local_texts(resolve_path(src.path, root), src, name)
-        texts = filter_texts(texts, src)
+        texts = filter_texts(texts, src, name)
         where = str(resolve_path(src.path, root))
     else:
         texts = read_hub_texts(name, src, seed, cache_dir)  # already filtered; capped while streaming

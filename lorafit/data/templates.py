@@ -15,6 +15,12 @@ chat:
   one, else `roles`;
 - `roles`: one "{role}: {content}\\n" a turn.
 
+preference (a prompt with a chosen and a rejected response): each response is rendered as a
+prompt_completion (plain pairs) or chat (conversational pairs) example with that response as its
+completion or last assistant turn -- `render_pair` -- so the two sequences share the prompt's tokens
+and only the response (and the EOS) is scored, whatever `train_on` says. An SFT run on a preference
+source trains on the prompt and its chosen response.
+
 `train_on: completion` scores the completion (chat: each assistant turn's content with what the
 template puts after it, e.g. an end-of-turn token) and the EOS; `train_on: all` every token.
 """
@@ -25,7 +31,7 @@ import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lorafit.data.examples import KINDS, Example, completion_fields, prompt_fields
+from lorafit.data.examples import KINDS, Example, completion_fields, prompt_fields, response_fields
 from lorafit.data.paths import resolve_path
 from lorafit.errors import DataError, LorafitError
 from lorafit.localpaths import path_problem
@@ -108,9 +114,13 @@ def source_problems(name: str, src: SourceConfig, root: str | None) -> list[str]
         template = resolve_template(src.template, src.kind, root)
     except LorafitError as exc:
         return problems + [f"{key}.template: {exc}"]
-    if template.kind != src.kind:
+    if src.kind == "preference":  # plain pairs take a prompt template, conversational ones a chat template
+        pass
+    elif template.kind != src.kind:
         allowed = CHAT_TEMPLATES if src.kind == "chat" else PROMPT_TEMPLATES + ("a format string or file",)
         problems.append(f"{key}.template: {src.template!r} is for {template.kind} sources; {src.kind} takes {', '.join(allowed)}")
+    if template.kind == "chat":
+        pass
     elif template.name == "alpaca" and len(prompt_fields(src)) > 2:
         problems.append(f"{key}.prompt_field: the alpaca template takes an instruction and an optional input, got {prompt_fields(src)}")
     elif template.name == "custom":
@@ -139,9 +149,63 @@ def render_examples(examples: list[Example], sources: list[int], data: DataConfi
     for j, (example, s) in enumerate(zip(examples, sources)):
         if isinstance(example, str):
             out.append(example)
+        elif "chosen" in example:  # a pair in an SFT run: the prompt and its chosen response
+            out.append(render_pair(example, data.sources[names[s]], tokenizer, data.root,
+                                   lambda: f"Source '{names[s]}', example {j}")[0])
         else:
             out.append(render(example, templates[s], cfgs[s], tokenizer, lambda: f"Source '{names[s]}', example {j}"))
     return out
+
+
+def render_pairs(examples: list[dict], sources: list[int], data: DataConfig, tokenizer) -> tuple[list[Rendered], list[int]]:
+    """Every pair as its two sequences, chosen then rejected, back to back (sequence 2i is pair i's chosen,
+    2i + 1 its rejected), with the source of each sequence."""
+    names = list(data.sources)
+    out: list[Rendered] = []
+    for j, (example, s) in enumerate(zip(examples, sources)):
+        out += render_pair(example, data.sources[names[s]], tokenizer, data.root, lambda: f"Source '{names[s]}', example {j}")
+    return out, [s for s in sources for _ in range(2)]
+
+
+def render_pair(example: dict, src: SourceConfig, tokenizer, root: str | None = None,
+                where=lambda: "a pair") -> tuple[Rendered, Rendered]:
+    """(chosen, rejected) sequences of a preference pair: the same prompt segment(s), unscored, then the response,
+    scored (and the EOS). Plain pairs are rendered as prompt_completion renders them, conversational ones as the
+    chat template renders the prompt's turns and then the response's."""
+    if "prompt" in example:
+        template = resolve_template(src.template, "prompt_completion", root)
+        if template.kind == "chat":
+            raise DataError(f"{where()}: a plain-text pair cannot take the chat template {src.template!r}; "
+                            "give a prompt template (plain, alpaca or a format string).")
+        prompt = (prompt_text(template, example["prompt"], src.join), False)
+        return tuple(Rendered((prompt, (example[k], True))) for k in ("chosen", "rejected"))
+    template = resolve_template(src.template if src.template in CHAT_TEMPLATES else None, "chat", root)
+    return tuple(_chat_response(example["messages"], example[k], template, tokenizer, where) for k in ("chosen", "rejected"))
+
+
+def _chat_response(prompt: list[dict], response: list[dict], template: Template, tokenizer, where) -> Rendered:
+    """A conversation's prompt turns (unscored) and its response turns (scored), as the chat template renders them."""
+    if template.name == "chat" and getattr(tokenizer, "chat_template", None):
+        def apply(msgs: list[dict], generation_prompt: bool) -> str:
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+            except Exception as exc:  # a Jinja template raises what its author chose
+                raise DataError(f"{where()}: the model's chat template cannot render it: {exc}. "
+                                "Fix the messages, or set the source's template: roles.") from None
+
+        before, full = apply(prompt, True), apply(prompt + response, False)
+        if not full.startswith(before):
+            raise DataError(f"{where()}: the model's chat template renders the prompt differently once the response "
+                            "follows, so the response cannot be told apart. Set the source's template: roles.")
+        eos = not (tokenizer.eos_token and full.rstrip().endswith(tokenizer.eos_token))  # the template ends turns itself
+        return Rendered(((before, False), (full[len(before):], True)), eos)
+    segments = [(f"{m['role']}: {m['content']}\n", False) for m in prompt]
+    for m in response:  # the space goes with the content: " word" is one BPE token
+        if m["role"] == "assistant":
+            segments += [("assistant:", False), (f" {m['content']}\n", True)]
+        else:
+            segments.append((f"{m['role']}: {m['content']}\n", True))
+    return Rendered(tuple(segments))
 
 
 def render(example: dict, template: Template, src: SourceConfig, tokenizer, where=lambda: "an example") -> Rendered:
@@ -232,6 +296,13 @@ def describe_source(src: SourceConfig) -> dict:
         fields = src.text_fields
         return {"kind": "text", "text_field": fields[0] if len(fields) == 1 else fields}
     template = src.template or ("chat (the model's chat template)" if src.kind == "chat" else "plain")
+    if src.kind == "preference":
+        about = {"kind": "preference", "prompt_field": prompt_fields(src), "chosen_field": response_fields(src)[0],
+                 "rejected_field": response_fields(src)[1], "template": template,
+                 "scored": "each response and its EOS (chosen and rejected, one sequence each)"}
+        if src.pair_by_label:
+            about["pair_by_label"] = dict(src.pair_by_label, text_field=src.text_fields)
+        return about
     scored = "every token" if src.train_on == "all" else \
         ("the assistant turns and the EOS" if src.kind == "chat" else "the completion and the EOS")
     if src.kind == "chat":

@@ -53,7 +53,7 @@ from lorafit.fingerprint import user_cache_dir
 TOKENIZE_BATCH = 1000
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
 PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
-CACHE_VERSION = 3  # 3: the per-token `scored` mask and the length-policy counts
+CACHE_VERSION = 4  # 3: the per-token `scored` mask and the length-policy counts; 4: preference pairs
 
 
 @dataclass
@@ -67,6 +67,9 @@ class TokenizedSplit:
     truncated: np.ndarray  # bool, the example lost tokens to truncation
     scored: np.ndarray | None = None  # bool per token of `ids`: the token is a scored target; None: every one
     policy_counts: dict | None = None  # {source index: {what the length policy did: count}}, see the module doc
+    # preference objectives with a reference: each sequence's reference log-probability (float64), computed once
+    # before training (lorafit/preference.py); never cached on disk, since it depends on the model
+    ref_logps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -126,6 +129,7 @@ class TokenizedSplit:
                 np.concatenate([self.scored[self.offsets[i] : self.offsets[i + 1]] for i in indices]) if len(indices)
                 else np.zeros(0, bool)),
             policy_counts=self.policy_counts,
+            ref_logps=None if self.ref_logps is None else self.ref_logps[indices],
         )
 
     def save(self, path: Path) -> None:
@@ -245,15 +249,20 @@ def tokenize_texts(
     seq_len: int,
     policy: str,
     progress: bool = False,
+    pairs: bool = False,
 ) -> TokenizedSplit:
     """Tokenise texts (str: every token scored) and rendered examples (`templates.Rendered`: segments,
-    each encoded on its own); `scored` stays None when every example is a text.
+    each encoded on its own); `scored` stays None when every example is a text. `pairs`: the items are
+    preference pairs' sequences two by two (chosen, rejected); a pair either of whose sequences the length
+    policy drops (or splits) is left out whole (`pairs_dropped`), so sequence 2i + 1 is always 2i's pair.
 
     One tokenizer call a batch; each batch becomes flat arrays at once (plain texts: EOS and the length
     policy applied with array operations), so no per-example Python list outlives its batch."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; lorafit appends one to every example")
+    if pairs and (len(texts) % 2 or policy == "chunk"):
+        raise ValueError("pairs: an even number of sequences, and a policy that keeps each whole (truncate or drop)")
     masked = any(not isinstance(t, str) for t in texts)
     count_bytes = byte_counter(tokenizer)
     batches = _Batches(masked)
@@ -265,7 +274,7 @@ def tokenize_texts(
         for source in dict.fromkeys(batch_sources.tolist()):  # every source gets its (maybe empty) counts
             counts.setdefault(source, {})
         if masked:
-            batch = _rendered_batch(items, batch_sources, tokenizer, seq_len, policy, eos, counts)
+            batch = _rendered_batch(items, batch_sources, tokenizer, seq_len, policy, eos, counts, pairs)
         else:
             batch = _text_batch(items, batch_sources, tokenizer, seq_len, policy, eos, counts)
         batches.add(*batch, count_bytes)
@@ -377,13 +386,16 @@ def _text_batch(items: list[str], sources: np.ndarray, tokenizer, seq_len: int, 
     return ids[gather], piece_len, sources[piece_example], lost[piece_example], None
 
 
-def _rendered_batch(items: list, sources: np.ndarray, tokenizer, seq_len: int, policy: str, eos: int, counts: dict):
+def _rendered_batch(items: list, sources: np.ndarray, tokenizer, seq_len: int, policy: str, eos: int, counts: dict,
+                    pairs: bool = False):
     """A batch of rendered examples (and texts among them) as (ids, piece lengths, piece sources, piece
-    truncated, scored): each segment encoded on its own, the policy by `apply_length_policy_scored`."""
+    truncated, scored): each segment encoded on its own, the policy by `apply_length_policy_scored`.
+    `pairs`: items two by two are a pair's sequences, kept both or neither (TOKENIZE_BATCH is even)."""
     segments = [((t, True),) if isinstance(t, str) else t.segments for t in items]
     encoded = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
     pieces, masks, piece_sources, truncated = [], [], [], []
-    for item, segs, source in zip(items, segments, sources.tolist()):
+    held = None
+    for j, (item, segs, source) in enumerate(zip(items, segments, sources.tolist())):
         ids, scored = [], []
         for _, flag in segs:
             seg = next(encoded)
@@ -395,12 +407,23 @@ def _rendered_batch(items: list, sources: np.ndarray, tokenizer, seq_len: int, p
         c = counts[source]
         parts, lost = apply_length_policy_scored(ids, scored, seq_len, policy, c)
         parts = [(p, m) for p, m in parts if len(p) >= 2]  # an example needs at least one target
+        if pairs and j % 2 == 0:  # a chosen sequence waits for its rejected one: a pair is kept whole or not at all
+            held = (parts, lost)
+            continue
+        if pairs:
+            (first, first_lost), both = held, held[0] + parts
+            if len(first) != 1 or len(parts) != 1:
+                c["pairs_dropped"] = c.get("pairs_dropped", 0) + 1
+                continue
+            parts, flags, lost = both, [first_lost, lost], first_lost or lost
+        else:
+            flags = [lost] * len(parts)
         if lost and parts:
             c["truncated"] = c.get("truncated", 0) + 1
         pieces += [p for p, _ in parts]
         masks += [m for _, m in parts]
         piece_sources += [source] * len(parts)
-        truncated += [lost] * len(parts)
+        truncated += flags
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     total = int(lengths.sum())
     return (np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=total), lengths,
@@ -540,8 +563,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, policy: str) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{tokenizer_fp}|{seq_len}|{policy}|{len(texts)}".encode())
+def cache_key(texts: list, sources: list[int], tokenizer_fp: str, seq_len: int, policy: str, pairs: bool = False) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{tokenizer_fp}|{seq_len}|{policy}|{len(texts)}|{int(pairs)}".encode())
     for text, src in zip(texts, sources):
         if isinstance(text, str):
             h.update(f"{src}|{len(text)}|".encode())
@@ -566,18 +589,19 @@ def tokenize_cached(
     policy: str,
     cache_dir: Path | None,
     progress: bool = False,
+    pairs: bool = False,
 ) -> tuple[TokenizedSplit, bool]:
     """Tokenise, reusing a cached result for identical texts/tokenizer/policy. Returns (split, hit)."""
     if cache_dir is None:
-        return tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress), False
-    key = cache_key(texts, sources, tokenizer_fingerprint(tokenizer), seq_len, policy)
+        return tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress, pairs), False
+    key = cache_key(texts, sources, tokenizer_fingerprint(tokenizer), seq_len, policy, pairs)
     path = Path(cache_dir) / "tokens" / f"{key}.npz"
     if path.is_file():
         try:
             return TokenizedSplit.load(path), True
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt below
-    split = tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress)
+    split = tokenize_texts(texts, sources, tokenizer, seq_len, policy, progress, pairs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # a reader never sees half a file
