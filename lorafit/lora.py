@@ -148,6 +148,8 @@ def targets_without_gradient(model, targets: list[str]) -> list[str]:
     nonzero wherever the layer's output is used), then unwrapped: the model is left as it was."""
     from peft import get_peft_model
 
+    if next(model.parameters()).is_meta:  # no weights to run (a skeleton, e.g. to count parameters): nothing to probe
+        return []
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     with peft_detects_fan_in_fan_out(), warnings.catch_warnings():
