@@ -11,4 +11,9 @@ DESCRIPTIONS = {
                       "only (kind: prompt_completion); needs the Hub",
     "mixture8-tasks-offline": "mixture8-tasks with no network (squad and xsum as prompt -> answer, loss on the "
                               "answer only), on local samples; needs data.root=DIR as mixture8-offline does",
+    "sentiment-dpo": "preference tuning (DPO) on Yelp reviews from the Hub: a 5-star review preferred over a 1-star "
+                     "one under one prompt; train.objective=sft first, then DPO with model.adapter=THAT_RUN",
+    "sentiment-dpo-offline": "sentiment-dpo with no network: pairs from the local yelp_review_full sample (positive "
+                             "over negative); the recipe's path is ../shared (or set data.root=DIR); model.name: a "
+                             "local model",
 }
