@@ -148,8 +148,16 @@ def targets_without_gradient(model, targets: list[str]) -> list[str]:
     nonzero wherever the layer's output is used), then unwrapped: the model is left as it was."""
     from peft import get_peft_model
 
-    if next(model.parameters()).is_meta:  # no weights to run (a skeleton, e.g. to count parameters): nothing to probe
+    device = next(model.parameters()).device
+    if device.type == "meta":  # no weights to run (a skeleton, e.g. to count parameters): nothing to probe
         return []
+    # The probe's LoRA initialisation draws from the global generators: restored after, so the real adapter's
+    # initial weights (and so the whole run) are those the same seed gave without the probe.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        return _probe_gradients(model, targets, get_peft_model)
+
+
+def _probe_gradients(model, targets: list[str], get_peft_model) -> list[str]:
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     with peft_detects_fan_in_fan_out(), warnings.catch_warnings():

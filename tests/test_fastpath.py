@@ -284,3 +284,19 @@ def test_auto_targets_that_no_gradient_reaches_at_all_are_an_error_not_a_crash()
     model = build_model("mamba", VOCAB, EOS)
     assert targets_without_gradient(model, ["dt_proj"]) == ["dt_proj"]  # the loss has no LoRA weight in its graph
     assert targets_without_gradient(model, ["in_proj", "dt_proj"]) == ["dt_proj"]
+
+
+def test_the_auto_targets_probe_leaves_the_random_generators_as_it_found_them():
+    """The gradient probe wraps the model once (PEFT initialises LoRA A from the global generator): without the
+    restore, every run's initial adapter -- and so its result -- would depend on whether the probe ran."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorafit.lora import targets_without_gradient
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert targets_without_gradient(model, ["c_attn"]) == []
+    assert torch.equal(torch.rand(4), expected)
