@@ -61,6 +61,12 @@ def bos_pairs_file(tmp_path_factory):
     return path
 
 
+# Both sides' AdamW eps. At the default 1e-8 a LoRA weight whose gradient is ~1e-8 moves by +-lr on rounding noise
+# (Adam divides by sqrt(v)), so one such element of 1,536 could differ by 3e-4 of the scale after 10 steps;
+# 1e-6 keeps the comparison about the arithmetic, the same on both sides.
+ADAM_EPS = 1e-6
+
+
 def lorafit_trainer(tmp_path, model_dir, pairs_file, objective, *overrides):
     from lorafit.rundir import RunDir
     from lorafit.train import setup
@@ -69,7 +75,7 @@ def lorafit_trainer(tmp_path, model_dir, pairs_file, objective, *overrides):
                                  "data.sources.quotes.kind=preference", f"train.objective={objective}",
                                  f"output_dir={tmp_path / objective}", "model.dropout=0", "lora.dropout=0",
                                  f"train.lr={LR}", "train.batch_size=8", "train.grad_accum=1", f"train.epochs={STEPS}",
-                                 "train.max_grad_norm=1.0", "eval.sample_prompt=null", "preference.beta=0.2",
+                                 "train.max_grad_norm=1.0", f"train.adam_eps={ADAM_EPS}", "eval.sample_prompt=null", "preference.beta=0.2",
                                  "preference.gamma=0.3", "preference.lambda=0.3", *overrides])
     return setup(cfg, RunDir(cfg.output_dir))
 
@@ -103,7 +109,7 @@ def peer_run(trl_classes, objective, trainer, initial: dict, tmp_path, max_steps
     p = cfg.preference
     common = dict(output_dir=str(tmp_path / f"trl-{objective}"), per_device_train_batch_size=8,
                   gradient_accumulation_steps=1, learning_rate=LR, max_steps=max_steps, lr_scheduler_type="linear",
-                  warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", report_to=[],
+                  warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", adam_epsilon=ADAM_EPS, report_to=[],
                   save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, fp16=False, seed=0,
                   disable_dropout=True, max_length=None, gradient_checkpointing=False)
     config_cls, trainer_cls = trl_classes[objective]
