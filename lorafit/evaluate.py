@@ -86,13 +86,7 @@ def evaluate_run(model, split: TokenizedSplit, source_names: list[str], scoring:
     model.train(was_training)
 
     targets = split.targets_per_example()  # scored targets only: a prompt's tokens are context
-    by_source = {}
-    overall = NllTotals()
-    for s, name in enumerate(source_names):
-        sel = split.sources == s
-        t = NllTotals(float(nll[sel].sum()), int(targets[sel].sum()), int(split.n_bytes[sel].sum()), int(sel.sum()))
-        overall = overall + t
-        by_source[name] = {**t.metrics(), "tokens": t.tokens, "examples": t.examples}
+    overall, by_source = totals_by_source(nll, targets, split.n_bytes, split.sources, source_names)
     return {
         **overall.metrics(),
         "val_examples": overall.examples,
@@ -103,6 +97,18 @@ def evaluate_run(model, split: TokenizedSplit, source_names: list[str], scoring:
         "eval_tokens_per_second": overall.tokens / seconds if seconds > 0 else float("nan"),
         "val_by_source": by_source,
     }
+
+
+def totals_by_source(nll, targets, n_bytes, sources, source_names: list[str]) -> tuple[NllTotals, dict]:
+    """(overall totals, each source's metrics with its tokens and examples) from per-example NLL sums, scored
+    targets, bytes and source indices: the one token-weighted reduction every evaluation reports."""
+    by_source, overall = {}, NllTotals()
+    for s, name in enumerate(source_names):
+        sel = sources == s
+        t = NllTotals(float(nll[sel].sum()), int(targets[sel].sum()), int(n_bytes[sel].sum()), int(sel.sum()))
+        overall = overall + t
+        by_source[name] = {**t.metrics(), "tokens": t.tokens, "examples": t.examples}
+    return overall, by_source
 
 
 def saved_scoring(run, cfg, model, tokenizer, *, base: str | None = None) -> Scoring:

@@ -24,10 +24,10 @@ from lorafit import distributed as dist
 from lorafit.config import RunConfig
 from lorafit.data.packing import IGNORE, PackedBatch
 from lorafit.data.tokenize import TokenizedSplit
-from lorafit.evaluate import Scoring, example_nll
+from lorafit.evaluate import Scoring, example_nll, totals_by_source
 from lorafit.generate import resolve_adapter_dir
 from lorafit.lora import load_adapter
-from lorafit.metrics import LN2, NllTotals
+from lorafit.metrics import LN2
 from lorafit.objectives import CHOSEN_NLL, Settings, pair_terms, uses_reference
 
 # What the training log shows per step (TRL's names): means over the pairs of the logging window.
@@ -172,12 +172,7 @@ def evaluate_pairs(model, split: TokenizedSplit, source_names: list[str], scorin
         "chosen_bits_per_byte": float(nll_c.sum() / (LN2 * bytes_c.sum())) if bytes_c.sum() else float("nan"),
         "pairs": len(split) // 2,
     }
-    by_source, overall = {}, NllTotals()
-    for i, name in enumerate(source_names):
-        sel = split.sources[chosen] == i
-        t = NllTotals(float(nll_c[sel].sum()), int(tokens_c[sel].sum()), int(bytes_c[sel].sum()), int(sel.sum()))
-        overall = overall + t
-        by_source[name] = {**t.metrics(), "tokens": t.tokens, "examples": t.examples}
+    overall, by_source = totals_by_source(nll_c, tokens_c, bytes_c, split.sources[chosen], source_names)
     return {
         **overall.metrics(),  # val_loss, val_ppl, val_bits_*: of the chosen responses
         "val_examples": overall.examples,
