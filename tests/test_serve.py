@@ -164,6 +164,17 @@ def test_sampling_is_per_row_and_seeded(host):
     assert got[2][0] != got[0][0]
 
 
+def test_a_row_in_hand_and_in_the_batch_counts_once():
+    # right after prefill a row is in both lists until the worker's step ends (a CI run saw 2 for 1)
+    batcher = Batcher(host=None)
+    row, waiting = Row(prompt_ids=[1], adapter="a", max_tokens=1), Row(prompt_ids=[2], adapter="b", max_tokens=1)
+    batcher._in_hand, batcher.active = [row], [row]
+    batcher.intake.put(waiting)
+    assert batcher.busy_rows() == 2 and batcher.busy_rows("a") == 1
+    row.cancel()
+    assert batcher.busy_rows() == 1
+
+
 def test_nucleus_sampling_draws_only_from_the_nucleus_in_proportion():
     from lorafit.serve.batcher import next_token
 

@@ -83,7 +83,9 @@ class Batcher:
     def busy_rows(self, adapter: str | None = None) -> int:
         """Rows waiting or running (for one adapter, or all)."""
         rows = list(self.intake.queue) + list(self._in_hand) + list(self.active)
-        return sum(1 for r in rows if not r.cancelled and (adapter is None or r.adapter == adapter))
+        # a row just prefilled sits in both _in_hand and active until the step ends: count it once
+        distinct = {id(r): r for r in rows}.values()
+        return sum(1 for r in distinct if not r.cancelled and (adapter is None or r.adapter == adapter))
 
     # ------------------------------------------------------------ worker
 
