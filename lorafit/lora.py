@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lorafit.atomic import atomic_write_text
@@ -71,40 +73,10 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
     if targets == ALL_LINEAR:
         return all_linear_targets(model), None
     if targets == AUTO:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-        model_type = getattr(model.config, "model_type", None)
-        default = DEFAULTS.get(model_type)
-        if default and not _unknown_targets(model, default):
-            candidates, note = list(default), None
-        else:
-            why = "has no PEFT default" if not default else "does not have PEFT's default modules"
-            candidates, note = all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
-        refused = peft_refuses(model, candidates)
-        if refused:
-            kept = [t for t in candidates if t not in refused]
-            if not kept:
-                raise LorafitError(
-                    f"lora.targets=auto: PEFT refuses every candidate module of this {type(model).__name__} "
-                    f"({'; '.join(refused.values())}). Name targets PEFT accepts in lora.targets."
-                )
-            dropped = ", ".join(f"{t} ({why})" for t, why in refused.items())
-            note = (note + "; " if note else "lora.targets=auto: ") + f"left out what PEFT refuses on this model: {dropped}"
-            candidates = kept
-        idle = targets_without_gradient(model, candidates)
-        if idle:
-            kept = [t for t in candidates if t not in idle]
-            if not kept:
-                raise LorafitError(
-                    f"lora.targets=auto: no LoRA weight on {', '.join(candidates)} gets a gradient in this "
-                    f"{type(model).__name__}'s forward (it uses those layers' weights without calling them). "
-                    f"Name other targets in lora.targets; modules LoRA can wrap: {', '.join(linear_module_names(model))}."
-                )
-            note = (note + "; " if note else "lora.targets=auto: ") + (
-                f"left out {', '.join(idle)}: this model's forward uses their weights without calling the layer, "
-                "so LoRA on them would never train")
-            candidates = kept
-        return candidates, note
+        # PEFT's refusal check builds a skeleton and the probe initialises a throw-away LoRA, both drawing from
+        # the global generators: kept as they were, so a seed gives the same run whether or not `auto` asked
+        with random_state_kept(model):
+            return _resolve_auto(model)
     targets = [targets] if isinstance(targets, str) else list(targets)
     unknown = _unknown_targets(model, targets)
     if unknown:
@@ -114,6 +86,57 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
             f"Or use lora.targets={AUTO} (PEFT's default for this architecture) or lora.targets={ALL_LINEAR}."
         )
     return targets, None
+
+
+def _resolve_auto(model) -> tuple[list[str], str | None]:
+    """lora.targets=auto (see resolve_targets)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(model.config, "model_type", None)
+    default = DEFAULTS.get(model_type)
+    if default and not _unknown_targets(model, default):
+        candidates, note = list(default), None
+    else:
+        why = "has no PEFT default" if not default else "does not have PEFT's default modules"
+        candidates, note = all_linear_targets(model), f"lora.targets=auto: model type '{model_type}' {why}; using all-linear"
+    refused = peft_refuses(model, candidates)
+    if refused:
+        kept = [t for t in candidates if t not in refused]
+        if not kept:
+            raise LorafitError(
+                f"lora.targets=auto: PEFT refuses every candidate module of this {type(model).__name__} "
+                f"({'; '.join(refused.values())}). Name targets PEFT accepts in lora.targets."
+            )
+        dropped = ", ".join(f"{t} ({why})" for t, why in refused.items())
+        note = (note + "; " if note else "lora.targets=auto: ") + f"left out what PEFT refuses on this model: {dropped}"
+        candidates = kept
+    idle = targets_without_gradient(model, candidates)
+    if idle:
+        kept = [t for t in candidates if t not in idle]
+        if not kept:
+            raise LorafitError(
+                f"lora.targets=auto: no LoRA weight on {', '.join(candidates)} gets a gradient in this "
+                f"{type(model).__name__}'s forward (it uses those layers' weights without calling them). "
+                f"Name other targets in lora.targets; modules LoRA can wrap: {', '.join(linear_module_names(model))}."
+            )
+        note = (note + "; " if note else "lora.targets=auto: ") + (
+            f"left out {', '.join(idle)}: this model's forward uses their weights without calling the layer, "
+            "so LoRA on them would never train")
+        candidates = kept
+    return candidates, note
+
+
+@contextlib.contextmanager
+def random_state_kept(model):
+    """Python's, numpy's and torch's generators (and the model's CUDA device's) left as they were on entry."""
+    device = next(model.parameters()).device
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def peft_refuses(model, targets: list[str]) -> dict[str, str]:
@@ -153,7 +176,7 @@ def targets_without_gradient(model, targets: list[str]) -> list[str]:
         return []
     # The probe's LoRA initialisation draws from the global generators: restored after, so the real adapter's
     # initial weights (and so the whole run) are those the same seed gave without the probe.
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    with random_state_kept(model):
         return _probe_gradients(model, targets, get_peft_model)
 
 

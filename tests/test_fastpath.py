@@ -286,17 +286,27 @@ def test_auto_targets_that_no_gradient_reaches_at_all_are_an_error_not_a_crash()
     assert targets_without_gradient(model, ["in_proj", "dt_proj"]) == ["dt_proj"]
 
 
-def test_the_auto_targets_probe_leaves_the_random_generators_as_it_found_them():
-    """The gradient probe wraps the model once (PEFT initialises LoRA A from the global generator): without the
-    restore, every run's initial adapter -- and so its result -- would depend on whether the probe ran."""
+def test_auto_targets_leave_the_random_generators_as_they_found_them():
+    """The gradient probe wraps the model once (PEFT initialises LoRA A from the global generator) and PEFT's
+    refusal check builds a skeleton (whose init draws too): without the restore, every run's initial adapter --
+    and so its result -- would depend on whether `auto` asked (a bench run's val_loss moved for each)."""
+    import random
+
+    import numpy as np
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lorafit.lora import targets_without_gradient
+    from lorafit.lora import resolve_targets, targets_without_gradient
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(4)
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    assert targets_without_gradient(model, ["c_attn"]) == []
-    assert torch.equal(torch.rand(4), expected)
+    for ask in (lambda: targets_without_gradient(model, ["c_attn"]) == [],
+                lambda: resolve_targets(model, "auto") == (["c_attn"], None)):
+        random.seed(3), np.random.seed(3), torch.manual_seed(3)
+        expected = draws()
+        random.seed(3), np.random.seed(3), torch.manual_seed(3)
+        assert ask()
+        got = draws()
+        assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
