@@ -231,6 +231,7 @@ def cmd_eval(args) -> int:
     from lorafit.data.prepare import prepare_data  # lazy: torch
     from lorafit.evaluate import evaluate_run, saved_scoring  # lazy: torch
     from lorafit.generate import load_for_inference, resolve_adapter_dir  # lazy: torch
+    from lorafit.modeling import default_device, resolve_precision  # lazy: torch
 
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
@@ -238,10 +239,11 @@ def cmd_eval(args) -> int:
         raise LorafitError(f"'{run}' has no {CONFIG_FILE}; pass --recipe NAME to say which data to evaluate on.")
     cfg = run_config(run, args.recipe, args.overrides)
     log(f"loading the base and the adapter from {adapter_dir} ...")
-    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=cfg.model.precision,
+    precision = resolve_precision(cfg.model.precision, default_device())  # once: the weights' dtype and autocast
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=args.base, precision=precision,
                                                      attn_implementation=args.attn_implementation,
                                                      trust_remote_code=args.trust_remote_code, force_base=args.force_base)
-    scoring = saved_scoring(run, cfg, model, tokenizer, base=args.base)
+    scoring = saved_scoring(run, cfg, model, tokenizer, precision, base=args.base)
     data = prepare_data(cfg, tokenizer, splits=("val",))  # the training set is never tokenised here
     log(f"scoring {len(data.val):,} validation examples on {scoring.device} ...")
     if cfg.train.objective == "sft":

@@ -19,7 +19,7 @@ from lorafit.forward import PLAIN, FastPaths, Forward
 from lorafit.lora import unwrapped
 from lorafit.measure import device_name
 from lorafit.metrics import NllTotals
-from lorafit.modeling import resolve_precision
+from lorafit.modeling import Precision
 from lorafit.rundir import CONFIG_FILE, SUMMARY_FILE
 
 
@@ -111,16 +111,16 @@ def totals_by_source(nll, targets, n_bytes, sources, source_names: list[str]) ->
     return overall, by_source
 
 
-def saved_scoring(run, cfg, model, tokenizer, *, base: str | None = None) -> Scoring:
+def saved_scoring(run, cfg, model, tokenizer, precision: Precision, *, base: str | None = None) -> Scoring:
     """The Scoring of a trained run's adapter, with no probe: the fast paths training checked on this
     model (summary.json's `fast_paths`) where the model is loaded and scored as it was trained, else
-    PLAIN, exact by construction. Either way no fast path goes unchecked on the model that uses it."""
+    PLAIN, exact by construction. Either way no fast path goes unchecked on the model that uses it.
+    `precision`: the one the model was loaded with (resolved once, by the caller)."""
     fast, why_not = recorded_fast_paths(run, cfg, model, base)
     if fast is None:
         log(f"scoring one example a row with the model's own logits: {why_not}")
     device = next(model.parameters()).device
-    autocast = resolve_precision(cfg.model.precision, device).autocast
-    return scoring_for(cfg, Forward(model, fast or PLAIN, autocast, device=device), tokenizer)
+    return scoring_for(cfg, Forward(model, fast or PLAIN, precision.autocast, device=device), tokenizer)
 
 
 def recorded_fast_paths(run, cfg, model, base: str | None) -> tuple[FastPaths | None, str]:

@@ -31,6 +31,7 @@ from lorafit.generate import load_for_inference, resolve_adapter_dir
 from lorafit.lm_eval_bridge import compare_on_tasks, plan_tasks
 from lorafit.report import model_card, read_evaluations
 from lorafit.rundir import CONFIG_FILE, EVAL_DIR, MODEL_CARD, SUMMARY_FILE, RunDir, check_output_path, eval_dir, note_written, saving, to_json
+from lorafit.modeling import default_device, resolve_precision
 
 FORGETTING_FILE = "forgetting.json"
 METRICS = (("loss", "loss (nats/token)"), ("ppl", "perplexity"), ("bits_per_token", "bits/token"),
@@ -163,9 +164,10 @@ def compare_on_data(run: Path, adapter_dir: Path, cfg, values: list[str], text_f
     texts = {s.label: read_texts(s.label, s.config, d.split_seed, cache, s.root, s.flags) for s in given}
 
     log(f"loading the base and the adapter from {adapter_dir} ...")
-    model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=cfg.model.precision,
+    precision = resolve_precision(cfg.model.precision, default_device())  # once: the weights' dtype and autocast
+    model, tokenizer, base_name = load_for_inference(adapter_dir, base=base, precision=precision,
                                                      trust_remote_code=trust_remote_code, force_base=force_base)
-    scoring = saved_scoring(run, cfg, model, tokenizer, base=base)
+    scoring = saved_scoring(run, cfg, model, tokenizer, precision, base=base)
     data = {}
     for source in sources:
         items = texts[source]

@@ -11,7 +11,7 @@ import torch
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config, read_base_record, unwrapped
-from lorafit.modeling import default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
+from lorafit.modeling import Precision, default_device, load_base_model, load_tokenizer, max_positions, resolve_precision
 from lorafit.rundir import ADAPTER_DIR
 
 
@@ -124,7 +124,7 @@ def base_load_config(adapter_dir: Path, base: str | None = None, attn_implementa
     )
 
 
-def load_for_inference(run_or_adapter, base: str | None = None, precision: str | None = None, device=None,
+def load_for_inference(run_or_adapter, base: str | None = None, precision: str | Precision | None = None, device=None,
                        attn_implementation: str | None = None, trust_remote_code: bool = False,
                        force_base: bool = False):
     """(PEFT model in eval mode, tokenizer, base name) for a run or adapter directory, the base loaded
@@ -137,11 +137,12 @@ def load_for_inference(run_or_adapter, base: str | None = None, precision: str |
     return model.eval(), tokenizer, model_cfg.name
 
 
-def load_inference_base(model_cfg, adapter_dir: Path | None = None, precision: str | None = None, device=None):
+def load_inference_base(model_cfg, adapter_dir: Path | None = None, precision: str | Precision | None = None, device=None):
     """(base model in eval mode, tokenizer) as `model_cfg` says (see base_load_config): the adapter's
     own tokenizer when it saved one, else the base's. `lorafit serve` puts several adapters on it."""
     device = device or default_device()
-    prec = resolve_precision(precision or model_cfg.precision, device)
+    # a Precision already resolved by the caller (who scores with it too), or a name resolved here
+    prec = precision if isinstance(precision, Precision) else resolve_precision(precision or model_cfg.precision, device)
     hint = "\n  --base LOCAL_MODEL_DIR"
     has_own = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(adapter_dir) if has_own else model_cfg.name, hint=hint)
