@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl  # flock, POSIX only: lorafit runs on Linux and macOS, not on Windows
 import json
 import math
 import os
@@ -336,8 +337,6 @@ class RunDir:
 
     def _check_not_in_use(self) -> None:
         """Fail early (before minutes of set-up) when another process holds the run; claim() decides for good."""
-        import fcntl
-
         try:
             with open(self.path / LOCK_FILE, "rb") as probe:
                 fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file is closed
@@ -359,8 +358,6 @@ class RunDir:
         The lock comes first: a run in progress is never deleted, and two runs started together cannot both
         pass the checks. It is an flock: the OS releases it when the process ends, even on SIGKILL.
         """
-        import fcntl
-
         lock_path = self.path / LOCK_FILE
         with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
             self.path.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,16 @@ tokens divided by their count, so how the step is cut into micro-batches never c
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import get_scheduler
 
 from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
@@ -381,8 +384,6 @@ class stop_signals:
         log(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (press Ctrl-C again to abort)...")
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handler)
@@ -398,8 +399,6 @@ class stop_signals:
 
 
 def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.device):
-    from transformers import get_scheduler
-
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -509,8 +508,6 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

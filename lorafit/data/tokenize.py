@@ -45,6 +45,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tokenizers import decoders, models, pre_tokenizers
 
 from lorafit.atomic import atomic_path
 from lorafit.console import progress_bar
@@ -480,8 +481,6 @@ def _word_cap(backend, seq_len: int) -> int | None:
     """Characters beyond which one pre-token surely gives more than seq_len tokens: seq_len times the longest
     vocabulary entry (a BPE token covers at most as many characters as it has: one a byte for byte-level BPE).
     None for other models (a WordPiece or fused unknown token may cover a whole word of any length)."""
-    from tokenizers import models
-
     model = backend.model
     if not isinstance(model, models.BPE) or (model.fuse_unk and model.unk_token is not None):
         return None
@@ -531,8 +530,6 @@ def token_byte_lengths(tokenizer) -> np.ndarray | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    from tokenizers import decoders, pre_tokenizers
-
     if not isinstance(backend.decoder, decoders.ByteLevel):
         return None
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for bytes
