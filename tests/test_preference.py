@@ -335,7 +335,7 @@ def test_a_dpo_run_killed_in_a_checkpoint_resumes_bitwise(tmp_path, tiny_model_d
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resumed from" in err
-    assert "reference log-probabilities of 40 sequences read from" in err  # the run's own, not computed again
+    assert "reference log-probabilities of 80 sequences read from" in err  # the run's own, not computed again
     assert adapter_bytes(tmp_path / "run") == adapter_bytes(tmp_path / "reference")
     timing = lambda k: k.endswith(("_per_second", "_seconds")) or k == "peak_memory_bytes"  # noqa: E731 - not state
     same = lambda run: [{k: v for k, v in r.items() if not timing(k)} for r in records(run / "metrics.jsonl")]  # noqa: E731
