@@ -24,7 +24,7 @@ from lorafit.init_model import SIZES, describe_sizes, init_model
 from lorafit.localpaths import looks_like_a_path
 from lorafit.preflight import check_local_paths
 from lorafit.recipes import DESCRIPTIONS
-from lorafit.rundir import CONFIG_FILE, RunDir, to_json, write_error
+from lorafit.rundir import CONFIG_FILE, REFERENCE_FILE, RunDir, to_json, write_error
 from lorafit.trackers import check_available
 
 USAGE_EXAMPLES = """examples:
@@ -249,9 +249,13 @@ def cmd_eval(args) -> int:
     if cfg.train.objective == "sft":
         metrics = evaluate_run(model, data.val, data.source_names, scoring, progress="scoring")
     else:  # preference accuracy and margin on held-out pairs against the run's reference (val_preference)
-        from lorafit.preference import evaluate_saved  # start-up: torch, as the CLI's other torch-side imports
+        # start-up: torch, as the CLI's other torch-side imports
+        from lorafit.preference import evaluate_pairs, settings
+        from lorafit.reference import attach
 
-        metrics = evaluate_saved(model, cfg, data.val, data.source_names, scoring)
+        # the reference values the run stored, where their key still holds (else computed again)
+        attach(cfg, model, {"val": data.val}, scoring, precision, run / REFERENCE_FILE, policy_is_start=False)
+        metrics = evaluate_pairs(model, data.val, data.source_names, scoring, cfg.train.objective, settings(cfg))
     result = {"run": str(run), "base_model": base_name, **metrics}
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0

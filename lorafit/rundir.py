@@ -1,6 +1,7 @@
 """The run directory and safe file writing.
 
 Layout:  adapter/  config.yaml  metrics.jsonl  summary.json  loss.png  README.md  checkpoints/
+         reference_logps.npz (DPO, IPO: lorafit/reference.py)
          .lorafit-run.json (the marker: lorafit made this directory for a run)  .lorafit.lock (while in use)
 Every file and directory is written to a temporary name and renamed into place (lorafit/atomic.py),
 so a crash or a full disk never leaves a half-written file where a complete one was. Temporaries
@@ -37,11 +38,12 @@ EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
 MANIFEST_FILE = ".lorafit-files.json"  # every file lorafit wrote into the run: all --overwrite may delete
+REFERENCE_FILE = "reference_logps.npz"  # DPO, IPO: the reference's log-probabilities, read again on --resume and eval
 TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
-    LOCK_FILE, MARKER_FILE, MANIFEST_FILE, *TRACKER_DIRS,
+    REFERENCE_FILE, LOCK_FILE, MARKER_FILE, MANIFEST_FILE, *TRACKER_DIRS,
 })
 SHOWN_FOREIGN = 10  # --overwrite's refusal names at most this many entries
 

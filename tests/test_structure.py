@@ -279,7 +279,7 @@ FLOORS = [
     "preflight",
     "data.hub data.sources lora modeling report checkpoint distributed modelfile fast loss generate runcheck merge",
     "data.prepare data.show forward serve.batcher serve.models",
-    "evaluate fastpath lm_eval_bridge preference",
+    "evaluate fastpath lm_eval_bridge preference reference",
     "train forgetting init_model serve.app export",
     "cli __main__ bench.run bench.suite bench.shapes bench.peers bench.baseline bench.preference",
 ]
