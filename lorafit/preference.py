@@ -10,7 +10,6 @@ training, kept with the tokenised data (`TokenizedSplit.ref_logps`) and saved in
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -47,14 +46,13 @@ def pair_costs(split: TokenizedSplit, pairs: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def sequence_logps(model, split: TokenizedSplit, scoring: Scoring, adapter_off: bool = False) -> np.ndarray:
-    """Each sequence's log-probability (float64, summed over its scored tokens), in eval mode; `adapter_off`:
-    of the base alone (PEFT's disable_adapter)."""
+def sequence_logps(model, split: TokenizedSplit, scoring: Scoring) -> np.ndarray:
+    """Each sequence's log-probability (float64, summed over its scored tokens), in eval mode, under the model's
+    adapter as it is set (the reference's switch: lorafit/reference.py)."""
     was_training = model.training
     model.eval()
     try:
-        with model.disable_adapter() if adapter_off else contextlib.nullcontext():
-            return -example_nll(model, split, scoring)
+        return -example_nll(model, split, scoring)
     finally:
         model.train(was_training)
 

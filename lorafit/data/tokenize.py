@@ -323,8 +323,8 @@ class _Batches:
             # ndarray.resize zero-fills (touches) the whole capacity, so a quarter's growth would be held unused;
             # once part of the texts is done, the buffer grows to the size the rest projects instead (2% spare)
             projected = int(need / self.done * 1.02) + 1024 if 0 < self.done < 1 else 0
-            buf.resize(max(need, projected, int(len(buf) * self.GROWTH) + 1024 if projected < need else 0),
-                       refcheck=False)
+            grown = projected if projected >= need else int(len(buf) * self.GROWTH) + 1024
+            buf.resize(max(need, grown), refcheck=False)
             self.resizes += 1
         buf[at : at + len(values)] = values
         self.used[key] = at + len(values)
@@ -383,7 +383,7 @@ def _encode_flat(tokenizer, texts: list[str], eos: int, redo=None) -> tuple[np.n
     `redo(k, ids)`: replacement ids for text k (or None to keep them)."""
     parts, n = [], np.zeros(len(texts), dtype=np.int64)
     for a, b in _calls(texts):
-        encoded = tokenizer(texts[a:b], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        encoded = _encode(tokenizer, texts[a:b])  # one call: the range is within the cap
         if redo is not None:
             for k in range(a, b):
                 again = redo(k, encoded[k - a])
