@@ -238,7 +238,9 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Greedy at temperature 0; otherwise transformers' temperature and top-p warpers, then one draw
     from this row's own generator."""
-    if temperature <= 0:
+    # A temperature below the logits' dtype's smallest number (5e-324 in fp32, 1e-8 in fp16) becomes 0 there and
+    # divides the top logit 0 by 0 (nan, a RuntimeError in the draw): its limit, greedy, as at 0.
+    if temperature <= 0 or torch.tensor(temperature, dtype=logits.dtype).item() == 0:
         return int(logits.argmax())
     # shifted so the top logit is 0: softmax is unchanged, and a tiny temperature (1e-40) cannot
     # overflow to inf (inf - inf = nan); it tends to greedy, as it should
