@@ -294,3 +294,52 @@ def test_every_import_points_down_the_map_of_floors():
     up = [f"{a} (floor {floor[a]}) imports {b} (floor {floor[b]})" for a, ts in graph.items() for b in ts
           if floor[b] > floor[a]]
     assert not up, "\n".join(up)
+
+
+# ---------------------------------------------------------------- docs/robustness.md names its proofs truly (issue 21)
+
+TESTS = Path(__file__).resolve().parent
+# `test_x.py::test_name`, `test_name`, `test_name...` (a prefix), `test_name[param id]`, `test_x.py[param id]`
+CITED = re.compile(r"(?:(test_\w+\.py)(?:::)?)?(test_\w+?)?(\.\.\.)?(?:\[([^\]]+)\])?")
+
+
+def uncited_proofs(doc: str, tests: dict[str, str]) -> list[str]:
+    """The test names (and CASES ids, parameter ids) a document cites in backticks that no test file holds."""
+    defined = {name: set(re.findall(r"^(?:async )?def (test_\w+)", text, re.M)) for name, text in tests.items()}
+    everywhere = set().union(*defined.values())
+    helpers = [name for name in tests if not name.startswith("test_")]
+    missing = []
+    for span in re.findall(r"`([^`\n]*test_[^`\n]*|CASES[^`\n]*)`", doc):
+        if span.startswith("CASES"):  # test_bad_input.py's one-line cases, by id
+            ids = [i.strip() for i in span.removeprefix("CASES").lstrip(":").split(",") if i.strip()]
+            missing += [f"CASES: {i}" for i in ids if f'("{i}",' not in tests.get("test_bad_input.py", "")]
+            continue
+        for part in (p.strip() for p in span.split(",")):
+            m = CITED.fullmatch(part)
+            if not m or not (m[1] or m[2]):
+                missing.append(part)
+                continue
+            file, name, prefix, param = m.groups()
+            if file and file not in tests:
+                missing.append(part)
+                continue
+            pool = defined[file] if file else everywhere
+            found = [d for d in pool if (d.startswith(name) if prefix else d == name)] if name else [file]
+            if not found:
+                missing.append(part)
+            # a parameter id is in the test's file, or in a helper module that makes the ids (families.py)
+            elif param and not any(f'"{param}"' in tests[f] for f in ([file] if file else list(tests)) + helpers):
+                missing.append(part)
+    return missing
+
+
+def test_robustness_md_cites_only_tests_that_exist():
+    """docs/robustness.md lists each guarantee beside the test that proves it: every test it names must exist."""
+    tests = {p.name: p.read_text(encoding="utf-8") for p in TESTS.glob("*.py")}
+    doc = (TESTS.parent / "docs" / "robustness.md").read_text(encoding="utf-8")
+    assert len(re.findall(r"`[^`\n]*test_", doc)) > 50  # the parser sees the citations at all
+    assert uncited_proofs(doc, tests) == []
+    # and it can fail: a renamed test, a wrong file, a prefix matching nothing, a lost CASES id or parameter id
+    bad = ("`test_no_such_guarantee`, `test_serve.py::test_an_adapter_cannot_switch_on_remote_code`, "
+           "`test_nothing_like_this...`, `CASES: no-such-case`, `test_serve.py::test_hostile_bodies_get_openai_shaped_4xx[no-such-id]`")
+    assert len(uncited_proofs(bad, tests)) == 5
