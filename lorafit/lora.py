@@ -380,11 +380,20 @@ def check_same_base(recorded, current, force_base: bool, refusal, what: str) -> 
         return
     why = differs(recorded, current)
     if why is None:
+        if isinstance(recorded, dict) and isinstance(current, dict) and not recorded.keys() & current.keys():
+            # e.g. trained on a Hub id (its commit), loaded from a local copy (its sha256): nothing in common
+            log(f"warning: {what} records its base as {_kinds(recorded)}, the base given is known by "
+                f"{_kinds(current)}: lorafit cannot check that it has the same weights, only the same shapes.")
         return
     if force_base:
         log(f"warning: --force-base: using {what} on another base than its own ({why}).")
         return
     raise refusal(why)
+
+
+def _kinds(fingerprint: dict) -> str:
+    return " and ".join({"sha256": "the sha256 of its files", "revision": "its Hub revision"}.get(k, repr(k))
+                        for k in sorted(fingerprint)) or "nothing"
 
 
 def key_problems(expected: dict, saved: dict, saved_as: str = "adapter", model_as: str = "base",

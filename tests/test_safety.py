@@ -314,6 +314,23 @@ def test_the_base_fingerprint_is_cached_by_path_size_and_mtime(tiny_model_dir, t
     assert fingerprint.user_cache_dir() == tmp_path / "xdg" / "lorafit"
 
 
+
+def test_fingerprints_with_nothing_in_common_are_a_warning_not_a_silent_pass(capsys):
+    """Trained on a Hub id (its commit), loaded from a local copy (a sha256): nothing can be compared, and
+    lorafit says so instead of passing the base as checked."""
+    from lorafit.lora import check_same_base
+
+    def refuse(why):
+        return LorafitError(why)
+
+    check_same_base({"revision": "a" * 40}, {"sha256": "b" * 64}, False, refuse, "the adapter in 'x'")
+    assert "cannot check that it has the same weights" in capsys.readouterr().err
+    check_same_base({"sha256": "b" * 64}, {"sha256": "b" * 64}, False, refuse, "the adapter in 'x'")
+    assert capsys.readouterr().err == ""  # the same weights: nothing to say
+    with pytest.raises(LorafitError, match="sha256"):
+        check_same_base({"sha256": "b" * 64}, {"sha256": "c" * 64}, False, refuse, "the adapter in 'x'")
+
+
 # ---------------------------------------------------------------- issue 21: outputs never inside a run's own directories
 
 
