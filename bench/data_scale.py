@@ -8,10 +8,13 @@ resets its peak RSS (VmHWM, by writing 5 to /proc/self/clear_refs) and notes its
 tokenizer (../shared/assets/gpt2-tokenizer), and reports the time, the peak RSS (VmHWM), the peak's rise over
 the RSS before tokenising, and the token ids' own size (int32). The reset keeps a transient peak from before
 the clock started (loading the tokenizer, building the texts) out of the rise; where it is refused, the
-lifetime peak (ru_maxrss) is reported and `peak_since` says so. lorafit: `tokenize_texts` (EOS appended,
+lifetime peak (ru_maxrss) is reported and `peak_since` says so. Both sides load the tokenizer, call it once on
+10 texts (its caches and thread pool: fixed costs of having a tokenizer, not of preparing data) and import their
+modules before the reset; everything after it, lorafit's byte table included, counts. lorafit: `tokenize_texts` (EOS appended,
 length policy truncate at 1024, scored bytes counted); baseline: `Dataset.from_dict({"text": texts}).map(
 tokenizer, batched=True)` with the same batch size, ids only (no EOS, no policy). `--repeats R` alternates
-the two sides R times a size. Writes bench/results/<date>-data-scale-cpu.json (a new name if that exists).
+the two sides R times a size, the order swapped each time (ABBA). Writes bench/results/<date>-data-scale-cpu.json
+(a new name if that exists).
 """
 
 from __future__ import annotations
@@ -121,8 +124,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     results = []
     for n in args.sizes:
-        for _ in range(args.repeats):  # alternated, so both sides see the same drift in the machine's load
-            for side in ("baseline", "lorafit"):
+        for r in range(args.repeats):  # alternated, the order swapped each repeat (ABBA): a load that rises or
+            for side in ("baseline", "lorafit")[:: 1 - 2 * (r % 2)]:  # falls through a size favours neither side
                 stdout = subprocess.run([sys.executable, __file__, "--case", side, str(n), "--shared", args.shared],
                                         check=True, capture_output=True, text=True, env=env).stdout
                 results.append(json.loads(stdout.strip().splitlines()[-1]))

@@ -211,3 +211,37 @@ def test_the_accumulator_grows_to_the_projected_size_not_by_a_quarter():
     assert batches.resizes <= 20
     assert split.ids.tolist() == [i for i in range(100) for _ in range(1000 + (i % 7))]
     assert split.offsets[-1] == len(split.ids) and len(split) == 200
+
+
+def _byte_table_from_vocab(tokenizer) -> list[int]:
+    """The byte table as the whole vocabulary dict gives it (special tokens 0, ids not in the vocabulary 0)."""
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    table = [0] * (max(vocab.values()) + 1)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token, i in vocab.items():
+        table[i] = 0 if i in special else len(token)
+    return table
+
+
+def test_byte_table_is_read_token_by_token(gpt2_tokenizer):
+    """GPT-2's byte table comes from one token string at a time, not a dict of the whole vocabulary (~10 MB, most of
+    it left resident: as much as 100k short examples' ids); a vocabulary with holes keeps its highest id."""
+    import tracemalloc
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tracemalloc.start()
+    try:
+        table = tok_mod.token_byte_lengths(gpt2_tokenizer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * table.nbytes, (peak, table.nbytes)  # the table (50257 int64s, 0.4 MB) and its list; dict: 7.8 MB
+    assert table.tolist() == _byte_table_from_vocab(gpt2_tokenizer)
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"Ġt": 300}  # ids 256-299 unused
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    holes = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    table = tok_mod.token_byte_lengths(holes)
+    assert len(table) == 301 and table[300] == 2 and table.tolist() == _byte_table_from_vocab(holes)

@@ -613,18 +613,27 @@ def token_byte_lengths(tokenizer) -> np.ndarray | None:
         return None
     if not isinstance(backend.decoder, decoders.ByteLevel):
         return None
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for bytes
-    vocab = backend.get_vocab(with_added_tokens=True)
+    alphabet = frozenset(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for bytes
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    table = np.zeros(max(vocab.values(), default=-1) + 1, dtype=np.int64)
-    for token, i in vocab.items():
+    # One token string at a time: `get_vocab()` would build a dict of the whole vocabulary (~10 MB transient for
+    # GPT-2's 50k tokens, most of it left resident as heap slack: as much as 100k short examples' token ids).
+    # Ids are read until every entry is found (a vocabulary may have holes); the bound only guards a miscount.
+    entries, found, lengths = backend.get_vocab_size(with_added_tokens=True), 0, []
+    for i in range(4 * entries + 1024):
+        if found == entries:
+            break
+        token = backend.id_to_token(i)
+        if token is None:  # a hole: never produced
+            lengths.append(0)
+            continue
+        found += 1
         if i in added:
-            table[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
-        elif not set(token) <= alphabet:
+            lengths.append(0 if added[i].special else len(added[i].content.encode("utf-8")))
+        elif not alphabet.issuperset(token):
             return None  # not a byte-level vocabulary after all: decode instead
         else:
-            table[i] = len(token)
-    return table
+            lengths.append(len(token))
+    return np.array(lengths, dtype=np.int64)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
