@@ -13,7 +13,7 @@ from conftest import greedy_continuation, shared_path
 
 from lorafit.cli import main
 
-PROMPT = "Review:"
+PROMPT = "Review:\nThe food was"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def dpo_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sentiment")
     common = ["sentiment-dpo-offline", f"model.name={tiny_model_dir}", f"data.sources.yelp.path={csv}",
               "data.sources.yelp.max_examples=48", "data.seq_len=32", "train.batch_size=4", "train.grad_accum=1",
-              "train.lr=1e-2", "train.max_steps=3", "eval.sample_prompt=null", "model.precision=fp32",
+              "train.lr=5e-2", "train.max_steps=3", "eval.sample_prompt=null", "eval.before_training=false",
+              "model.precision=fp32",
               f"data.cache_dir={root / 'cache'}"]
     assert main(["train", *common, "train.objective=sft", f"output_dir={root / 'sft'}"]) == 0
     assert main(["train", *common, f"model.adapter={root / 'sft'}", f"output_dir={root / 'dpo'}"]) == 0
@@ -44,6 +45,7 @@ def greedy(dpo_run, tiny_model_dir):
     ids = tok(PROMPT)["input_ids"]
     tuned = greedy_continuation(model, tok, ids, 8)
     base = greedy_continuation(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tok, ids, 8)
+    assert base != tuned, (base, tuned)  # the adapter changes the greedy text, so each side is told apart
     return base, tuned
 
 
