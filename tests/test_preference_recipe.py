@@ -1,6 +1,6 @@
 """The shipped `sentiment-dpo-offline` recipe as its README runs it (SFT, then DPO continuing that adapter), on a
 tiny model: a DPO adapter is just another adapter to `generate --compare-base` and to `serve`. (Held-out
-preference accuracy clearly above chance is not tested here yet: see NOTES of issue #23 item 7.)"""
+preference accuracy clearly above chance is not tested yet: a tiny model did not reach it cheaply, issue #23 item 7.)"""
 
 from __future__ import annotations
 
