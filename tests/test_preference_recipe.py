@@ -1,10 +1,15 @@
 """The shipped `sentiment-dpo-offline` recipe as its README runs it (SFT, then DPO continuing that adapter), on a
-tiny model: a DPO adapter is just another adapter to `generate --compare-base` and to `serve`. (Held-out
-preference accuracy clearly above chance is not tested yet: a tiny model did not reach it cheaply, issue #23 item 7.)"""
+tiny model: DPO from the SFT run prefers the positive review of held-out pairs clearly more often than chance
+(issue #23 item 7), and the DPO adapter is just another adapter to `generate --compare-base` and to `serve`
+(item 8). One run serves all three tests."""
 
 from __future__ import annotations
 
+import collections
+import csv
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -14,28 +19,81 @@ from conftest import greedy_continuation, shared_path
 from lorafit.cli import main
 
 PROMPT = "Review:\nThe food was"
+WORDS = 1000  # the tokenizer's vocabulary: the file's most frequent words and punctuation
+P_MAX = 1e-3  # "clearly above chance": a one-sided binomial test against 0.5 on the held-out pairs
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, tiny_model_dir):
-    """SFT on the recipe's chosen reviews, then DPO from that run (model.adapter), both capped to a few steps on 48
-    pairs: what is under test is the wiring, not the learning."""
-    csv = shared_path("data", "mixture-samples", "yelp_review_full", "yelp_test.csv")
+def one_thread():
+    """A model this small runs faster on one thread, and on a machine shared with other jobs two threads wait on
+    each other (measured: one forward 26 ms on one thread, 360 ms on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    """A random one-layer GPT-2 (width 128) with a word-level tokenizer of the reviews' WORDS most frequent words
+    (labels unused): sentiment words are single tokens, so a small adapter can learn to prefer them, which a
+    byte-level tokenizer did not allow cheaply (accuracy 0.50-0.54 in 76-115 s)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    path = shared_path("data", "mixture-samples", "yelp_review_full", "yelp_test.csv")
+    with open(path, encoding="utf-8", newline="") as f:
+        counts = collections.Counter(w for row in csv.DictReader(f) for w in re.findall(r"\w+|[^\w\s]", row["sentence"].lower()))
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    for word, _ in counts.most_common(WORDS - len(vocab)):
+        vocab[word] = len(vocab)
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.normalizer = normalizers.Lowercase()
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>", unk_token="<unk>")
+    out = tmp_path_factory.mktemp("word-model")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=128, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return path, out
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, word_model, one_thread):
+    """A short SFT on the recipe's chosen reviews (the adapter DPO starts from and its reference), then DPO from
+    that run (model.adapter) for two epochs; a quarter of the 617 pairs held out (155) so that the binomial test
+    has power. The test's choices beside the recipe's: the model, the first 32 tokens of each example, LoRA on
+    every linear layer (the recipe's c_attn alone shifts the output too little), a larger lr and batch."""
+    csv_path, model = word_model
     root = tmp_path_factory.mktemp("sentiment")
-    common = ["sentiment-dpo-offline", f"model.name={tiny_model_dir}", f"data.sources.yelp.path={csv}",
-              "data.sources.yelp.max_examples=48", "data.seq_len=32", "train.batch_size=4", "train.grad_accum=1",
-              "train.lr=5e-2", "train.max_steps=3", "eval.sample_prompt=null", "eval.before_training=false",
-              "model.precision=fp32",
-              f"data.cache_dir={root / 'cache'}"]
-    assert main(["train", *common, "train.objective=sft", f"output_dir={root / 'sft'}"]) == 0
-    assert main(["train", *common, f"model.adapter={root / 'sft'}", f"output_dir={root / 'dpo'}"]) == 0
-    summary = json.loads((root / "dpo" / "summary.json").read_text())
-    assert summary["val_preference"]["pairs"] > 0 and summary["val_preference"]["margin"] != 0  # DPO ran and moved it
+    common = ["sentiment-dpo-offline", f"model.name={model}", f"data.sources.yelp.path={csv_path}",
+              "data.val_fraction=0.25", "data.seq_len=32", "lora.targets=all-linear", "train.batch_size=16",
+              "train.grad_accum=1", "eval.sample_prompt=null", "model.precision=fp32", f"data.cache_dir={root / 'cache'}"]
+    sft = ["train.objective=sft", "train.max_steps=2", "eval.before_training=false", f"output_dir={root / 'sft'}"]
+    assert main(["train", *common, *sft]) == 0
+    dpo = [f"model.adapter={root / 'sft'}", "train.lr=5e-3", "train.epochs=2", f"output_dir={root / 'dpo'}"]
+    assert main(["train", *common, *dpo]) == 0
     return root / "dpo"
 
 
+def test_dpo_from_sft_prefers_the_positive_review_of_held_out_pairs_clearly_above_chance(dpo_run):
+    summary = json.loads((dpo_run / "summary.json").read_text())
+    before, after = summary["val_before_training"], summary["val_preference"]
+    n = after["pairs"]
+    assert n == before["pairs"] == 155
+    # Step 0: the policy is its reference, so every reward is 0 (accuracy 0: ties count as wrong), loss ln 2.
+    assert before["margin"] == 0 and before["accuracy"] == 0 and before["loss"] == pytest.approx(math.log(2))
+    k = round(after["accuracy"] * n)
+    p = sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n  # P(X >= k), X ~ Binomial(n, 1/2)
+    needed = next(j for j in range(n + 1) if sum(math.comb(n, i) for i in range(j, n + 1)) / 2**n < P_MAX)
+    assert p < P_MAX, f"{k}/{n} held-out pairs preferred (p = {p:.2g}); {needed}/{n} needed for p < {P_MAX:g}"
+    assert after["margin"] > 0 and after["loss"] < before["loss"]
+
+
 @pytest.fixture(scope="module")
-def greedy(dpo_run, tiny_model_dir):
+def greedy(dpo_run, word_model):
     """Plain transformers' greedy continuations of PROMPT: the base's, and base + the DPO adapter's."""
     from transformers import AutoModelForCausalLM
 
@@ -44,7 +102,7 @@ def greedy(dpo_run, tiny_model_dir):
     model, tok, _ = load_for_inference(dpo_run, precision="fp32", device=torch.device("cpu"))
     ids = tok(PROMPT)["input_ids"]
     tuned = greedy_continuation(model, tok, ids, 8)
-    base = greedy_continuation(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tok, ids, 8)
+    base = greedy_continuation(AutoModelForCausalLM.from_pretrained(str(word_model[1])), tok, ids, 8)
     assert base != tuned, (base, tuned)  # the adapter changes the greedy text, so each side is told apart
     return base, tuned
 
