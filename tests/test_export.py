@@ -378,10 +378,7 @@ def test_an_earlier_export_is_replaced(gpt2_run, tmp_path, capsys):
 # ---------------------------------------------------------------- the full-size random GPT-2 (../shared)
 
 
-def test_full_size_gpt2_tokens_f16_logits_and_q8_0_argmax(llama_cpp, tmp_path_factory, family_data):
-    """The full-size random GPT-2 (124M): tokens, f16 logits and q8_0's argmax. Its random weights give an argmax
-    that is nearly the same token at every position, so q8_0's agreement here checks little beyond the file
-    loading and running; fitting a 124M model in a test is too costly (the tiny families are fitted instead)."""
+def test_full_size_gpt2_tokens_and_f16_logits(llama_cpp, tmp_path_factory, family_data):
     from lorafit.cli import main
     from lorafit.init_model import init_model
     from lorafit.merge import merged_model
@@ -391,7 +388,6 @@ def test_full_size_gpt2_tokens_f16_logits_and_q8_0_argmax(llama_cpp, tmp_path_fa
     run = train_run(root, init_model("gpt2", str(tokenizer_dir), root / "model"), family_data, steps=1, seq_len=24)
     out = root / "gpt2.f16.gguf"
     assert main(["export", str(run), str(out)]) == 0
-    assert main(["export", str(run), str(root / "gpt2.q8_0.gguf"), "--quant", "q8_0"]) == 0
     merged, tokenizer = merged_model(run)
     llm = load_llama(out)
     for text in HARD_STRINGS:
@@ -399,5 +395,3 @@ def test_full_size_gpt2_tokens_f16_logits_and_q8_0_argmax(llama_cpp, tmp_path_fa
     ids = input_64(tokenizer)
     reference = torch_logits(merged.eval(), ids)
     assert np.abs(llama_logits(llm, ids) - reference).max() <= F16_TOLERANCE * np.abs(reference).max()
-    q8 = llama_logits(load_llama(root / "gpt2.q8_0.gguf"), ids)
-    assert (q8.argmax(-1) == reference.argmax(-1)).mean() >= 0.98
