@@ -7,7 +7,7 @@ import sys
 
 def run(argv=None) -> None:
     try:
-        from lorafit.cli import main  # inside the try: a Ctrl-C during the imports ends quietly too
+        from lorafit.cli import main  # start-up: inside the try, so a Ctrl-C during the imports ends quietly too
 
         code = main(argv)
     except KeyboardInterrupt:  # e.g. during the imports, before main can catch it

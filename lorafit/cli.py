@@ -11,7 +11,9 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lorafit.bench import add_arguments  # argument definitions only: the benchmark loads when run
 from lorafit.config import annotated_yaml, apply_overrides, build_config, list_recipes, load_config, run_config
@@ -22,7 +24,7 @@ from lorafit.init_model import SIZES, describe_sizes, init_model
 from lorafit.localpaths import looks_like_a_path
 from lorafit.preflight import check_local_paths
 from lorafit.recipes import DESCRIPTIONS
-from lorafit.rundir import CONFIG_FILE, RunDir, to_json, write_error
+from lorafit.rundir import CONFIG_FILE, REFERENCE_FILE, RunDir, to_json, write_error
 from lorafit.trackers import check_available
 
 USAGE_EXAMPLES = """examples:
@@ -42,8 +44,7 @@ def _offline_if_hub_unreachable() -> None:
     (instead of a minute of retries). Must run before huggingface_hub is imported."""
     if os.environ.get("HF_HUB_OFFLINE") or "huggingface_hub" in sys.modules:
         return
-    import socket
-    from urllib.parse import urlparse
+    import socket  # start-up: socket (about 10 ms) only for the commands that may reach the Hub
 
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -64,8 +65,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     # transformers' "Loading weights" bars follow huggingface_hub's switch; they say nothing a user needs
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import logging
-    import warnings
+    import logging  # start-up: logging (about 10 ms), kept out of `lorafit --help`
 
     # FutureWarnings are the libraries' deprecation notices to developers (e.g. transformers'
     # `is_gradient_checkpointing`, which PEFT itself calls on every load): nothing a user of the command can act
@@ -103,8 +103,8 @@ def cmd_train(args) -> int:
     check_available(cfg.train.report_to)  # and a tracker whose extra is missing
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
-    from lorafit import distributed as dist  # lazy: torch
-    from lorafit.train import train  # lazy: torch
+    from lorafit import distributed as dist  # start-up: torch
+    from lorafit.train import train  # start-up: torch
 
     world = dist.init()
     try:
@@ -160,7 +160,7 @@ def train_target(args) -> tuple[str, list[str], bool]:
 
 
 def torch_distributed_errors() -> tuple[type, ...]:
-    import torch.distributed as td
+    import torch.distributed as td  # start-up: torch
 
     return tuple(e for e in (getattr(td, "DistBackendError", None), getattr(td, "DistNetworkError", None),
                              getattr(td, "DistError", None)) if e is not None)
@@ -168,7 +168,7 @@ def torch_distributed_errors() -> tuple[type, ...]:
 
 def launch_processes(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: the same command as N data-parallel processes on this machine, started by torchrun."""
-    import subprocess
+    import subprocess  # start-up: subprocess (about 15 ms) only for --nproc
 
     have, what = processors()
     if nproc > have:  # each process holds the model and its data: more than the machine runs only thrash (or OOM)
@@ -199,7 +199,7 @@ def threads_per_process(nproc: int) -> dict[str, str]:
 def processors() -> tuple[int, str]:
     """How many processes `--nproc` may start here, and what they run on: one per GPU, else one per CPU core
     this process may use."""
-    import torch
+    import torch  # start-up: torch
 
     if torch.cuda.is_available():
         return torch.cuda.device_count(), "GPU(s)"
@@ -225,13 +225,13 @@ def wants_comparison(args) -> bool:
 
 def cmd_eval(args) -> int:
     if wants_comparison(args):  # --data / --tasks: base vs base + adapter (lorafit/forgetting.py)
-        from lorafit.forgetting import eval_command  # lazy: loads torch, after the flags are checked
+        from lorafit.forgetting import eval_command  # start-up: torch, loaded after the flags are checked
 
         return eval_command(args)
-    from lorafit.data.prepare import prepare_data  # lazy: torch
-    from lorafit.evaluate import evaluate_run, saved_scoring  # lazy: torch
-    from lorafit.generate import load_for_inference, resolve_adapter_dir  # lazy: torch
-    from lorafit.modeling import default_device, resolve_precision  # lazy: torch
+    from lorafit.data.prepare import prepare_data  # start-up: torch
+    from lorafit.evaluate import evaluate_run, saved_scoring  # start-up: torch
+    from lorafit.generate import load_for_inference, resolve_adapter_dir  # start-up: torch
+    from lorafit.modeling import default_device, resolve_precision  # start-up: torch
 
     run = Path(args.run)
     adapter_dir = resolve_adapter_dir(run)
@@ -249,16 +249,20 @@ def cmd_eval(args) -> int:
     if cfg.train.objective == "sft":
         metrics = evaluate_run(model, data.val, data.source_names, scoring, progress="scoring")
     else:  # preference accuracy and margin on held-out pairs against the run's reference (val_preference)
-        from lorafit.preference import evaluate_saved  # lazy, as the CLI's other torch-side imports
+        # start-up: torch, as the CLI's other torch-side imports
+        from lorafit.preference import evaluate_pairs, settings
+        from lorafit.reference import attach
 
-        metrics = evaluate_saved(model, cfg, data.val, data.source_names, scoring)
+        # the reference values the run stored, where their key still holds (else computed again)
+        attach(cfg, model, {"val": data.val}, scoring, precision, run / REFERENCE_FILE, policy_is_start=False)
+        metrics = evaluate_pairs(model, data.val, data.source_names, scoring, cfg.train.objective, settings(cfg))
     result = {"run": str(run), "base_model": base_name, **metrics}
     print(json.dumps(json.loads(to_json(result)), indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from lorafit.generate import (  # lazy: torch
+    from lorafit.generate import (  # start-up: torch
         SamplingConfig, check_generation, check_sampling, load_for_inference, sample, sample_base,
     )
 
@@ -314,6 +318,7 @@ def show(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) 
 
 
 def show_on_terminal(prompt: str, tuned: list[str], base: list[str] | None, base_name: str) -> None:
+    # start-up: rich (about 0.1 s) only for --compare-base's table
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -346,7 +351,7 @@ def show_json(prompt: str, tuned: list[str], base: list[str] | None) -> None:
 
 
 def cmd_merge(args) -> int:
-    from lorafit.merge import merge  # lazy: torch
+    from lorafit.merge import merge  # start-up: torch
 
     out = merge(args.run, Path(args.out), base=args.base, dtype=args.dtype, attn_implementation=args.attn_implementation,
                 trust_remote_code=args.trust_remote_code, force_base=args.force_base)
@@ -355,7 +360,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lorafit.export import export  # lazy: torch and the gguf extra
+    from lorafit.export import export  # start-up: torch and the gguf extra
 
     written = export(args.run, Path(args.out), quant=args.quant, adapter_only=args.adapter_only, ollama=args.ollama,
                      base=args.base)
@@ -406,9 +411,10 @@ def cmd_data(args) -> int:
         raise LorafitError(f"--show {args.show}: give a positive number of examples.")
     cfg = load_config(args.recipe, args.overrides)
     check_local_paths(cfg)
-    from lorafit.data.show import show_examples  # lazy: transformers (the tokenizer)
-    from lorafit.data.sources import offline_hint  # lazy: datasets
-    from lorafit.modeling import load_tokenizer  # lazy: torch
+    # start-up: torch and transformers (the tokenizer), loaded after the config is checked
+    from lorafit.data.show import show_examples
+    from lorafit.data.sources import offline_hint
+    from lorafit.modeling import load_tokenizer
 
     m = cfg.model
     hint = offline_hint(cfg.data, None if looks_like_a_path(m.name) else m.name)
@@ -418,13 +424,13 @@ def cmd_data(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from lorafit.serve.app import serve  # lazy: torch and the serve extra
+    from lorafit.serve.app import serve  # start-up: torch and the serve extra
 
     return serve(args)
 
 
 def cmd_bench(args) -> int:
-    from lorafit.bench.run import main as bench_main  # lazy: torch and the bench extra
+    from lorafit.bench.run import main as bench_main  # start-up: torch and the bench extra
 
     return bench_main(args)
 

@@ -11,7 +11,7 @@ from lorafit.ranks import world
 
 def log(msg: str) -> None:
     if world().is_main:
-        from tqdm import tqdm
+        from tqdm import tqdm  # start-up: tqdm (about 0.1 s); the CLI logs before any bar is drawn
 
         tqdm.write(msg, file=sys.stderr)  # above a progress bar, not into it
         sys.stderr.flush()
@@ -31,6 +31,6 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, **optio
     """A tqdm bar on stderr from rank 0, or None when it is not wanted (--no-progress) or cannot draw."""
     if not (enabled and world().is_main and bar_can_draw()):
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # start-up: as in log
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, **options)

@@ -123,6 +123,7 @@ def shard(base) -> None:
     gathered a block at a time in the forward; gradients reduce-scattered. `base`: the transformers model (inside
     PEFT's wrapper, lora.unwrapped)."""
     global _sharded
+    # start-up: FSDP's modules take about a second to import; only train.fsdp runs use them
     from torch.distributed.fsdp import fully_shard
 
     block_names = set(getattr(base, "_no_split_modules", None) or [])
@@ -133,6 +134,7 @@ def shard(base) -> None:
 
 
 def _state_options(**kw):
+    # start-up: as in shard (FSDP's modules)
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
@@ -141,6 +143,7 @@ def _state_options(**kw):
 def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
     """The trainable weights (and optimizer state, keyed by parameter name) gathered whole, on rank 0's
     CPU (empty on the others). A collective: every rank calls it."""
+    # start-up: as in shard (FSDP's modules)
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
@@ -155,6 +158,7 @@ def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
 def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
     """Whole trainable weights and optimizer state (as `full_state` gave them: keyed by parameter name)
     into the sharded model: each rank keeps its own shard of every tensor. A collective."""
+    # start-up: as in shard (FSDP's modules)
     from torch.distributed.tensor import distribute_tensor
 
     params = dict(model.named_parameters())

@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
 from lorafit.atomic import atomic_dir, atomic_path, atomic_write_text
 from lorafit.data.tokenize import default_cache_dir
 from lorafit import rundir
@@ -62,6 +66,7 @@ def llama_cpp_dir() -> Path:
                                "llama.cpp checkout, or unset it to use the one in llama-cpp-python's source.")
         return path
     try:
+        # optional extra: [gguf] (llama-cpp-python, gguf)
         import gguf  # noqa: F401  (the extra's other half: lorafit reads GGUF headers with it)
 
         version = importlib.metadata.version("llama_cpp_python")
@@ -154,7 +159,7 @@ def is_lorafit_gguf(path: Path) -> bool:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 return False
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # optional extra: [gguf]
 
         return KIND_KEY in GGUFReader(str(path)).fields
     except Exception:  # a damaged or truncated GGUF (the reader raises what numpy raises): not one to replace
@@ -223,8 +228,6 @@ def export(run, out, quant: str = "f16", adapter_only: bool = False, ollama: boo
     if ollama:
         check_modelfile_target(out.parent / MODELFILE)
     llama_cpp = llama_cpp_dir()
-    from transformers import AutoConfig
-
     model_cfg = base_load_config(adapter_dir, base)
     config = AutoConfig.from_pretrained(model_cfg.name, revision=model_cfg.revision,
                                         trust_remote_code=model_cfg.trust_remote_code)
@@ -275,8 +278,6 @@ def as_llama_cpp_expects(adapter_dir: Path, work: Path) -> Path:
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     if not config.get("fan_in_fan_out"):
         return adapter_dir
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     swapped = {}
     for name, t in tensors.items():
@@ -293,8 +294,6 @@ def as_llama_cpp_expects(adapter_dir: Path, work: Path) -> Path:
 
 
 def _cpu():
-    import torch
-
     return torch.device("cpu")
 
 

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from lorafit.atomic import atomic_write_text
 from lorafit.comparison import fmt
@@ -209,9 +211,6 @@ def strip(metrics: dict) -> dict:
 
 
 def show_data_table(source: str, row: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
 
     table = Table(title=f"{source}: {row['examples']:,} examples, {row['tokens']:,} tokens (lower is better)")
     for column in ("metric", "base", "adapter", "difference"):

@@ -22,6 +22,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from lorafit import attention
 from lorafit.data.packing import IGNORE, Layout, PackedBatch
@@ -90,8 +91,6 @@ class Forward:
     def data_parallel(self) -> torch.nn.Module:
         """This forward's NLL (without the example index) as a DistributedDataParallel module: DDP's gradient
         hooks need a module whose forward reaches the backbone and the fused head, which `token_nll` calls directly."""
-        from torch.nn.parallel import DistributedDataParallel
-
         # device_ids None: the module sits on this rank's one device, and the batch is not a tensor DDP should move.
         return DistributedDataParallel(_AsModule(self), device_ids=None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +187,6 @@ def sample_ids(model, tokenizer, prompt: str, cfg: SamplingConfig, segments: lis
 def merged_copy(model):
     """A copy of base + adapter with LoRA folded into the weights: plain linear layers, no adapter
     overhead per token. For inference only; the trainable model is left untouched."""
-    import copy
-
     fast = copy.deepcopy(model).merge_and_unload()
     fast.config.use_cache = True
     return fast.eval()

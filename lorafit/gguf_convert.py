@@ -27,6 +27,7 @@ QUANT_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 def _patch(llama_cpp_dir: Path, kind: str, pre_tokenizer: str) -> None:
     sys.path.insert(0, str(llama_cpp_dir))
     sys.path.insert(1, str(llama_cpp_dir / "gguf-py"))  # the converter's own gguf-py, as the script itself does
+    # optional extra: [gguf]: the converter's own gguf-py and conversion/, on the path set just above
     import gguf
     from conversion import TextModel
 
@@ -51,7 +52,7 @@ def _patch(llama_cpp_dir: Path, kind: str, pre_tokenizer: str) -> None:
 
 
 def _quantize(src: str, dst: str, ftype: str) -> int:
-    import llama_cpp
+    import llama_cpp  # optional extra: [gguf] (llama-cpp-python)
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[ftype])

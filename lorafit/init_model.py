@@ -39,15 +39,16 @@ def tokenizer_from_dir(tok_dir: Path):
     """A tokenizer from a saved transformers tokenizer directory (lorafit's loader) or from the raw GPT-2 BPE files."""
     tok_dir = Path(tok_dir)
     if is_raw_gpt2_bpe(tok_dir):  # transformers' loader cannot read these (it would need a tokenizer_config.json)
-        from transformers import GPT2Tokenizer
+        from transformers import GPT2Tokenizer  # start-up: transformers (see SIZES)
 
         return GPT2Tokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
-    from lorafit.modeling import load_tokenizer  # lazy: torch (see SIZES)
+    from lorafit.modeling import load_tokenizer  # start-up: torch (see SIZES)
 
     return load_tokenizer(str(tok_dir))
 
 
 def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
+    # start-up: torch and transformers (see SIZES)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -90,12 +91,13 @@ def init_model(size: str, tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
 def random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("c_attn",), scale: float = 0.5) -> Path:
     """A LoRA adapter with random non-zero weights on a local base, saved as a lorafit run saves one
     (tests and the serving load test need several adapters that differ, without training them)."""
+    # start-up: torch and transformers (see SIZES)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.lora import apply_lora  # lazy: torch (see SIZES)
-    from lorafit.modeling import BASE_FINGERPRINT, load_settings, load_tokenizer  # lazy: torch (see SIZES)
-    from lorafit.train import save_adapter  # lazy: torch (see SIZES)
+    from lorafit.lora import apply_lora  # start-up: torch (see SIZES)
+    from lorafit.modeling import BASE_FINGERPRINT, load_settings, load_tokenizer  # start-up: torch (see SIZES)
+    from lorafit.train import save_adapter  # start-up: torch (see SIZES)
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
     setattr(base, BASE_FINGERPRINT, base_fingerprint(str(base_dir), base.config))  # as load_base_model records it

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
 
 from lorafit.comparison import compare, fmt, stderr_cell
 from lorafit.errors import LorafitError, described, first_line
@@ -46,6 +52,7 @@ def samples_file(side: str, task: str) -> str:
 
 def import_lm_eval():
     try:
+        # optional extra: [lm-eval]
         import lm_eval
         from lm_eval.loggers import EvaluationTracker  # noqa: F401
         from lm_eval.tasks import TaskManager  # noqa: F401
@@ -54,8 +61,6 @@ def import_lm_eval():
             f"--tasks runs EleutherAI's lm-evaluation-harness, which is not installed ({first_line(exc)}). "
             f"Install it with: {EXTRA_HINT}"
         ) from None
-    import logging
-
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the table
     return lm_eval
 
@@ -95,7 +100,7 @@ def parse_batch_size(text: str | None) -> int | str:
 
 def task_manager(include_path: str | None, tasks: list[str]):
     """lm-eval's TaskManager, knowing the tasks in --include-path; the task names checked (globs expanded)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional extra: [lm-eval]
 
     if include_path is not None:
         path = Path(include_path).expanduser()
@@ -136,8 +141,6 @@ def expand(tasks: list[str], manager) -> list[str] | None:
 def hf_model_args(m, base_name: str) -> dict:
     """model_args for lm-eval's `hf` model: the base as the run loaded it (`m`, a ModelConfig from the
     run's record: revision, dtype, attention); fp32 on CPU, where half precision is emulated and slow."""
-    import torch
-
 
     device = default_device()
     weights = resolve_precision(m.precision, device).weights if device.type == "cuda" else torch.float32
@@ -216,7 +219,7 @@ def compare_on_tasks(run: Path, adapter_dir: Path, plan: TaskPlan, base: str | N
 
 def run_side(plan: TaskPlan, side: str, model_args: dict, out_dir: Path, device: str) -> dict:
     """One lm-eval run, saved by lm-eval's own EvaluationTracker and renamed into place; its results file."""
-    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.loggers import EvaluationTracker  # optional extra: [lm-eval]
 
 
     # Not atomic_dir: eval/ also holds the other side's and `eval --data`'s results, so lm-eval's files are renamed
@@ -286,8 +289,6 @@ def explain_failure(exc: Exception, tasks: list[str], model_args: dict, include_
 
 
 def _frames(exc: BaseException):
-    import traceback
-
     seen = exc
     while seen is not None:
         yield from traceback.walk_tb(seen.__traceback__)
@@ -298,9 +299,6 @@ def _frames(exc: BaseException):
 
 
 def show_task_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="lm-evaluation-harness: base vs base + adapter",
                   caption="difference = adapter - base; stderr: base / adapter; ↑/↓: higher/lower is better")
     for column in ("task", "metric", "base", "adapter", "difference", "stderr"):

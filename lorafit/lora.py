@@ -11,6 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
 
 from lorafit.atomic import atomic_write_text
 from lorafit.config import LoraConfig
@@ -31,8 +37,6 @@ def unwrapped(model):
 
 
 def _linear_classes() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
     return (torch.nn.Linear, Conv1D)  # subclasses count too (Falcon's FalconLinear)
 
 
@@ -90,10 +94,8 @@ def resolve_targets(model, targets: str | list[str]) -> tuple[list[str], str | N
 
 def _resolve_auto(model) -> tuple[list[str], str | None]:
     """lora.targets=auto (see resolve_targets)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
     model_type = getattr(model.config, "model_type", None)
-    default = DEFAULTS.get(model_type)
+    default = PEFT_DEFAULT_TARGETS.get(model_type)
     if default and not _unknown_targets(model, default):
         candidates, note = list(default), None
     else:
@@ -143,8 +145,6 @@ def peft_refuses(model, targets: list[str]) -> dict[str, str]:
     """{target: PEFT's reason} for the targets PEFT will not wrap on this model (e.g. Mamba's out_proj, whose
     fused kernel bypasses the module). PEFT itself is asked, on a weightless copy of the model's skeleton (meta
     tensors: no memory, the model itself untouched): all targets at once, then one by one if it refuses."""
-    from peft import get_peft_model
-
     def refusal(names: list[str]) -> str | None:
         try:
             with torch.device("meta"):
@@ -169,8 +169,6 @@ def targets_without_gradient(model, targets: list[str]) -> list[str]:
     layer's weight directly, as a fused kernel does, bypasses its LoRA). The targets are wrapped for one
     forward and backward of a short input (B = 0 at first, so the loss is the model's own; B's gradient is
     nonzero wherever the layer's output is used), then unwrapped: the model is left as it was."""
-    from peft import get_peft_model
-
     device = next(model.parameters()).device
     if device.type == "meta":  # no weights to run (a skeleton, e.g. to count parameters): nothing to probe
         return []
@@ -215,8 +213,6 @@ def _unknown_targets(model, targets: list[str]) -> list[str]:
 
 
 def peft_config(cfg: LoraConfig, targets: list[str]):
-    from peft import LoraConfig as PeftLoraConfig
-
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -246,8 +242,6 @@ def peft_detects_fan_in_fan_out():
 def apply_lora(model, cfg: LoraConfig, targets: list[str] | None = None):
     """Freeze the base and add fresh LoRA weights (B = 0, so outputs are unchanged). `targets`: the
     names `resolve_targets` gave for cfg.targets (resolved here when not given)."""
-    from peft import get_peft_model
-
     targets = targets if targets is not None else resolve_targets(model, cfg.targets)[0]
     with peft_detects_fan_in_fan_out():
         try:
@@ -321,10 +315,6 @@ def load_adapter(base_model, adapter_dir: Path, base_name: str, is_trainable: bo
     only `force_base` lets that pass), keys or shapes is an error naming both bases; never a partial load.
     Weights come only from safetensors. Given a PeftModel, the adapter is added to it as `adapter_name`
     (several adapters on one base, as `lorafit serve` keeps them)."""
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     if not weights_path.is_file():

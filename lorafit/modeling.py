@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError, offline_note, one_line
@@ -111,8 +112,6 @@ def _load_failure(what: str, name: str, exc: Exception, hint: str) -> LorafitErr
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False, hint: str = ""):
     """The tokenizer of a hub id or a saved directory, with an EOS and a pad token: every lorafit tokenizer
     comes from here (the bench's re-created original pipeline alone loads its own, as the original did)."""
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError/hub errors for the same problems
@@ -136,8 +135,7 @@ def quantization_config(cfg: ModelConfig, precision: Precision, device: torch.de
             f"{device.type}. Remove model.quantize, or run on a GPU."
         )
     try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401  # optional extra: [quantize]
     except ImportError:
         raise LorafitError(f"model.quantize={cfg.quantize} needs bitsandbytes: pip install -e \".[quantize]\"") from None
     if cfg.quantize == "int8":
@@ -181,8 +179,6 @@ def restore_activation_names(model) -> None:
 def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device, hint: str = ""):
     """The frozen base, loaded straight onto its device (a GPU never waits for a full CPU copy first), with
     the one-kernel GELU where the base names `gelu_new` (see FUSED_ACTIVATIONS)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     quantization = quantization_config(cfg, precision, device)
     try:
         config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -209,6 +205,7 @@ def load_base_model(cfg: ModelConfig, precision: Precision, device: torch.device
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     if quantization is not None:
+        # start-up: peft (about a second) loads only for a quantized base; `lorafit data` needs none of it
         from peft import prepare_model_for_kbit_training
 
         # Norms in fp32 and inputs that require grad, as QLoRA trains; checkpointing is train.gradient_checkpointing's.

@@ -4,16 +4,12 @@ computes (same layouts, fast paths and head loss), the objective of lorafit/obje
 A pair i is the tokenised sequences 2i (chosen) and 2i + 1 (rejected); a step takes pairs, and a pair's two
 sequences always share a micro-batch (and so a rank), so its loss sees both in one graph.
 
-The reference (DPO, IPO) is the model as training starts: the base with the adapter switched off for a new
-adapter, or the adapter a run continues from (model.adapter, e.g. an SFT run), which the policy starts as
-a copy of. Its log-probabilities are computed once, before training, in one no-grad pass over the
-training and validation sequences, and kept with the tokenised data (`TokenizedSplit.ref_logps`): a step
-costs one forward and backward of the policy only.
+The reference (DPO, IPO) is the model as training starts; its log-probabilities are computed once, before
+training, kept with the tokenised data (`TokenizedSplit.ref_logps`) and saved in the run: lorafit/reference.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -25,10 +21,8 @@ from lorafit.config import RunConfig
 from lorafit.data.packing import IGNORE, PackedBatch
 from lorafit.data.tokenize import TokenizedSplit
 from lorafit.evaluate import Scoring, example_nll, totals_by_source
-from lorafit.generate import resolve_adapter_dir
-from lorafit.lora import load_adapter
 from lorafit.metrics import LN2
-from lorafit.objectives import CHOSEN_NLL, Settings, pair_terms, uses_reference
+from lorafit.objectives import CHOSEN_NLL, Settings, pair_terms
 
 # What the training log shows per step (TRL's names): means over the pairs of the logging window.
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -52,26 +46,15 @@ def pair_costs(split: TokenizedSplit, pairs: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def sequence_logps(model, split: TokenizedSplit, scoring: Scoring, adapter_off: bool = False) -> np.ndarray:
-    """Each sequence's log-probability (float64, summed over its scored tokens), in eval mode; `adapter_off`:
-    of the base alone (PEFT's disable_adapter)."""
+def sequence_logps(model, split: TokenizedSplit, scoring: Scoring) -> np.ndarray:
+    """Each sequence's log-probability (float64, summed over its scored tokens), in eval mode, under the model's
+    adapter as it is set (the reference's switch: lorafit/reference.py)."""
     was_training = model.training
     model.eval()
     try:
-        with model.disable_adapter() if adapter_off else contextlib.nullcontext():
-            return -example_nll(model, split, scoring)
+        return -example_nll(model, split, scoring)
     finally:
         model.train(was_training)
-
-
-def attach_reference(cfg: RunConfig, model, splits: list[TokenizedSplit], scoring: Scoring) -> float:
-    """Store the reference's log-probabilities with each split (DPO, IPO); returns the seconds it took."""
-    if not uses_reference(cfg.train.objective):
-        return 0.0
-    start = time.perf_counter()
-    for split in splits:
-        split.ref_logps = sequence_logps(model, split, scoring, adapter_off=cfg.model.adapter is None)
-    return time.perf_counter() - start
 
 
 @dataclass
@@ -184,21 +167,3 @@ def evaluate_pairs(model, split: TokenizedSplit, source_names: list[str], scorin
         "val_by_source": by_source,
         "val_preference": preference,
     }
-
-
-def evaluate_saved(model, cfg: RunConfig, val: TokenizedSplit, source_names: list[str], scoring: Scoring) -> dict:
-    """`lorafit eval RUN` on a preference run: its reference again (the base with the adapter off, or the adapter
-    the run continued, loaded beside it), then `evaluate_pairs`."""
-    objective = cfg.train.objective
-    if uses_reference(objective):
-        if cfg.model.adapter is None:
-            val.ref_logps = sequence_logps(model, val, scoring, adapter_off=True)
-        else:
-            load_adapter(model, resolve_adapter_dir(cfg.model.adapter), cfg.model.name, adapter_name="reference")
-            model.set_adapter("reference")
-            try:
-                val.ref_logps = sequence_logps(model, val, scoring)
-            finally:
-                model.set_adapter("default")
-                model.delete_adapter("reference")
-    return evaluate_pairs(model, val, source_names, scoring, objective, settings(cfg))

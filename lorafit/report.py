@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
 
 from lorafit.comparison import compare, fmt, stderr_cell
 from lorafit.config import RunConfig
 from lorafit.data.templates import describe_source
 
 
-def plot_losses(metrics: list[dict], path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot, drawing into files (the Agg backend: no display needed)."""
+    # start-up: matplotlib (a few tenths of a second) loads only when a run draws its plots, not for every command
+    # that reads or writes a model card (`lorafit eval`)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as matplotlib above
+
+    return plt
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    plt = _pyplot()
 
     train = [(r["step"], r["loss"]) for r in metrics if "loss" in r and r.get("loss") is not None]
     # a preference run: the objective's validation loss, like its training loss (the chosen NLL is in the card)
@@ -35,9 +47,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
         ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange", linewidth=1.5)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per target token)")
     ax.set_title("lorafit: loss per scored token")
@@ -51,11 +61,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 def plot_by_source(before: dict, after: dict, path: Path) -> None:
     """Bars of each source's validation loss before and after training, plus the token-weighted
     overall loss; each pair is labelled with the loss after training and its change."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    plt = _pyplot()
 
     def loss(metrics: dict, name: str) -> float:
         value = (metrics.get(name) or {}).get("val_loss")
@@ -130,8 +136,6 @@ def _targets(asked: str | list[str], resolved: list[str] | None) -> str:
 
 def read_evaluations(eval_dir: Path) -> dict:
     """The latest `lorafit eval --data/--tasks` results in RUN/eval/ (absent files are skipped)."""
-    import json
-
     found = {}
     for key, name in (("forgetting", "forgetting.json"), ("lm_eval_base", "lm_eval_base.json"),
                       ("lm_eval_adapter", "lm_eval_adapter.json"), ("exports", "exports.json")):

@@ -1,6 +1,7 @@
 """The run directory and safe file writing.
 
 Layout:  adapter/  config.yaml  metrics.jsonl  summary.json  loss.png  README.md  checkpoints/
+         reference_logps.npz (DPO, IPO: lorafit/reference.py)
          .lorafit-run.json (the marker: lorafit made this directory for a run)  .lorafit.lock (while in use)
 Every file and directory is written to a temporary name and renamed into place (lorafit/atomic.py),
 so a crash or a full disk never leaves a half-written file where a complete one was. Temporaries
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl  # flock, POSIX only: lorafit runs on Linux and macOS, not on Windows
 import json
 import math
 import os
@@ -36,11 +38,12 @@ EVAL_DIR = "eval"
 LOCK_FILE = ".lorafit.lock"
 MARKER_FILE = ".lorafit-run.json"  # written when lorafit creates a run directory: only such a directory may be deleted
 MANIFEST_FILE = ".lorafit-files.json"  # every file lorafit wrote into the run: all --overwrite may delete
+REFERENCE_FILE = "reference_logps.npz"  # DPO, IPO: the reference's log-probabilities, read again on --resume and eval
 TRACKER_DIRS = ("tensorboard", "wandb")  # what train.report_to's trackers write into the run (lorafit/trackers.py)
 # Everything a run directory may hold; --overwrite refuses a directory holding anything else.
 RUN_ENTRIES = frozenset({
     ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, SOURCE_PLOT, MODEL_CARD, CHECKPOINTS_DIR, EVAL_DIR,
-    LOCK_FILE, MARKER_FILE, MANIFEST_FILE, *TRACKER_DIRS,
+    REFERENCE_FILE, LOCK_FILE, MARKER_FILE, MANIFEST_FILE, *TRACKER_DIRS,
 })
 SHOWN_FOREIGN = 10  # --overwrite's refusal names at most this many entries
 
@@ -336,8 +339,6 @@ class RunDir:
 
     def _check_not_in_use(self) -> None:
         """Fail early (before minutes of set-up) when another process holds the run; claim() decides for good."""
-        import fcntl
-
         try:
             with open(self.path / LOCK_FILE, "rb") as probe:
                 fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file is closed
@@ -359,8 +360,6 @@ class RunDir:
         The lock comes first: a run in progress is never deleted, and two runs started together cannot both
         pass the checks. It is an flock: the OS releases it when the process ends, even on SIGKILL.
         """
-        import fcntl
-
         lock_path = self.path / LOCK_FILE
         with saving(f"the run directory {self.path}", "Choose another output_dir, or free space."):
             self.path.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import yaml
+
 from lorafit.errors import LorafitError
 from lorafit.rundir import TRACKER_DIRS
 
@@ -61,9 +63,7 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
 
 class TensorBoard:
     def __init__(self, run_dir: Path, name: str, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
-        import yaml
-
+        from torch.utils.tensorboard import SummaryWriter  # optional extra: [tensorboard]
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TRACKER_DIRS[0]))
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
@@ -92,14 +92,14 @@ class Scalars:
 
 
 def wandb_run(run_dir: Path, name: str, config: dict) -> Scalars:
-    import wandb
+    import wandb  # optional extra: [wandb]
 
     run = wandb.init(project=PROJECT, name=name, dir=str(run_dir), config=config)  # writes RUN/wandb/
     return Scalars(run.log, run.finish)
 
 
 def mlflow_run(run_dir: Path, name: str, config: dict) -> Scalars:
-    import mlflow
+    import mlflow  # optional extra: [mlflow]
 
     mlflow.set_experiment(PROJECT)
     mlflow.start_run(run_name=name)
@@ -108,7 +108,7 @@ def mlflow_run(run_dir: Path, name: str, config: dict) -> Scalars:
 
 
 def trackio_run(run_dir: Path, name: str, config: dict) -> Scalars:
-    import trackio
+    import trackio  # optional extra: [trackio]
 
     trackio.init(project=PROJECT, name=name, config=config)
     return Scalars(trackio.log, trackio.finish)

@@ -9,13 +9,16 @@ tokens divided by their count, so how the step is cut into micro-batches never c
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import get_scheduler
 
 from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
@@ -45,10 +48,11 @@ from lorafit.modeling import (
     Precision, default_device, load_base_model, load_settings, load_tokenizer, max_positions, out_of_memory, resolve_precision,
 )
 from lorafit.preflight import check_local_paths
-from lorafit.preference import PreferenceObjective, attach_reference, evaluate_pairs, pair_costs, pair_sequences, settings
+from lorafit.preference import PreferenceObjective, evaluate_pairs, pair_costs, pair_sequences, settings
+from lorafit.reference import Reference, attach as attach_reference, write as write_reference
 from lorafit.progress import Progress, StepPlan, Window, progress_line
 from lorafit.rundir import (
-    ADAPTER_DIR, CONFIG_FILE, LOSS_PLOT, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
+    ADAPTER_DIR, CONFIG_FILE, LOSS_PLOT, REFERENCE_FILE, SOURCE_PLOT, SUMMARY_FILE, RunDir, saving,
 )
 from lorafit.report import model_card, plot_by_source, plot_losses
 from lorafit.runcheck import (
@@ -81,6 +85,7 @@ class Trainer:
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after this step
     fingerprint: dict | None = None  # of the tokenised data, computed once for the checkpoints
     objective: PreferenceObjective | None = None  # a preference objective (train.objective); None: SFT
+    reference: Reference | None = None  # DPO, IPO: the reference's keys, and which splits' values were computed here
     force_base: bool = False  # --force-base: resume a checkpoint made on a base with other weights
 
     @property
@@ -381,8 +386,6 @@ class stop_signals:
         log(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (press Ctrl-C again to abort)...")
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handler)
@@ -398,8 +401,6 @@ class stop_signals:
 
 
 def build_optimizer(model, cfg: RunConfig, total_steps: int, device: torch.device):
-    from transformers import get_scheduler
-
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -436,9 +437,10 @@ def check_seq_len(cfg: RunConfig, model) -> None:
         )
 
 
-def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
+def setup(cfg: RunConfig, run: RunDir, progress: bool = True, resume: bool = False) -> Trainer:
     """Tokenizer, model, LoRA, fast paths, data and optimizer: every input is checked here, the model's
-    before any data is read, and nothing is written."""
+    before any data is read, and nothing is written. `resume`: the run's stored reference values are read
+    (where their key still matches) instead of computed."""
     device = dist.device() if dist.world().parallel else default_device()
     precision = resolve_precision(cfg.model.precision, device)
     local_model = looks_like_a_path(cfg.model.name)
@@ -449,7 +451,7 @@ def setup(cfg: RunConfig, run: RunDir, progress: bool = True) -> Trainer:
     check_seq_len(cfg, model)
     model, targets, fast = prepare_model(cfg, model, device, precision)
     data = share_data(prepare_data(cfg, tokenizer, progress=progress) if dist.world().is_main else None)  # read and tokenised once
-    return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run)
+    return assemble(cfg, model, tokenizer, data, fast, targets, device, precision, run, reuse_reference=resume)
 
 
 def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precision):
@@ -483,18 +485,18 @@ def prepare_model(cfg: RunConfig, model, device: torch.device, precision: Precis
 
 
 def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targets: list[str], device: torch.device,
-             precision: Precision, run: RunDir | None) -> Trainer:
-    """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times)."""
+             precision: Precision, run: RunDir | None, reuse_reference: bool = False) -> Trainer:
+    """Optimizer and schedule around a prepared model and data (also what `lorafit bench` times).
+    `reuse_reference`: read the reference values `run` stored, where they still hold."""
     pairs = cfg.train.objective != "sft"  # a preference step takes pairs, each two sequences of the split
     forward = Forward(model, fast, precision.autocast, device=device)  # built once: training and validation share it
     scoring = scoring_for(cfg, forward, tokenizer)
-    objective = None
-    if pairs:
-        seconds = attach_reference(cfg, model, [data.train, data.val], scoring)  # once, before training
-        if seconds:
-            log(f"reference log-probabilities of {len(data.train) + len(data.val):,} sequences in {seconds:.1f} s "
-                f"({'the base, adapter off' if cfg.model.adapter is None else 'the adapter ' + cfg.model.adapter})")
-        objective = PreferenceObjective(cfg.train.objective, settings(cfg), data.train, reference_seconds=seconds)
+    objective = reference = None
+    if pairs:  # the reference (DPO, IPO) once, before training: read back or computed (lorafit/reference.py)
+        stored = run.file(REFERENCE_FILE) if run is not None and reuse_reference else None
+        reference = attach_reference(cfg, model, {"train": data.train, "val": data.val}, scoring, precision, stored)
+        objective = PreferenceObjective(cfg.train.objective, settings(cfg), data.train,
+                                        reference_seconds=reference.seconds if reference else 0.0)
     plan = StepPlan(len(data.train) // (1 + pairs), cfg.train.batch_size * cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps, cfg.train.seed)
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps, device)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 and device.type == "cuda" else None
@@ -505,12 +507,11 @@ def assemble(cfg: RunConfig, model, tokenizer, data: Data, fast: FastPaths, targ
         scaler=scaler,
         ddp=forward.data_parallel() if dist.world().parallel and not dist.sharded() else None,
         objective=objective,
+        reference=reference,
     )
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -520,6 +521,9 @@ def start(trainer: Trainer, resume: bool, changed: dict | None = None) -> dict |
     """Restore the newest checkpoint (with --resume) or begin afresh; return the eval before training.
     `changed`: settings that differ from the run's and may (recorded in the run, config.yaml updated)."""
     run = trainer.run
+    if trainer.reference is not None and trainer.reference.computed and dist.world().is_main:
+        # after the claim: --overwrite has emptied the directory by now; a resume rereads it
+        write_reference(run, trainer.reference, {"train": trainer.data.train, "val": trainer.data.val})
     newest = ckpt.newest_checkpoint(run.checkpoints) if resume else None
     if newest:
         trainer.restore(newest)
@@ -555,7 +559,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if resume_state(run, cfg, resume)[1]:
         return run.read_summary()
     try:
-        trainer = setup(cfg, run, progress)
+        trainer = setup(cfg, run, progress, resume)
         trainer.force_base = force_base
         check_before_training(trainer)  # values used only later (the eval sample) fail now, not after training
         # Only rank 0 holds and writes the run directory; the others read checkpoints from it on a resume.

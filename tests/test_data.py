@@ -151,3 +151,63 @@ def test_tokenising_holds_the_token_ids_about_once(tiny_tokenizer):
     for i in range(0, len(texts), 997):
         expected = (tiny_tokenizer(texts[i], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id])[:64]
         assert split.example(i).tolist() == expected
+
+
+class _RecordingTokenizer:
+    """Forwards to a tokenizer and records the texts of each call (to check how tokenising splits its calls)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(list(texts) if isinstance(texts, list) else [texts])
+        return self._tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("policy,seq_len", [("truncate", 64), ("chunk", 16)])
+def test_capped_tokenizer_calls_give_the_plain_per_text_result(tiny_tokenizer, monkeypatch, policy, seq_len):
+    """Each tokenizer call takes TOKENIZE_CHARS characters at most (a longer text alone), byte lengths are summed
+    BYTES_CHUNK tokens at a time; ids, offsets, bytes and truncation are still those of one plain call per text."""
+    monkeypatch.setattr(tok_mod, "TOKENIZE_CHARS", 200)
+    monkeypatch.setattr(tok_mod, "BYTES_CHUNK", 37)
+    long = " ".join(["the word"] * 60)  # 539 characters: more than a call's cap, so a call of its own
+    texts = make_texts(150, seed=3) + [long] + make_texts(150, seed=4) + [long + " end", "a"]
+    tok = _RecordingTokenizer(tiny_tokenizer)
+    split = tok_mod.tokenize_texts(texts, [0] * len(texts), tok, seq_len, policy)
+    assert len(tok.calls) > 10 and all(sum(map(len, c)) <= 200 or len(c) == 1 for c in tok.calls)
+    assert [long] in tok.calls
+    eos = tiny_tokenizer.eos_token_id
+    pieces, truncated = [], []
+    for text in texts:
+        got, lost = tok_mod.apply_length_policy(tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [eos],
+                                                seq_len, policy)
+        pieces += [p for p in got if len(p) >= 2]
+        truncated += [lost] * len([p for p in got if len(p) >= 2])
+    assert len(split) == len(pieces) and (len(pieces) > len(texts)) == (policy == "chunk")  # chunk made windows
+    assert split.ids.tolist() == [t for p in pieces for t in p]
+    assert split.lengths().tolist() == [len(p) for p in pieces]
+    assert split.truncated.tolist() == truncated and any(truncated) == (policy == "truncate")
+    expected_bytes = [len(tiny_tokenizer.decode(p[1:], skip_special_tokens=True).encode()) for p in pieces]
+    assert split.n_bytes.tolist() == expected_bytes
+
+
+def test_the_accumulator_grows_to_the_projected_size_not_by_a_quarter():
+    """ndarray.resize zero-fills the new capacity, so spare capacity is resident memory: once part of the texts is
+    done the ids buffer grows to what the rest projects (2% spare), in a few resizes."""
+    batches = tok_mod._Batches(masked=False)
+    no_bytes = lambda ids, offsets, scored: np.zeros(len(offsets) - 1, np.int64)  # noqa: E731
+    capacity = 0
+    for i in range(100):
+        batches.done = (i + 1) / 100
+        ids = np.full(1000 + (i % 7), i, np.int32)  # batches of slightly different sizes
+        lengths = np.array([len(ids) - 10, 10], np.int64)
+        batches.add(ids, lengths, np.zeros(2, np.int32), np.zeros(2, bool), None, no_bytes)
+        capacity = max(capacity, len(batches.buffers["ids"]))
+    split = batches.split({})
+    assert capacity <= 1.05 * len(split.ids) + 1024, (capacity, len(split.ids))
+    assert batches.resizes <= 20
+    assert split.ids.tolist() == [i for i in range(100) for _ in range(1000 + (i % 7))]
+    assert split.offsets[-1] == len(split.ids) and len(split) == 200

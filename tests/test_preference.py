@@ -238,7 +238,7 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
     logged = [r for r in records if "rewards/margins" in r]
     assert len(logged) == 2 and all(k in logged[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                                               "logps/chosen", "logps/rejected"))
-    capsys.readouterr()
+    check_the_saved_reference(tmp_path, cfg, monkeypatch, capsys)  # and `lorafit eval` below must read it
     assert main(["eval", str(tmp_path / "run")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["val_preference"] == pytest.approx(after, rel=1e-9)
@@ -255,6 +255,48 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=0)
         with peft_model.disable_adapter():
             assert not torch.allclose(peft_model(ids).logits, merged(ids).logits, atol=1e-4)  # training moved it
+
+
+def check_the_saved_reference(tmp_path, cfg, monkeypatch, capsys) -> None:
+    """The reference's values were saved in the run (in its manifest, so --overwrite may delete them) and equal a
+    fresh set-up's no-grad pass; they are read back under the same key, computed again under another (other
+    tokens, another starting adapter); from here on computing one fails (the caller's `lorafit eval` reads it)."""
+    import lorafit.reference
+    from lorafit.rundir import REFERENCE_FILE, RunDir
+    from lorafit.train import setup
+
+    run = tmp_path / "run"
+    assert REFERENCE_FILE in RunDir(run).written()
+    with np.load(run / REFERENCE_FILE) as f:
+        stored = {name: f[name] for name in ("train", "val")}
+    fresh = setup(cfg, RunDir(tmp_path / "unused"))  # a new run's set-up: one no-grad pass, adapter off
+    for name, split in (("train", fresh.data.train), ("val", fresh.data.val)):
+        assert np.array_equal(stored[name], split.ref_logps) and len(split) >= 6
+    computed = []
+
+    def count(model, cfg_, split, *rest):
+        computed.append(len(split))
+        return np.zeros(len(split))
+
+    monkeypatch.setattr(lorafit.reference, "compute", count)
+    attach = lambda c, splits: lorafit.reference.attach(c, fresh.model, splits, fresh.scoring, fresh.precision,  # noqa: E731
+                                                        run / REFERENCE_FILE)
+    capsys.readouterr()
+    attach(cfg, {"train": fresh.data.train, "val": fresh.data.val})
+    assert computed == [] and "read from" in capsys.readouterr().err
+    attach(cfg, {"train": fresh.data.train.subset(np.arange(4))})
+    assert computed == [4] and "train split: other tokens" in capsys.readouterr().err
+    cfg.model.adapter = str(run)  # continuing this run's adapter: another reference
+    try:
+        attach(cfg, {"val": fresh.data.val})
+    finally:
+        cfg.model.adapter = None
+    assert computed == [4, len(fresh.data.val)] and "another starting adapter" in capsys.readouterr().err
+
+    def refuse(*_):
+        raise AssertionError("the stored reference should have been read")
+
+    monkeypatch.setattr(lorafit.reference, "compute", refuse)
 
 
 def test_the_sentiment_recipe_pairs_positive_over_negative_reviews_under_one_prompt():
@@ -293,6 +335,7 @@ def test_a_dpo_run_killed_in_a_checkpoint_resumes_bitwise(tmp_path, tiny_model_d
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resumed from" in err
+    assert "reference log-probabilities of 80 sequences read from" in err  # the run's own, not computed again
     assert adapter_bytes(tmp_path / "run") == adapter_bytes(tmp_path / "reference")
     timing = lambda k: k.endswith(("_per_second", "_seconds")) or k == "peak_memory_bytes"  # noqa: E731 - not state
     same = lambda run: [{k: v for k, v in r.items() if not timing(k)} for r in records(run / "metrics.jsonl")]  # noqa: E731

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,19 +104,94 @@ def test_no_import_cycle_among_lorafit_modules():
 LAZY_ALLOWED = {"lorafit.cli", "lorafit.__main__", "lorafit.init_model"}
 
 
-def test_function_level_imports_of_lorafit_only_where_they_buy_start_up_and_each_says_why():
+def test_function_level_imports_of_lorafit_only_where_they_buy_start_up():
+    """(Each says why: test_every_function_level_import_says_why_start_up_or_an_optional_extra.)"""
     known = modules()
-    stray, silent = [], []
-    for name, path in known.items():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for target, line, in_function in own_imports(name, path, known):
-            if not in_function:
+    stray = [f"{name}:{line} imports {target}" for name, path in known.items()
+             for target, line, in_function in own_imports(name, path, known) if in_function and name not in LAZY_ALLOWED]
+    assert not stray, "\n".join(stray)
+
+
+# A function-level import says why it is not at the module's top: `# start-up: ...` (it keeps something heavy out
+# of the CLI's start-up or of a command that does not need it) or `# optional extra: ...` (the pip extra it needs).
+WHY = re.compile(r"#\s*(start-up|optional extra):")
+
+
+def unexplained_imports(source: str) -> list[int]:
+    """Lines of the function-level imports of `source` that do not say why: neither the import's own lines nor
+    the comment lines directly above its group (consecutive import statements) carry a WHY comment."""
+    lines = source.splitlines()
+    found = []
+
+    def says_why(first: int, last: int) -> bool:
+        return any(WHY.search(lines[i - 1]) for i in range(first, last + 1))
+
+    def check_body(body: list[ast.stmt]):
+        group_why = False
+        for i, stmt in enumerate(body):
+            if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
                 continue
-            if name not in LAZY_ALLOWED:
-                stray.append(f"{name}:{line} imports {target}")
-            elif "#" not in lines[line - 1]:
-                silent.append(f"{name}:{line} imports {target} with no comment saying why")
-    assert not stray and not silent, "\n".join(stray + silent)
+            prev = body[i - 1] if i else None
+            if not (isinstance(prev, (ast.Import, ast.ImportFrom)) and prev.end_lineno + 1 == stmt.lineno):
+                # a group starts here: the comment lines directly above it speak for all of it
+                above = stmt.lineno - 1
+                while above >= 1 and lines[above - 1].lstrip().startswith("#"):
+                    above -= 1
+                group_why = says_why(above + 1, stmt.lineno - 1)
+            if not (group_why or says_why(stmt.lineno, stmt.end_lineno)):
+                found.append(stmt.lineno)
+
+    def walk(node, in_function: bool):
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and in_function and block and isinstance(block[0], ast.stmt):
+                check_body(block)
+        for child in ast.iter_child_nodes(node):
+            walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    walk(ast.parse(source), False)
+    return sorted(found)
+
+
+def test_the_import_comment_check_tells_a_group_from_a_silent_import():
+    source = (
+        "import json\n"  # module top: no reason needed
+        "def f():\n"
+        "    # start-up: torch takes seconds\n"
+        "    import torch\n"
+        "    from transformers import AutoModel\n"
+        "    x = 1\n"
+        "    import yaml\n"  # 7: a new group, silent
+        "    try:\n"
+        "        import fastapi  # optional extra: [serve]\n"
+        "    except ImportError:\n"
+        "        import numpy  # no reason\n"  # 11
+        "    def g():\n"
+        "        # why not\n"
+        "        import re\n"  # 14: a comment, but not a reason
+        "        # a longer note first\n"
+        "        # optional extra: [gguf]\n"
+        "        import gguf\n"
+        "class C:\n"
+        "    def m(self):\n"
+        "        from a import (  # start-up: a is slow\n"
+        "            b,\n"
+        "        )\n"
+        "        import c\n"
+        "        import d  # lazy: d\n"  # 23, 24: the group's first said why on its own line only
+    )
+    assert unexplained_imports(source) == [7, 11, 14, 23, 24]
+    assert unexplained_imports("def f():\n    # start-up: heavy\n    import a\n\n    import b\n") == [5]
+
+
+def test_every_function_level_import_says_why_start_up_or_an_optional_extra():
+    """Function-level imports remain only where they buy start-up time or keep an extra optional (issue #22):
+    everything else is imported at the module's top."""
+    silent = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in modules().values()
+              for line in unexplained_imports(path.read_text(encoding="utf-8"))]
+    assert not silent, ("function-level imports with no `# start-up: ...` or `# optional extra: ...` comment (on the "
+                        "line, or just above the group); move each to the module's top if neither applies:\n"
+                        + "\n".join(silent))
 
 
 def test_importing_lorafit_registers_no_attention_with_transformers():
@@ -171,8 +247,6 @@ def test_rows_and_rank_shares_are_one_balancing_rule():
 
 def test_an_exceptions_message_is_quoted_through_lorafit_errors_only():
     """errors.first_line / described / one_line say why an exception happened; no module cuts a message by hand."""
-    import re
-
     by_hand = re.compile(r"str\(exc\)[^\n]*splitlines\(\)\[0\]|str\(exc\)\[:\d+\]")  # a first line, a cut
     found = [f"{name}:{i}" for name, path in modules().items() if name != "lorafit.errors"
              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if by_hand.search(line)]
@@ -205,7 +279,7 @@ FLOORS = [
     "preflight",
     "data.hub data.sources lora modeling report checkpoint distributed modelfile fast loss generate runcheck merge",
     "data.prepare data.show forward serve.batcher serve.models",
-    "evaluate fastpath lm_eval_bridge preference",
+    "evaluate fastpath lm_eval_bridge preference reference",
     "train forgetting init_model serve.app export",
     "cli __main__ bench.run bench.suite bench.shapes bench.peers bench.baseline bench.preference",
 ]

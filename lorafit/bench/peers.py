@@ -21,7 +21,13 @@ import sys
 import tempfile
 import warnings
 
+import peft
 import torch
+import transformers
+from datasets import Dataset
+from datasets.utils import logging as ds_logging
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
 
 from lorafit.bench.baseline import BATCH_SIZE, GRAD_ACCUM, MAX_LENGTH, SideResult, _StepTimer, quiet
 from lorafit.errors import LorafitError
@@ -59,8 +65,6 @@ def parse_peers(spec: str | None, device: torch.device) -> dict:
 @contextlib.contextmanager
 def _quiet_datasets():
     """No per-map progress bars while TRL prepares the data (it runs five maps)."""
-    from datasets.utils import logging as ds_logging
-
     was = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
     try:
@@ -73,6 +77,7 @@ def _quiet_datasets():
 def liger_supports(model_type: str) -> bool:
     """Whether Liger has kernels for this architecture: for others (GPT-2 among them, as of liger-kernel
     0.8) `use_liger_kernel` is silently a no-op, and the report must say so."""
+    # optional extra: [bench-gpu] (liger-kernel)
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -81,8 +86,7 @@ def liger_supports(model_type: str) -> bool:
 def trl_packed_rows(texts: list[str], tokenizer_dir: str) -> int:
     """How many rows TRL's bfd packing makes of `texts` (text + EOS, truncated to max_length), without a
     model: the bench checks --examples against it before anything is trained."""
-    from datasets import Dataset
-    from trl.data_utils import pack_dataset
+    from trl.data_utils import pack_dataset  # optional extra: [bench] (trl)
 
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = [row[:MAX_LENGTH] for row in tokenizer([t + tokenizer.eos_token for t in texts])["input_ids"]]
@@ -117,7 +121,7 @@ class _CountingCollator:
 
 
 def trl_config(output_dir: str, device: torch.device, *, liger: bool, max_steps: int, seed: int):
-    from trl import SFTConfig
+    from trl import SFTConfig  # optional extra: [bench] (trl)
 
     cuda = device.type == "cuda"
     return SFTConfig(
@@ -147,12 +151,8 @@ def run_trl(model_dir: str, tokenizer_dir: str, texts: list[str], *, warmup_step
             liger: bool = False, seed: int = 42):
     """TRL's SFTTrainer on `texts` for its whole optimizer steps, the first `warmup_steps` untimed.
     Returns (SideResult, the trained PEFT model, the exact settings)."""
-    import peft
-    import transformers
+    # optional extra: [bench] (trl)
     import trl
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     cuda = device.type == "cuda"

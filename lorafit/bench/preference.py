@@ -19,6 +19,9 @@ import time
 import warnings
 
 import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
 
 from lorafit.bench.baseline import _StepTimer, quiet
 from lorafit.bench.peers import _quiet_datasets
@@ -84,11 +87,7 @@ def run_lorafit(cfg, tokenizer, device: torch.device, warmup_steps: int) -> tupl
 
 
 def run_trl(model_dir: str, cfg, tokenizer, rows: list[dict], device: torch.device, warmup_steps: int, seed: int) -> dict:
-    import trl
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-
+    import trl  # optional extra: [bench] (trl)
 
     steps = len(rows) // PAIRS_PER_STEP
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from lorafit.bench.baseline import (
     EXAMPLES_PER_STEP,
@@ -255,9 +257,6 @@ def side_dict(r: SideResult, fpt: float, ceiling: float, extra: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     sides = {"baseline": results["baseline"], "lorafit": results["lorafit"], **results.get("peers", {})}
     rows = [("examples/s", "examples_per_second", ".2f"), ("real tokens/s", "real_tokens_per_second", ",.0f"),
             ("token slots/s", "token_slots_per_second", ",.0f"), ("wall s (timed)", "wall_seconds", ".1f"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import sys
 import tempfile
@@ -36,8 +37,6 @@ def full_quotes_run(model_dir: str, data: str, out: Path, extra: list[str]) -> d
 
 def auto_peers(device: torch.device) -> str | None:
     """TRL when installed, with Liger's kernels on CUDA when those are installed too."""
-    import importlib.util
-
     if importlib.util.find_spec("trl") is None:
         return None
     liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None

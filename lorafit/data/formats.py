@@ -454,6 +454,7 @@ def _csv_columns(first: list[str], src: SourceConfig, path: Path, name: str) -> 
 
 
 def _read_parquet(path: Path, src: SourceConfig, name: str) -> list[str]:
+    # start-up: pyarrow (a few tenths of a second) loads only for a Parquet source
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -481,7 +482,7 @@ def _parquet_columns(pf, fields: list[str], path: Path, name: str) -> Iterator[l
     """Each batch's columns as Python lists, streamed (one row-group slice at a time). A page that does not
     decompress or decode, and a string column holding bytes that are not UTF-8, become a DataError naming the
     file and the rows (pyarrow names neither)."""
-    import pyarrow as pa
+    import pyarrow as pa  # start-up: as in _read_parquet
 
     first = 1  # the batch's first row, 1-based
     batches = pf.iter_batches(columns=fields)

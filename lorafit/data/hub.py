@@ -77,7 +77,7 @@ def read_hub_texts(name: str, src: SourceConfig, seed: int, cache_dir: Path | No
 
 
 def _read(name: str, src: SourceConfig, seed: int) -> list[str]:
-    import datasets
+    import datasets  # start-up: datasets (a second or more) loads only when a source is on the Hub, not for local files
 
     examples = src.kind != "text"
     fields = src.text_fields

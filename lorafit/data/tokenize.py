@@ -45,12 +45,18 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tokenizers import decoders, models, pre_tokenizers
 
 from lorafit.atomic import atomic_path
 from lorafit.console import progress_bar
 from lorafit.fingerprint import user_cache_dir
 
 TOKENIZE_BATCH = 1000
+# Characters a tokenizer call takes at most (a longer text goes alone): the fast tokenizer's Encodings (offsets,
+# token strings, masks: ~100 bytes a token) and the Python lists of ids made from them live for one call, so
+# they stay a few MB whatever the batch holds.
+TOKENIZE_CHARS = 32_768
+BYTES_CHUNK = 1 << 20  # tokens whose byte lengths are looked up at once (int64 each): bounded for a huge example
 CHARS_PER_TOKEN = 32  # a bound for cutting before truncation; a token of more characters only costs a full tokenisation
 PROGRESS_MIN_TEXTS = 5000  # below this a progress bar is noise
 CACHE_VERSION = 4  # 3: the per-token `scored` mask and the length-policy counts; 4: preference pairs
@@ -268,8 +274,11 @@ def tokenize_texts(
     batches = _Batches(masked)
     counts: dict[int, dict[str, int]] = {}
     bar = progress_bar(len(texts), "tokenising", "doc", progress and len(texts) >= PROGRESS_MIN_TEXTS, unit_scale=True)
+    total_chars, done_chars = max(sum(map(_chars, texts)), 1), 0  # for the growth projection
     for start in range(0, len(texts), TOKENIZE_BATCH):
         items = texts[start : start + TOKENIZE_BATCH]
+        done_chars += sum(map(_chars, items))
+        batches.done = done_chars / total_chars
         batch_sources = np.asarray(sources[start : start + TOKENIZE_BATCH], dtype=np.int32)
         for source in dict.fromkeys(batch_sources.tolist()):  # every source gets its (maybe empty) counts
             counts.setdefault(source, {})
@@ -285,31 +294,47 @@ def tokenize_texts(
     return batches.split(counts)
 
 
+def _chars(item) -> int:
+    return len(item) if isinstance(item, str) else sum(len(text) for text, _ in item.segments)
+
+
 class _Batches:
     """Tokenised batches appended to growing arrays. A buffer grows by a quarter (ndarray.resize: realloc, which
     moves a large buffer's pages without copying them) and is cut to size at the end, so the token ids are
-    held about once, never once as batches and again as their concatenation."""
+    held about once, never once as batches and again as their concatenation. The offsets are accumulated as
+    such (no per-piece lengths joined and summed at the end)."""
 
     GROWTH = 1.25
 
     def __init__(self, masked: bool):
         self.masked = masked
         self.buffers = {k: np.zeros(0, dtype) for k, dtype in
-                        (("ids", np.int32), ("lengths", np.int64), ("sources", np.int32), ("n_bytes", np.int64),
+                        (("ids", np.int32), ("offsets", np.int64), ("sources", np.int32), ("n_bytes", np.int64),
                          ("truncated", bool), ("scored", bool))}
         self.used = dict.fromkeys(self.buffers, 0)
+        self.done = 0.0  # share of the texts' characters tokenised so far (set by the caller before each add)
+        self.resizes = 0  # how many times a buffer grew (tests check that growth is geometric)
+        self._append("offsets", np.zeros(1, np.int64))
 
     def _append(self, key: str, values: np.ndarray) -> None:
         buf, at = self.buffers[key], self.used[key]
-        if at + len(values) > len(buf):
-            buf.resize(max(at + len(values), int(len(buf) * self.GROWTH) + 1024), refcheck=False)
+        need = at + len(values)
+        if need > len(buf):
+            # ndarray.resize zero-fills (touches) the whole capacity, so a quarter's growth would be held unused;
+            # once part of the texts is done, the buffer grows to the size the rest projects instead (2% spare)
+            projected = int(need / self.done * 1.02) + 1024 if 0 < self.done < 1 else 0
+            grown = projected if projected >= need else int(len(buf) * self.GROWTH) + 1024
+            buf.resize(max(need, grown), refcheck=False)
+            self.resizes += 1
         buf[at : at + len(values)] = values
         self.used[key] = at + len(values)
 
     def add(self, ids, lengths, sources, truncated, scored, count_bytes) -> None:
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        for key, value in (("ids", ids), ("lengths", lengths), ("sources", sources), ("truncated", truncated),
-                           ("n_bytes", count_bytes(ids, offsets, scored))):
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        self._append("n_bytes", count_bytes(ids, offsets, scored))
+        offsets += self.used["ids"]
+        for key, value in (("ids", ids), ("offsets", offsets[1:]), ("sources", sources), ("truncated", truncated)):
             self._append(key, value)
         if self.masked:
             self._append("scored", scored)
@@ -320,10 +345,9 @@ class _Batches:
         return buf
 
     def split(self, counts: dict) -> TokenizedSplit:
-        lengths = self._final("lengths")
         return TokenizedSplit(
             ids=self._final("ids"),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            offsets=self._final("offsets"),
             sources=self._final("sources"),
             n_bytes=self._final("n_bytes"),
             truncated=self._final("truncated"),
@@ -332,11 +356,51 @@ class _Batches:
         )
 
 
+def _calls(texts: list[str]) -> list[tuple[int, int]]:
+    """[start, end) ranges of texts, each range TOKENIZE_CHARS characters at most or a single text."""
+    out, start, chars = [], 0, 0
+    for k, text in enumerate(texts):
+        if k > start and chars + len(text) > TOKENIZE_CHARS:
+            out.append((start, k))
+            start, chars = k, 0
+        chars += len(text)
+    if start < len(texts):
+        out.append((start, len(texts)))
+    return out
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens: one batched call of the (fast) tokenizer."""
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    """Token ids of each text, no special tokens: batched calls of the (fast) tokenizer (see TOKENIZE_CHARS)."""
+    out = []
+    for a, b in _calls(texts):
+        out += tokenizer(texts[a:b], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return out
+
+
+def _encode_flat(tokenizer, texts: list[str], eos: int, redo=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, n): each text's token ids followed by `eos`, back to back (int32), and each text's count with its EOS.
+    One call's ids are flat before the next call is made, so no list of Python ints outlives its call.
+    `redo(k, ids)`: replacement ids for text k (or None to keep them)."""
+    parts, n = [], np.zeros(len(texts), dtype=np.int64)
+    for a, b in _calls(texts):
+        encoded = _encode(tokenizer, texts[a:b])  # one call: the range is within the cap
+        if redo is not None:
+            for k in range(a, b):
+                again = redo(k, encoded[k - a])
+                if again is not None:
+                    encoded[k - a] = again
+        counts = np.fromiter(map(len, encoded), dtype=np.int64, count=b - a) + 1
+        n[a:b] = counts
+        ends = np.cumsum(counts)
+        part = np.full(int(ends[-1]), eos, dtype=np.int32)
+        body = np.ones(len(part), dtype=bool)
+        body[ends - 1] = False
+        part[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=len(part) - (b - a))
+        del encoded, body
+        parts.append(part)
+    if len(parts) == 1:
+        return parts[0], n
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), n
 
 
 def _count(counts: dict, sources: np.ndarray, what: str) -> None:
@@ -349,19 +413,18 @@ def _count(counts: dict, sources: np.ndarray, what: str) -> None:
 def _text_batch(items: list[str], sources: np.ndarray, tokenizer, seq_len: int, policy: str, eos: int, counts: dict):
     """A batch of plain texts as (ids, piece lengths, piece sources, piece truncated, None): each text with its
     EOS, cut to pieces by the length policy (as `apply_length_policy`, with array operations)."""
-    # Under truncate/drop a very long text is cut first (exact: see cut_long_texts).
+    # Under truncate/drop a very long text is cut first (exact: see cut_long_texts); a cut that gave too few tokens
+    # is encoded again from a longer prefix.
     cut = cut_long_texts(items, tokenizer, seq_len) if policy in ("truncate", "drop") else {}
-    encoded = _encode(tokenizer, [cut.get(k, t) for k, t in enumerate(items)])
-    for k in [k for k in cut if len(encoded[k]) < seq_len]:  # the cut gave too few tokens: look further
-        encoded[k] = _encode(tokenizer, [longer_prefix(items[k], tokenizer, seq_len)])[0]
-    n = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1  # tokens with the EOS
+
+    def redo(k: int, got: list[int]) -> list[int] | None:
+        if k in cut and len(got) < seq_len:
+            return _encode(tokenizer, [longer_prefix(items[k], tokenizer, seq_len)])[0]
+        return None
+
+    ids, n = _encode_flat(tokenizer, [cut.get(k, t) for k, t in enumerate(items)], eos, redo if cut else None)
     ends = np.cumsum(n)
     starts = ends - n
-    ids = np.full(int(ends[-1]) if len(n) else 0, eos, dtype=np.int32)
-    body = np.ones(len(ids), dtype=bool)
-    body[ends - 1] = False
-    ids[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(n.sum() - len(n)))
-    del encoded
     example = np.arange(len(n))
     too_long = n > seq_len
     if policy == "truncate":
@@ -381,6 +444,8 @@ def _text_batch(items: list[str], sources: np.ndarray, tokenizer, seq_len: int, 
     kept_lost = np.zeros(len(n), dtype=bool)
     kept_lost[piece_example[lost[piece_example]]] = True  # lost tokens, yet a piece remains
     _count(counts, sources[kept_lost], "truncated")
+    if len(piece_example) == len(n) and np.array_equal(piece_len, n):  # every example whole: nothing to gather
+        return ids, piece_len, sources, lost, None
     first = np.cumsum(piece_len) - piece_len
     gather = np.arange(int(piece_len.sum())) + np.repeat(starts[piece_example] + offset - first, piece_len)
     return ids[gather], piece_len, sources[piece_example], lost[piece_example], None
@@ -480,8 +545,6 @@ def _word_cap(backend, seq_len: int) -> int | None:
     """Characters beyond which one pre-token surely gives more than seq_len tokens: seq_len times the longest
     vocabulary entry (a BPE token covers at most as many characters as it has: one a byte for byte-level BPE).
     None for other models (a WordPiece or fused unknown token may cover a whole word of any length)."""
-    from tokenizers import models
-
     model = backend.model
     if not isinstance(model, models.BPE) or (model.fuse_unk and model.unk_token is not None):
         return None
@@ -504,9 +567,7 @@ def byte_counter(tokenizer):
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         if table is not None and int(ids.max()) < len(table):
-            per_token = table[ids] if scored is None else table[ids] * scored
-            firsts = offsets[:-1]
-            return np.add.reduceat(per_token, firsts) - per_token[firsts]  # examples have >= 2 tokens
+            return _table_bytes(table, ids, offsets, scored)
         if scored is None:
             pieces = [ids[a + 1 : b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
         else:
@@ -521,6 +582,25 @@ def byte_counter(tokenizer):
     return count
 
 
+def _table_bytes(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray, scored: np.ndarray | None) -> np.ndarray:
+    """Each example's bytes after its first token, from the byte table: running sums over BYTES_CHUNK tokens at a
+    time, read at the offsets (a per-token int64 array for a whole huge example would be twice its ids)."""
+    prefix = np.zeros(len(offsets), dtype=np.int64)  # bytes of the tokens before each offset
+    carry = 0
+    for a in range(0, len(ids), BYTES_CHUNK):
+        per_token = table[ids[a : a + BYTES_CHUNK]]
+        if scored is not None:
+            per_token *= scored[a : a + BYTES_CHUNK]
+        running = np.cumsum(per_token)
+        b = a + len(per_token)
+        lo, hi = np.searchsorted(offsets, [a, b], side="right")  # the offsets in (a, b]
+        prefix[lo:hi] = carry + running[offsets[lo:hi] - a - 1]
+        carry += int(running[-1])
+    firsts = offsets[:-1]
+    first = table[ids[firsts]] if scored is None else table[ids[firsts]] * scored[firsts]
+    return np.diff(prefix) - first  # examples have >= 2 tokens
+
+
 def token_byte_lengths(tokenizer) -> np.ndarray | None:
     """Bytes each token id decodes to, for byte-level BPE (GPT-2 and kin); None for other tokenizers.
 
@@ -531,8 +611,6 @@ def token_byte_lengths(tokenizer) -> np.ndarray | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    from tokenizers import decoders, pre_tokenizers
-
     if not isinstance(backend.decoder, decoders.ByteLevel):
         return None
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for bytes

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ def create_app(host: ModelHost, api_key: str | None = None, adapters_root: Path 
                bound_host: str | None = None, log_prompts: bool = False):
     """The app. Loading and unloading adapters needs `api_key`, or `allow_admin` to allow it without
     one; `bound_host` (the address served on) turns on the Host-header check."""
+    # optional extra: [serve] (fastapi; uvicorn runs it)
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, StreamingResponse
@@ -277,6 +279,7 @@ def sse_data(obj) -> str:
 def serve(args) -> int:
     """`lorafit serve`: load the models, then run uvicorn until interrupted."""
     try:
+        # optional extra: [serve]
         import uvicorn
         import fastapi  # noqa: F401
     except ImportError:
@@ -320,8 +323,6 @@ def server_settings(host: str, port: int, header_timeout_s: float = HEADER_TIMEO
 
 def log_requests(prompts: bool) -> None:
     """The request log on stderr, one line a request (prompt text only with --log-prompts)."""
-    import logging
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     request_log.handlers[:] = [handler]

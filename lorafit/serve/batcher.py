@@ -13,6 +13,7 @@ gets finish_reason "error" and the rows beside it carry on.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -133,8 +134,6 @@ class Batcher:
         return [r for r in rows if not r.cancelled]
 
     def _forward(self, input_ids, mask, positions, cache, adapters):
-        import inspect
-
         kwargs = {"adapter_names": adapters} if self.host.has_adapters else {}
         # transformers renamed past_key_values to cache (5.x); pass whichever this model takes
         cache_arg = "cache" if "cache" in inspect.signature(unwrapped(self.host.model).forward).parameters else "past_key_values"

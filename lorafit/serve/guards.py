@@ -105,7 +105,7 @@ class RequestLog:
 def guarded_h11(header_timeout_s: float):
     """uvicorn's h11 protocol with a deadline for each request's headers: uvicorn times out idle
     keep-alive connections, but holds a silent or dribbling new connection forever."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol  # optional extra: [serve]
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport):

@@ -41,7 +41,7 @@ def error_body(message: str, type: str = "invalid_request_error", param=None, co
 
 def error_response(exc: ApiError):
     """The app's one way to answer a bad request: OpenAI's error shape, rendered so that it cannot fail."""
-    from starlette.responses import Response  # the serve extra; this module itself imports without it
+    from starlette.responses import Response  # optional extra: [serve]; this module itself imports without it
 
     return Response(render_json(exc.body()), status_code=exc.status, media_type="application/json",
                     headers=exc.headers)
