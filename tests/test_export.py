@@ -28,6 +28,11 @@ HARD_STRINGS = [
 # errors of ~5e-4 each add up to a few parts in a thousand of the logits' size, so: |f16 - fp32| <= 8 * 2^-11 *
 # max|fp32 logit|, with room for the sums over the width (the measured error is well inside it).
 F16_TOLERANCE = 8 * 2**-11
+# The text each tiny base is fitted to before its LoRA run, and the 64-token input the logits are compared on: a
+# random tiny model's logits are near-flat (its top two within q8_0's rounding of each other), which makes an
+# argmax comparison a coin toss; a fitted one is peaked, as a real model is.
+FAMILY_TEXTS = ["The secret to happiness is a quiet morning.", "Rivers find the sea.", "We walk on, one step at a time."]
+FAMILY_TEXT = " ".join(FAMILY_TEXTS)
 
 
 def llama_tokens(llm, text: str) -> list[int]:
@@ -65,8 +70,8 @@ def torch_logits(model, ids: list[int]) -> np.ndarray:
         return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
 
 
-def input_64(tokenizer) -> list[int]:
-    ids = tokenizer(" ".join(make_texts(20, seed=7)), add_special_tokens=False)["input_ids"][:64]
+def input_64(tokenizer, text: str | None = None) -> list[int]:
+    ids = tokenizer(text or " ".join(make_texts(20, seed=7)), add_special_tokens=False)["input_ids"][:64]
     assert len(ids) == 64
     return ids
 
@@ -84,20 +89,44 @@ def llama_cpp(tmp_path_factory):
         yield found
 
 
-def train_run(root: Path, model_dir: Path, data: Path, steps: int = 3, seq_len: int = 40) -> Path:
+def train_run(root: Path, model_dir: Path, data: Path, steps: int = 3, seq_len: int = 40, lr: float = 3e-2) -> Path:
     from lorafit.config import load_config
     from lorafit.train import train
 
     run = root / "run"
     cfg = load_config("quotes", [
         f"model.name={model_dir}", f"data.sources.quotes.path={data}", f"data.seq_len={seq_len}",
-        f"train.max_steps={steps}", "train.lr=3e-2", "train.warmup_steps=0", "eval.before_training=false",
+        f"train.max_steps={steps}", f"train.lr={lr}", "train.warmup_steps=0", "eval.before_training=false",
         "eval.sample_prompt=null", f"output_dir={run}",
     ])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAFIT_CACHE", str(root / "cache"))
         train(cfg, progress=False)
     return run
+
+
+def fitted_family_model(family: str, tokenizer, out: Path, steps: int = 100) -> Path:
+    """A tiny random `family` model fitted with AdamW to FAMILY_TEXT's first 64 tokens (it predicts them
+    peaked: 100% of next tokens after 100 steps, the top two logits >= 0.1 apart), saved as a model directory
+    lorafit can load."""
+    model = build_model(family, len(tokenizer), tokenizer.eos_token_id).eval()  # eval: no dropout while fitting
+    ids = torch.tensor([input_64(tokenizer, FAMILY_TEXT)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    # One thread: a 32-wide model's ops are too small to split, and two threads on a shared 2-core machine wait
+    # on each other (100 steps measured 0.6-0.8 s a family on one thread, 10-32 s on two under load)
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +138,15 @@ def family_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def exported(request, llama_cpp, tmp_path_factory, tiny_tokenizer, family_data):
-    """A tiny random model of the family, trained a few steps; exported as f16, q8_0 and adapter-only (+ base)."""
+    """A tiny random model of the family fitted to FAMILY_TEXT, its LoRA trained a few steps; exported as f16, q8_0
+    and adapter-only (+ base)."""
     from lorafit.cli import main
     from lorafit.merge import merged_model
 
     family = request.param
     root = tmp_path_factory.mktemp(f"export-{family}")
-    run = train_run(root, save_family_model(family, tiny_tokenizer, root / "model"), family_data)
+    # lr 1e-2: the adapter changes the logits well past f16's tolerance, yet leaves the fitted base's predictions
+    run = train_run(root, fitted_family_model(family, tiny_tokenizer, root / "model"), family_data, lr=1e-2)
     out = root / "gguf"
     assert main(["export", str(run), str(out / "model.f16.gguf")]) == 0
     assert main(["export", str(run), str(out / "model.q8_0.gguf"), "--quant", "q8_0"]) == 0
@@ -132,21 +163,22 @@ def test_llama_cpp_tokenizes_hard_strings_as_transformers_does(exported):
 
 
 def test_f16_logits_match_merged_fp32_and_q8_0_argmax_agrees(exported):
-    ids = input_64(exported["tokenizer"])
+    ids = input_64(exported["tokenizer"], FAMILY_TEXT)
     reference = torch_logits(exported["merged"], ids)
+    # the merged model predicts the text it was fitted to, so its argmax is a real prediction (not all EOS)
+    predicted = (reference[:-1].argmax(-1) == np.array(ids[1:])).mean()
+    assert predicted >= 0.75, (exported["family"], predicted)
     f16 = llama_logits(load_llama(exported["out"] / "model.f16.gguf"), ids)
     assert np.abs(f16 - reference).max() <= F16_TOLERANCE * np.abs(reference).max(), exported["family"]
     q8 = llama_logits(load_llama(exported["out"] / "model.q8_0.gguf"), ids)
     agree = (q8.argmax(-1) == reference.argmax(-1)).mean()
-    # The issue asks >= 98%. These tiny random models give 62 of 64 positions (96.9%) for llama and qwen2, whose
-    # near-flat logits put the top two within q8_0's rounding of each other: at most 3 of 64 may differ here.
-    assert agree >= 0.95, (exported["family"], agree)
+    assert agree >= 0.98, (exported["family"], agree)
 
 
 def test_greedy_generation_from_f16_equals_lorafit_generate(exported, capsys, monkeypatch):
     from lorafit.cli import main, show
 
-    tokenizer, prompt = exported["tokenizer"], "The secret to happiness is"
+    tokenizer, prompt = exported["tokenizer"], "The secret to happiness is"  # FAMILY_TEXT's start
     new = llama_greedy(load_llama(exported["out"] / "model.f16.gguf"), tokenizer(prompt)["input_ids"], 32,
                        tokenizer.eos_token_id)
     assert new, "llama.cpp generated nothing: the comparison would be empty"
@@ -355,6 +387,9 @@ def test_an_earlier_export_is_replaced(gpt2_run, tmp_path, capsys):
 
 
 def test_full_size_gpt2_tokens_and_f16_logits(llama_cpp, tmp_path_factory, family_data):
+    """The full-size random GPT-2 (124M): tokens and f16 logits. Its q8_0 argmax is not checked here: random
+    weights give nearly the same argmax token at every position, so agreement would prove little beyond the file
+    loading, and a second 124M export measured +13 s; q8_0's argmax is checked on the fitted tiny families."""
     from lorafit.cli import main
     from lorafit.init_model import init_model
     from lorafit.merge import merged_model
