@@ -227,7 +227,8 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
     from lorafit.train import train
 
     cfg = config(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", many_pairs(24)), "dpo", f"model.name={tiny_model_dir}",
-                 "train.max_steps=4", "train.log_every=2", "train.lr=1e-2", "train.batch_size=4")
+                 "train.max_steps=4", "train.log_every=2", "train.lr=1e-2", "train.batch_size=4",
+                 "train.report_to=[tensorboard]")
     summary = train(cfg, progress=False)
     keys = {"loss", "accuracy", "margin", "chosen_logp", "rejected_logp", "chosen_nll", "pairs"}
     after, before = summary["val_preference"], summary["val_before_training"]
@@ -238,10 +239,17 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
     logged = [r for r in records if "rewards/margins" in r]
     assert len(logged) == 2 and all(k in logged[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                                               "logps/chosen", "logps/rejected"))
+    check_the_preference_outputs(tmp_path / "run", logged, after)
     check_the_saved_reference(tmp_path, cfg, monkeypatch, capsys)  # and `lorafit eval` below must read it
     assert main(["eval", str(tmp_path / "run")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["val_preference"] == pytest.approx(after, rel=1e-9)
+    # forgetting: `lorafit eval RUN --data` compares base and base + DPO adapter as on any other run
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"line {i} of some other text\n" for i in range(6)))
+    assert main(["eval", str(tmp_path / "run"), "--data", str(other)]) == 0
+    compared = json.loads(capsys.readouterr().out)["data"][str(other)]
+    assert compared["difference"]["loss"] == compared["adapter"]["loss"] - compared["base"]["loss"] != 0
     # a DPO adapter is just another adapter: merged, it gives the logits of base + adapter
     from transformers import AutoModelForCausalLM
 
@@ -255,6 +263,22 @@ def test_a_dpo_run_reports_val_preference_before_and_after_and_lorafit_eval_agre
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=0)
         with peft_model.disable_adapter():
             assert not torch.allclose(peft_model(ids).logits, merged(ids).logits, atol=1e-4)  # training moved it
+
+
+def check_the_preference_outputs(run, logged, after) -> None:
+    """The per-step preference metrics reach the tracker (TensorBoard read back) and the plots; the final figures
+    reach the model card."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for tag in ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        scalars = events.Scalars(tag)  # stored as float32
+        assert [e.step for e in scalars] == [r["step"] for r in logged]
+        assert [e.value for e in scalars] == pytest.approx([r[tag] for r in logged], rel=1e-6)
+    assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in run.rglob("*.png"))
+    card = (run / "adapter" / "README.md").read_text()
+    assert f"{after['accuracy']:.3f}" in card or f"{after['accuracy']:.2f}" in card
 
 
 def check_the_saved_reference(tmp_path, cfg, monkeypatch, capsys) -> None:
