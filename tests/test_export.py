@@ -386,10 +386,10 @@ def test_an_earlier_export_is_replaced(gpt2_run, tmp_path, capsys):
 # ---------------------------------------------------------------- the full-size random GPT-2 (../shared)
 
 
-def test_full_size_gpt2_tokens_and_f16_logits(llama_cpp, tmp_path_factory, family_data):
-    """The full-size random GPT-2 (124M): tokens and f16 logits. Its q8_0 argmax is not checked here: random
-    weights give nearly the same argmax token at every position, so agreement would prove little beyond the file
-    loading, and a second 124M export measured +13 s; q8_0's argmax is checked on the fitted tiny families."""
+def test_full_size_gpt2_tokens_f16_logits_and_q8_0_argmax(llama_cpp, tmp_path_factory, family_data):
+    """The full-size random GPT-2 (124M): tokens, f16 logits and q8_0's argmax (>= 98%, as the issue asks). Its
+    random weights give nearly the same argmax token at every position, so q8_0's agreement here checks little
+    beyond the quantised 124M file loading and running; the fitted tiny families carry the meaningful q8_0 check."""
     from lorafit.cli import main
     from lorafit.init_model import init_model
     from lorafit.merge import merged_model
@@ -399,6 +399,7 @@ def test_full_size_gpt2_tokens_and_f16_logits(llama_cpp, tmp_path_factory, famil
     run = train_run(root, init_model("gpt2", str(tokenizer_dir), root / "model"), family_data, steps=1, seq_len=24)
     out = root / "gpt2.f16.gguf"
     assert main(["export", str(run), str(out)]) == 0
+    assert main(["export", str(run), str(root / "gpt2.q8_0.gguf"), "--quant", "q8_0"]) == 0
     merged, tokenizer = merged_model(run)
     llm = load_llama(out)
     for text in HARD_STRINGS:
@@ -406,3 +407,6 @@ def test_full_size_gpt2_tokens_and_f16_logits(llama_cpp, tmp_path_factory, famil
     ids = input_64(tokenizer)
     reference = torch_logits(merged.eval(), ids)
     assert np.abs(llama_logits(llm, ids) - reference).max() <= F16_TOLERANCE * np.abs(reference).max()
+    del llm  # one 124M model in llama.cpp at a time
+    q8 = llama_logits(load_llama(root / "gpt2.q8_0.gguf"), ids)
+    assert (q8.argmax(-1) == reference.argmax(-1)).mean() >= 0.98
