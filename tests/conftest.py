@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,21 @@ def make_texts(n: int, seed: int = 0, max_words: int = 30) -> list[str]:
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))).capitalize() + "." for _ in range(n)]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread inside, the old count restored after. For the tests' tiny models: their ops are too
+    small to split, and two threads on a shared 2-core machine wait on each other (measured: a fit of 100 steps
+    0.6-0.8 s on one thread, 10-32 s on two under load; a one-layer forward 26 ms against 360 ms)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def greedy_continuation(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_texts, shared_path
+from conftest import make_texts, one_torch_thread, shared_path
 from families import build_model, save_family_model
 
 FAMILIES = ["gpt2", "llama", "qwen2", "starcoder2"]  # GPT-2, Llama-style, Qwen-style, and one more
@@ -112,17 +111,11 @@ def fitted_family_model(family: str, tokenizer, out: Path, steps: int = 100) -> 
     model = build_model(family, len(tokenizer), tokenizer.eos_token_id).eval()  # eval: no dropout while fitting
     ids = torch.tensor([input_64(tokenizer, FAMILY_TEXT)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    # One thread: a 32-wide model's ops are too small to split, and two threads on a shared 2-core machine wait
-    # on each other (100 steps measured 0.6-0.8 s a family on one thread, 10-32 s on two under load)
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for _ in range(steps):
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

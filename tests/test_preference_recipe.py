@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from conftest import greedy_continuation, shared_path
+from conftest import greedy_continuation, one_torch_thread, shared_path
 
 from lorafit.cli import main
 
@@ -25,12 +25,8 @@ P_MAX = 1e-3  # "clearly above chance": a one-sided binomial test against 0.5 on
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """A model this small runs faster on one thread, and on a machine shared with other jobs two threads wait on
-    each other (measured: one forward 26 ms on one thread, 360 ms on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +79,11 @@ def dpo_run(tmp_path_factory, word_model, one_thread):
     return root / "dpo"
 
 
+def chance_of_at_least(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2): k of n pairs right by chance."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+
+
 def test_dpo_from_sft_prefers_the_positive_review_of_held_out_pairs_clearly_above_chance(dpo_run):
     summary = json.loads((dpo_run / "summary.json").read_text())
     before, after = summary["val_before_training"], summary["val_preference"]
@@ -91,8 +92,8 @@ def test_dpo_from_sft_prefers_the_positive_review_of_held_out_pairs_clearly_abov
     # Step 0: the policy is its reference, so every reward is 0 (accuracy 0: ties count as wrong), loss ln 2.
     assert before["margin"] == 0 and before["accuracy"] == 0 and before["loss"] == pytest.approx(math.log(2))
     k = round(after["accuracy"] * n)
-    p = sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n  # P(X >= k), X ~ Binomial(n, 1/2)
-    needed = next(j for j in range(n + 1) if sum(math.comb(n, i) for i in range(j, n + 1)) / 2**n < P_MAX)
+    p = chance_of_at_least(k, n)
+    needed = next(j for j in range(n + 1) if chance_of_at_least(j, n) < P_MAX)
     assert p < P_MAX, f"{k}/{n} held-out pairs preferred (p = {p:.2g}); {needed}/{n} needed for p < {P_MAX:g}"
     assert after["margin"] > 0 and after["loss"] < before["loss"]
 

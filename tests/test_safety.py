@@ -314,7 +314,6 @@ def test_the_base_fingerprint_is_cached_by_path_size_and_mtime(tiny_model_dir, t
     assert fingerprint.user_cache_dir() == tmp_path / "xdg" / "lorafit"
 
 
-
 def test_fingerprints_with_nothing_in_common_are_a_warning_not_a_silent_pass(capsys):
     """Trained on a Hub id (its commit), loaded from a local copy (a sha256): nothing can be compared, and
     lorafit says so instead of passing the base as checked."""

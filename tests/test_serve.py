@@ -191,7 +191,6 @@ def test_nucleus_sampling_draws_only_from_the_nucleus_in_proportion():
     assert wide <= set(range(499, 1000)) and len(wide) > 300
 
 
-
 def test_a_temperature_below_the_logits_dtype_s_range_is_greedy():
     """5e-324 is 0 in fp32 (1e-8 in fp16): it once divided the top logit 0 by 0, a 500 for the request."""
     from lorafit.serve.batcher import next_token
